@@ -1,0 +1,42 @@
+# Stage by stage:  make data|finetune|predict|score [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
+# Everything:      make all CONFIG=configs/kaggle_tpu_v3_8.yaml REQUIREMENTS=requirements-tpu.txt
+# Newcomers:       make demo   (embedded default, CPU)    make test
+# Without CONFIG every target uses configs/cpu_tiny.yaml, the embedded default.
+
+PYTHON ?= python3
+REQUIREMENTS ?= requirements-cpu.txt
+CONFIG ?=
+ARGS ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
+RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+.PHONY: demo test test-fast all data finetune predict score tiny clean
+
+$(STAMP): $(REQUIREMENTS)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r $(REQUIREMENTS)
+	touch $@
+
+tiny: $(STAMP)
+	$(PY) scripts/build_tiny.py
+
+demo: $(STAMP)
+	PYTHONUNBUFFERED=1 $(call RUN,demo)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" tests
+
+data finetune predict score: $(STAMP) $(if $(CONFIG),,tiny)
+	PYTHONUNBUFFERED=1 $(call RUN,$@)
+
+all: $(STAMP) $(if $(CONFIG),,tiny)
+	$(MAKE) data finetune predict score CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
+
+clean:
+	rm -rf runs artifacts

@@ -1,0 +1,262 @@
+"""Typed run configuration: YAML files validated into dataclasses.
+
+The dataclass defaults are the base config (the reference notebooks'
+hyperparameters for Gemma 7B on a TPU v3-8); a YAML file in `configs/` holds
+only what its target machine changes, and `key=value` overrides change one
+field more. Unknown keys and wrong types raise `ConfigError` naming the key
+and the file.
+
+Example:
+```python
+cfg = load_config("configs/cpu_tiny.yaml", ["lora.rank=8", "train.epochs=2"])
+cfg.lora.rank  # 8
+save_config(cfg, "runs/demo/finetune/config.yaml")
+```
+
+This module imports neither JAX nor Keras: scripts read the config before
+the environment (device count, backend) is set up.
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from pipeline import templates
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu_tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    root: str = "runs"  # every run writes under <root>/<name>/
+    name: str = "default"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A KerasHub preset name, a kaggle:// handle, or a local preset directory.
+    preset: str = "gemma_instruct_7b_en"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+@dataclasses.dataclass
+class DistributionConfig:
+    mesh_shape: list[int] = dataclasses.field(default_factory=lambda: [1, 8])
+    axis_names: list[str] = dataclasses.field(default_factory=lambda: ["batch", "model"])
+    # > 0: run on that many virtual CPU devices (XLA_FLAGS), e.g. 8 to
+    # reproduce the TPU v3-8 mesh on a laptop.
+    host_device_count: int = 0
+    # Multi-host TPU slices: calls keras.distribution.initialize(). On Cloud
+    # TPU the three fields below are inferred; set them to run elsewhere.
+    multi_host: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    path: str  # .txt (blank-line separated), .csv or .jsonl
+    column: Optional[str] = None  # text column for .csv / .jsonl
+
+
+@dataclasses.dataclass
+class DataConfig:
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    prompts: str = "prompts/rewrite_prompts.txt"  # the prompt pool, one per line
+    chunk_words: int = 256
+    min_chars: int = 50
+    max_rows: int = 5000
+    prompts_per_chunk: int = 1
+    seed: int = 0
+    # "model": the instruct model rewrites (the reference method);
+    # "rules": deterministic rule-based rewrites (the offline demo).
+    rewriter: Literal["model", "rules"] = "model"
+    template: str = templates.REWRITE_TEMPLATE
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    out: str = "data"
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 64
+    alpha: float = 16.0
+    target_layers: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+            "ffw_gating",
+            "ffw_gating_2",
+            "ffw_linear",
+        ]
+    )
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    # Contiguous fractions of the data CSV, in this order: train, validation,
+    # holdout (the reference used rows 0-4200 / 4200-4400 / 4400-5000).
+    validation: float = 0.04
+    holdout: float = 0.12
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: Optional[str] = None  # defaults to this run's data stage output
+    template: str = templates.RECOVERY_TEMPLATE
+    sequence_length: int = 512
+    # Room kept for the answer (prompt tokens + <eos>); the texts are cut to
+    # fit the rest. Predict builds its prompts with the same budget.
+    max_response_tokens: int = 64
+    batch_size: int = 2
+    epochs: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    seed: int = 0
+    out: str = "finetune"
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    input: Optional[str] = None  # defaults to this run's data stage output
+    rows: Literal["all", "holdout"] = "all"
+    # "run": this run's fine-tuned adapter; "none": the base model; or a
+    # path to a .lora.h5 file.
+    adapter: str = "run"
+    batch_size: int = 8
+    max_new_tokens: int = 35
+    fallback: str = "Improve the text to this."
+    out: str = "predict"
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    # A TF Hub URL, a Kaggle Models handle, or a local SavedModel directory.
+    encoder: str = "https://tfhub.dev/google/sentence-t5/st5-base/1"
+    predictions: Optional[str] = None  # defaults to this run's submission.csv
+    truth: Optional[str] = None  # defaults to the predict stage's input
+    batch_size: int = 64
+    out: str = "score"
+
+
+@dataclasses.dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+
+
+def load_config(path=None, overrides=()):
+    """Reads `path` (the embedded default when None), applies `key=value`
+    overrides and returns a validated `Config`."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "", str(path))
+
+
+def save_config(cfg, path):
+    """Writes the resolved config as YAML (saved beside each stage's outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _apply_override(raw, item):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. lora.rank=8")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(cls, data, where, source):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(
+            f"{source}: unknown key {key!r}; known keys here: {', '.join(fields)}"
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key {_join(where, missing[0])!r}")
+    values = {
+        name: _convert(hints[name], value, _join(where, name), source)
+        for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def _convert(hint, value, where, source):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{source}: {where} must be one of {', '.join(map(str, args))}; got {value!r}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        type(value) is hint or (hint is float and isinstance(value, float))
+    ):
+        return value
+    raise ConfigError(
+        f"{source}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _join(where, name):
+    return f"{where}.{name}" if where else name

@@ -1,0 +1,143 @@
+"""The data stage: rewrite source chunks with sampled prompts.
+
+Plan: chunks of the source texts, each paired with `prompts_per_chunk`
+prompts drawn (seeded) from the pool, up to `max_rows` rows with stable ids.
+Rewrite: the instruct model (batched, chat format) or, for the offline demo,
+the rules in `rules.py`. Each finished batch is appended to
+`rewrites.partial.jsonl`, so a rerun after a crash generates only the rows
+not written yet; at the end `rewrites.csv` holds every planned row once, in
+plan order: `id, original_text, rewrite_prompt, rewritten_text`.
+
+Example:
+```python
+cfg = load_config("configs/cpu_tiny.yaml")
+csv_path = run_data_stage(cfg)
+```
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import rules, templates
+from pipeline.run_dir import RunDir
+from pipeline.sources import chunk_texts, read_sources
+from pipeline.tables import TRAIN_COLUMNS, write_table
+
+
+def read_prompt_pool(path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.prompts: {path} not found")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"data.prompts: {path} holds no prompt (one per line)")
+    return prompts
+
+
+def plan_rows(data_cfg, log=print):
+    """The rows to generate: DataFrame(id, original_text, rewrite_prompt)."""
+    chunks, dropped = chunk_texts(read_sources(data_cfg.sources), data_cfg.chunk_words, data_cfg.min_chars)
+    log(f"data: {len(chunks)} chunks kept, dropped: {dict(dropped) or 'none'}")
+    prompts = read_prompt_pool(data_cfg.prompts)
+    per_chunk = min(data_cfg.prompts_per_chunk, len(prompts))
+    rng = np.random.default_rng(data_cfg.seed)
+    rows = []
+    for c, chunk in enumerate(chunks):
+        for k, p in enumerate(rng.choice(len(prompts), size=per_chunk, replace=False)):
+            rows.append((f"c{c:05d}p{k}", chunk, prompts[p]))
+    # Shuffle so the contiguous train/validation/holdout split mixes sources.
+    rows = [rows[i] for i in rng.permutation(len(rows))][: data_cfg.max_rows]
+    return pd.DataFrame(rows, columns=["id", "original_text", "rewrite_prompt"])
+
+
+def run_data_stage(cfg, log=print):
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, cfg.data.out)
+    plan = plan_rows(cfg.data, log)
+    partial_path = stage_dir / "rewrites.partial.jsonl"
+    _check_plan_unchanged(stage_dir / "plan.json", plan, cfg.data, partial_path)
+    done = _read_partial(partial_path, set(plan["id"]), log)
+    todo = plan[~plan["id"].isin(done)].reset_index(drop=True)
+    log(f"data: {len(plan)} rows planned, {len(done)} already written, {len(todo)} to rewrite")
+    if len(todo):
+        with open(partial_path, "a", encoding="utf-8") as partial:
+            for batch in _rewrite(cfg, todo, log):
+                partial.write("".join(json.dumps(row) + "\n" for row in batch))
+                partial.flush()
+        done = _read_partial(partial_path, set(plan["id"]), log)
+    out = plan.assign(rewritten_text=plan["id"].map(done))[TRAIN_COLUMNS]
+    empty = int((out["rewritten_text"].str.strip() == "").sum())
+    if empty:
+        log(f"data: {empty} rewrite(s) came back empty (kept; finetune drops them)")
+    write_table(out, run.data_csv)
+    log(f"data: wrote {len(out)} rows -> {run.data_csv}")
+    return run.data_csv
+
+
+def _rewrite(cfg, todo, log):
+    """Yields lists of {'id', 'rewritten_text'} as batches finish."""
+    if cfg.data.rewriter == "rules":
+        rows = [
+            {"id": r.id, "rewritten_text": rules.rewrite(r.rewrite_prompt, r.original_text)}
+            for r in todo.itertuples()
+        ]
+        for start in range(0, len(rows), cfg.data.batch_size):
+            yield rows[start : start + cfg.data.batch_size]
+        return
+    from pipeline.generation import BatchedGenerator, tokenize_batch
+    from pipeline.model import load_gemma
+
+    causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])
+    requests = [
+        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text)
+        for r in todo.itertuples()
+    ]
+    # The chat-format string already starts the turn; Gemma wants <bos> first.
+    prompts = tokenize_batch(tokenizer, requests, add_bos=True)
+    generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log)
+    for indices, texts in generator.generate(prompts):
+        yield [{"id": todo.id[i], "rewritten_text": t.strip()} for i, t in zip(indices, texts)]
+
+
+def _check_plan_unchanged(plan_path, plan, data_cfg, partial_path):
+    """A partial file only resumes the plan it was written for."""
+    digest = hashlib.sha256(
+        pd.util.hash_pandas_object(plan, index=False).values.tobytes()
+        + data_cfg.template.encode()
+        + data_cfg.rewriter.encode()
+    ).hexdigest()
+    if plan_path.exists() and partial_path.exists():
+        if json.loads(plan_path.read_text())["digest"] != digest:
+            raise ValueError(
+                f"{partial_path} was written for another plan (sources, prompts, "
+                "chunking, seed, template or rewriter changed); delete it to start "
+                "over, or use another run.name"
+            )
+    plan_path.write_text(json.dumps({"digest": digest, "rows": len(plan)}))
+
+
+def _read_partial(path, planned_ids, log):
+    """id -> rewritten_text of the complete lines of the partial file. A
+    line cut short by a crash is dropped (its row is generated again)."""
+    done = {}
+    if not path.exists():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not line.endswith("\n") or row is None or row.get("id") not in planned_ids:
+            log(f"data: ignoring an incomplete line in {path}")
+            continue
+        done[row["id"]] = row["rewritten_text"]
+    if lines and not lines[-1].endswith("\n"):
+        # Drop the torn tail so the next append starts on a fresh line.
+        path.write_text("".join(l for l in lines if l.endswith("\n")), encoding="utf-8")
+    return done

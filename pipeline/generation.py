@@ -1,0 +1,116 @@
+"""Batched, length-bucketed generation with Gemma.
+
+Rows are sorted by prompt length and generated `batch_size` at a time. Each
+batch is padded to a fixed batch size and to a length rounded up to
+`length_step`, so XLA compiles one program per bucket instead of one per
+batch, and a short prompt never pays for the longest one. Each row stops at
+`<end_of_turn>` or `<eos>`, at most `max_new_tokens` after its own prompt;
+the echoed prompt is stripped.
+
+Example:
+```python
+generator = BatchedGenerator(causal_lm, tokenizer, batch_size=8, max_new_tokens=35)
+prompts = tokenize_batch(tokenizer, texts, add_bos=True)
+for indices, outputs in generator.generate(prompts):
+    ...  # outputs[i] is the text generated for prompts[indices[i]]
+```
+"""
+
+import time
+
+import numpy as np
+
+from pipeline.templates import END_OF_TURN
+
+
+def tokenize_batch(tokenizer, texts, add_bos=False):
+    """Token ids of each text as Python lists."""
+    ids = tokenizer(list(texts))
+    if hasattr(ids, "to_list"):  # a tf.RaggedTensor
+        ids = ids.to_list()
+    ids = [list(map(int, row)) for row in ids]
+    if add_bos:
+        ids = [[tokenizer.start_token_id] + row for row in ids]
+    return ids
+
+
+def stop_token_ids(tokenizer):
+    """`<eos>`, and `<end_of_turn>` where the vocabulary has it (instruct)."""
+    stops = [tokenizer.end_token_id]
+    try:
+        stops.append(tokenizer.token_to_id(END_OF_TURN))
+    except (KeyError, ValueError):
+        pass
+    return stops
+
+
+def strip_generated(token_ids, prompt_length, stops):
+    """The tokens after the prompt, up to (not including) the first stop."""
+    generated = [int(t) for t in token_ids[prompt_length:]]
+    for i, token in enumerate(generated):
+        if token in stops:
+            return generated[:i]
+    return generated
+
+
+def bucket_length(longest_prompt, max_new_tokens, length_step):
+    total = longest_prompt + max_new_tokens
+    return -(-total // length_step) * length_step
+
+
+class BatchedGenerator:
+    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print):
+        self.causal_lm = causal_lm
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.length_step = length_step
+        self.log = log
+        self.stops = stop_token_ids(tokenizer)
+        self.programs = set()  # (batch, length) shapes compiled so far
+
+    def generate(self, prompts):
+        """Yields (indices, texts) batch by batch, shortest prompts first."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        start_time, rows_done, tokens_done = time.perf_counter(), 0, 0
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            batch = [prompts[i] for i in indices]
+            outputs = self._generate_batch(batch)
+            tokens_done += sum(len(o) for o in outputs)
+            rows_done += len(indices)
+            elapsed = time.perf_counter() - start_time
+            self.log(
+                f"generate: {rows_done}/{len(prompts)} rows, {rows_done / elapsed:.2f} rows/s, "
+                f"{tokens_done / elapsed:.1f} new tokens/s, {len(self.programs)} compiled shapes"
+            )
+            texts = self.tokenizer.detokenize(outputs) if outputs else []
+            yield indices, [_to_str(t) for t in texts]
+
+    def _generate_batch(self, batch):
+        length = bucket_length(max(map(len, batch)), self.max_new_tokens, self.length_step)
+        # Fill the batch to its fixed size so every batch has one shape.
+        rows = batch + [batch[-1]] * (self.batch_size - len(batch))
+        token_ids = np.zeros((self.batch_size, length), dtype="int32")
+        padding_mask = np.zeros((self.batch_size, length), dtype=bool)
+        for r, ids in enumerate(rows):
+            token_ids[r, : len(ids)] = ids
+            padding_mask[r, : len(ids)] = True
+        self.programs.add((self.batch_size, length))
+        out = self.causal_lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask},
+            stop_token_ids=self.stops,
+        )
+        out_ids = np.asarray(out["token_ids"])
+        return [
+            strip_generated(out_ids[r], len(ids), self.stops)[: self.max_new_tokens]
+            for r, ids in enumerate(batch)
+        ]
+
+
+def _to_str(text):
+    if isinstance(text, bytes):
+        return text.decode("utf-8", errors="replace")
+    if hasattr(text, "numpy"):
+        return _to_str(text.numpy())
+    return str(text)

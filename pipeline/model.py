@@ -1,0 +1,95 @@
+"""Loading Gemma under the run's distribution, and its LoRA adapter.
+
+The model is used with `preprocessor=None`: the pipeline tokenises itself
+(see `recovery.py` and `generation.py`) so that training and generation see
+exactly the same prompt tokens.
+
+Example:
+```python
+causal_lm, tokenizer = load_gemma(cfg, batch_sizes=[cfg.predict.batch_size])
+enable_lora(causal_lm, cfg.lora)
+save_adapter(causal_lm, cfg.lora, "runs/x/finetune/adapter.lora.h5")
+```
+"""
+
+import json
+from pathlib import Path
+
+from pipeline.distribution import build_distribution
+
+
+def read_backbone_config(preset):
+    """The backbone's config.json, fetched without the weights."""
+    from keras_hub.src.utils.preset_utils import load_json
+
+    config = load_json(str(preset))
+    if config.get("class_name") != "GemmaBackbone":
+        raise ValueError(
+            f"model.preset {preset!r} is a {config.get('class_name')}, not a Gemma "
+            "model; use a Gemma preset (e.g. gemma_instruct_7b_en)"
+        )
+    return config["config"]
+
+
+def load_gemma(cfg, batch_sizes):
+    """Checks the mesh against the preset, sets the distribution, loads the
+    weights sharded. Returns (GemmaCausalLM without preprocessor, tokenizer)."""
+    import keras
+    import keras_hub
+
+    backbone_config = read_backbone_config(cfg.model.preset)
+    distribution = build_distribution(cfg.distribution, backbone_config, batch_sizes)
+    keras.distribution.set_distribution(distribution)
+    preset = str(cfg.model.preset)
+    tokenizer = keras_hub.models.GemmaTokenizer.from_preset(preset)
+    causal_lm = keras_hub.models.GemmaCausalLM.from_preset(
+        preset, preprocessor=None, dtype=cfg.model.dtype
+    )
+    return causal_lm, tokenizer
+
+
+def enable_lora(causal_lm, lora_cfg):
+    """LoRA on the configured layers, scaled by alpha / rank."""
+    backbone = causal_lm.backbone
+    backbone.enable_lora(lora_cfg.rank, target_layer_names=list(lora_cfg.target_layers))
+    layers = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    enabled = [layers[i] for i in backbone._lora_enabled_layers]
+    if not enabled:
+        raise ValueError(
+            f"lora.target_layers {lora_cfg.target_layers} matched no layer of the model"
+        )
+    # Backbone.enable_lora takes no alpha; the layers read it at call time.
+    for layer in enabled:
+        layer.lora_alpha = lora_cfg.alpha
+    return enabled
+
+
+def save_adapter(causal_lm, lora_cfg, path):
+    """Writes the LoRA weights (`.lora.h5`) and, beside them, the settings
+    needed to load them again."""
+    path = Path(path)
+    causal_lm.backbone.save_lora_weights(str(path))
+    _adapter_settings_path(path).write_text(
+        json.dumps(
+            {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},
+            indent=2,
+        )
+    )
+
+
+def load_adapter(causal_lm, path):
+    """Enables LoRA as the adapter was trained and loads its weights."""
+    from pipeline.config import LoraConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"adapter {path} not found; run the finetune stage first or set predict.adapter"
+        )
+    settings = json.loads(_adapter_settings_path(path).read_text())
+    enable_lora(causal_lm, LoraConfig(**settings))
+    causal_lm.backbone.load_lora_weights(str(path))
+
+
+def _adapter_settings_path(path):
+    return path.with_name(path.name.removesuffix(".lora.h5") + ".json")

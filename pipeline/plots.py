@@ -1,0 +1,33 @@
+"""PNG charts the stages write for a person to look at."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curve(step_losses, epoch_val_losses, steps_per_epoch, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(step_losses) + 1), step_losses, label="train loss (per step)")
+    if epoch_val_losses:
+        val_steps = [steps_per_epoch * (e + 1) for e in range(len(epoch_val_losses))]
+        ax.plot(val_steps, epoch_val_losses, "o-", label="validation loss (per epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title("LoRA fine-tuning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def score_histogram(scores, mean, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(scores, bins=40, range=(min(-0.1, min(scores)), 1.0))
+    ax.axvline(mean, color="red", label=f"mean {mean:.4f}")
+    ax.set_xlabel("sharpened cosine similarity (cos^3)")
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""Where a run's stages read and write.
+
+Every run lives in `<run.root>/<run.name>/`; each stage writes into its own
+folder there (named by the stage's `out` key) and saves the resolved config
+beside its outputs. A stage's inputs default to the previous stage's outputs
+in the same run.
+
+Example:
+```python
+run = RunDir(cfg)
+stage_dir = run.start_stage(cfg, cfg.predict.out)  # mkdir + config.yaml
+run.submission  # runs/<name>/predict/submission.csv
+```
+"""
+
+from pathlib import Path
+
+from pipeline.config import save_config
+
+
+class RunDir:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.root = Path(cfg.run.root) / cfg.run.name
+
+    def start_stage(self, cfg, out):
+        stage_dir = self.root / out
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, stage_dir / "config.yaml")
+        return stage_dir
+
+    @property
+    def data_csv(self):
+        return self.root / self.cfg.data.out / "rewrites.csv"
+
+    @property
+    def train_csv(self):
+        return Path(self.cfg.train.data) if self.cfg.train.data else self.data_csv
+
+    @property
+    def adapter(self):
+        return self.root / self.cfg.train.out / "adapter.lora.h5"
+
+    @property
+    def predict_input(self):
+        return Path(self.cfg.predict.input) if self.cfg.predict.input else self.data_csv
+
+    @property
+    def predict_adapter(self):
+        """The adapter path for predict, or None for the base model."""
+        choice = self.cfg.predict.adapter
+        if choice == "none":
+            return None
+        return self.adapter if choice == "run" else Path(choice)
+
+    @property
+    def submission(self):
+        return self.root / self.cfg.predict.out / "submission.csv"
+
+    @property
+    def predictions(self):
+        return Path(self.cfg.score.predictions) if self.cfg.score.predictions else self.submission
+
+    @property
+    def truth(self):
+        return Path(self.cfg.score.truth) if self.cfg.score.truth else self.predict_input

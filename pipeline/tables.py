@@ -1,0 +1,118 @@
+"""Reading and checking the CSV files the stages exchange.
+
+Bad input stops a stage with one line that names the file, the row and the
+column, and says what to do, except where a repair is documented: empty
+texts may be dropped (training data) or kept as empty strings (texts to
+predict for), and the count is printed.
+
+Example:
+```python
+df = read_table("test.csv", ["id", "original_text", "rewritten_text"],
+                text_columns=["original_text", "rewritten_text"], empty="keep")
+```
+"""
+
+from pathlib import Path
+
+import pandas as pd
+
+TEST_COLUMNS = ["id", "original_text", "rewritten_text"]
+TRAIN_COLUMNS = ["id", "original_text", "rewrite_prompt", "rewritten_text"]
+SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
+
+
+class TableError(ValueError):
+    """A CSV file cannot be used as it is; the message says where and why."""
+
+
+def read_table(path, columns, text_columns=(), empty="error", log=print):
+    """Reads `path`, checks columns, UTF-8, ids and texts.
+
+    empty: what to do with rows whose text column is empty or missing:
+    "error" (stop), "drop" (remove the row) or "keep" (use "").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise TableError(
+            f"{path}: line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+            "re-save the file as UTF-8"
+        ) from None
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.ParserError as e:
+        raise TableError(f"{path}: not a valid CSV file: {e}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TableError(
+            f"{path}: missing column {missing[0]!r}; the file has {list(df.columns)} "
+            f"and needs {columns}"
+        )
+    df = df[columns].copy()
+    if "id" in columns:
+        _check_ids(df, path)
+    for column in text_columns:
+        df = _handle_empty(df, column, path, empty, log)
+    return df.reset_index(drop=True)
+
+
+def _check_ids(df, path):
+    ids = df["id"].str.strip()
+    blank = ids == ""
+    if blank.any():
+        row = int(blank.idxmax()) + 1
+        raise TableError(f"{path}: row {row}, column 'id': empty id; give every row an id")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        rows = [int(i) + 1 for i in df.index[dup & (ids == ids[dup].iloc[0])]]
+        raise TableError(
+            f"{path}: rows {rows[0]} and {rows[1]}, column 'id': duplicate id "
+            f"{ids[dup].iloc[0]!r}; ids must be unique"
+        )
+
+
+def _handle_empty(df, column, path, empty, log):
+    blank = df[column].str.strip() == ""
+    if not blank.any():
+        return df
+    row = int(blank.idxmax()) + 1
+    if empty == "error":
+        raise TableError(
+            f"{path}: row {row}, column {column!r}: empty text; fill it in or remove the row"
+        )
+    count = int(blank.sum())
+    if empty == "drop":
+        log(f"{path}: dropped {count} row(s) with an empty {column!r} (first: row {row})")
+        return df[~blank]
+    log(f"{path}: {count} row(s) with an empty {column!r} kept as empty text (first: row {row})")
+    return df
+
+
+def write_table(df, path):
+    """Writes atomically: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def split_rows(n_rows, split_cfg):
+    """Contiguous (train, validation, holdout) row ranges of a data CSV."""
+    n_holdout = int(round(n_rows * split_cfg.holdout))
+    n_validation = int(round(n_rows * split_cfg.validation))
+    n_train = n_rows - n_validation - n_holdout
+    if n_train <= 0:
+        raise TableError(
+            f"split.validation + split.holdout leave no training rows out of {n_rows}"
+        )
+    return (
+        range(0, n_train),
+        range(n_train, n_train + n_validation),
+        range(n_train + n_validation, n_rows),
+    )

@@ -1,0 +1,45 @@
+"""Prompt templates: the data stage's rewrite request and the recovery task.
+
+Both come from the reference notebooks (Part 1 and Part 2). The recovery
+template ends where the model's answer starts; the answer (the rewrite
+prompt) is appended by the caller, and only its tokens carry loss.
+
+Example:
+```python
+text = format_recovery(RECOVERY_TEMPLATE, "A cat sat.", "A CAT SAT.")
+text.endswith("### Response:\\n")  # True
+```
+"""
+
+REWRITE_TEMPLATE = (
+    "Instruction:\n{rewrite_prompt}\n\nOriginal Text:\n{original_text}\n\nResponse:\n"
+)
+
+RECOVERY_TEMPLATE = (
+    "### Instruction:\n"
+    "Below, the `Original Text` passage has been rewritten/transformed/improved "
+    "into `Rewritten Text` by the `Gemma 7b-it` LLM with a certain "
+    "prompt/instruction. Your task is to carefully analyze the differences "
+    "between the `Original Text` and `Rewritten Text`, and try to infer the "
+    "specific prompt or instruction that was likely given to the LLM to "
+    "rewrite/transform/improve the text in this way.\n\n"
+    "### Original Text:\n{original_text}\n\n"
+    "### Rewritten Text:\n{rewritten_text}\n\n"
+    "### Response:\n"
+)
+
+# Gemma instruct models expect one user turn, then the model's turn.
+CHAT_TURN = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+
+END_OF_TURN = "<end_of_turn>"
+
+
+def format_rewrite_request(template, rewrite_prompt, original_text):
+    """The user turn that asks the instruct model for a rewrite."""
+    content = template.format(rewrite_prompt=rewrite_prompt, original_text=original_text)
+    return CHAT_TURN.format(content=content)
+
+
+def format_recovery(template, original_text, rewritten_text):
+    """The recovery prompt; the model's answer follows it directly."""
+    return template.format(original_text=original_text, rewritten_text=rewritten_text)

@@ -1,0 +1,25 @@
+"""Builds the embedded default's stand-ins under artifacts/tiny/ (skips what exists).
+
+A tiny Gemma preset (SentencePiece tokenizer trained on demo/texts.txt,
+pre-trained briefly on it) and a stand-in sentence encoder SavedModel with
+the sentence-t5 call signature. Deterministic: fixed seeds.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.runtime import setup_environment  # noqa: E402
+from pipeline.config import DistributionConfig  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="artifacts/tiny")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    args = parser.parse_args()
+    setup_environment(DistributionConfig(host_device_count=0))
+    from pipeline.tiny import build_tiny_artifacts
+
+    build_tiny_artifacts(args.out, pretrain_steps=args.pretrain_steps)

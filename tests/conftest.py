@@ -1,0 +1,42 @@
+"""Test set-up: JAX on 8 virtual CPU devices (the TPU v3-8 mesh), the tiny
+stand-in artifacts built once per session (skipped when already built)."""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import DistributionConfig  # noqa: E402
+from pipeline.runtime import setup_environment  # noqa: E402
+
+setup_environment(DistributionConfig(host_device_count=8))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from pipeline.tiny import build_tiny_artifacts
+
+    return build_tiny_artifacts(ROOT / "artifacts" / "tiny", log=lambda *_: None)
+
+
+@pytest.fixture
+def tiny_cfg(tiny, tmp_path):
+    """The embedded default, writing into a temporary run root."""
+    from pipeline.config import load_config
+
+    os.chdir(ROOT)  # config paths are relative to the repository root
+    return load_config(None, [f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """(GemmaCausalLM without preprocessor, tokenizer) on the (1, 8) mesh."""
+    from pipeline.config import load_config
+    from pipeline.model import load_gemma
+
+    cfg = load_config(None, [f"model.preset={tiny.preset}"])
+    return load_gemma(cfg, [8])

@@ -1,0 +1,89 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.config import SourceConfig
+from pipeline.data import plan_rows, run_data_stage
+from pipeline.rules import RULES, rewrite
+from pipeline.sources import chunk_texts, read_sources
+from pipeline.tables import TRAIN_COLUMNS
+
+
+def test_chunking_filters_like_the_reference():
+    texts = ["word " * 100, "== Heading == " + "x " * 40, "short one", "caf\u00e9 " * 30]
+    chunks, dropped = chunk_texts(texts, chunk_words=40, min_chars=50)
+    assert [len(c.split()) for c in chunks] == [40, 40, 20]
+    assert dropped == {"wiki markup": 1, "too short": 2, "non-ASCII": 1}
+
+
+def test_sources_txt_csv_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first para\n\nsecond para\n")
+    pd.DataFrame({"text": ["from csv"]}).to_csv(tmp_path / "b.csv", index=False)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "from jsonl"}) + "\n")
+    texts = read_sources(
+        [SourceConfig(str(tmp_path / "a.txt")), SourceConfig(str(tmp_path / "b.csv"), "text"),
+         SourceConfig(str(tmp_path / "c.jsonl"), "body")]
+    )
+    assert texts == ["first para", "second para", "from csv", "from jsonl"]
+    with pytest.raises(ValueError, match="no column 'missing'"):
+        read_sources([SourceConfig(str(tmp_path / "b.csv"), "missing")])
+
+
+def test_plan_is_seeded_and_pairs_distinct_prompts(tiny_cfg):
+    a, b = plan_rows(tiny_cfg.data, log=lambda *_: None), plan_rows(tiny_cfg.data, log=lambda *_: None)
+    assert a.equals(b) and a["id"].is_unique
+    per_chunk = a.groupby("original_text")["rewrite_prompt"].agg(lambda p: p.is_unique)
+    assert per_chunk.all() and set(a["rewrite_prompt"]) <= set(RULES)
+
+
+def test_rules_leave_a_trace():
+    text = "The cat sat. The dog ran."
+    assert rewrite("Convert this text into all capital letters.", text) == "THE CAT SAT. THE DOG RAN."
+    assert rewrite("Reverse the order of the sentences in this text.", text) == "The dog ran. The cat sat."
+    with pytest.raises(ValueError, match="no rewrite rule"):
+        rewrite("Unknown prompt.", text)
+
+
+def test_rerun_resumes_without_loss_or_duplicates(tiny_cfg):
+    logs = []
+    csv_path = run_data_stage(tiny_cfg, log=logs.append)
+    full = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert list(full.columns) == TRAIN_COLUMNS and full["id"].is_unique
+    partial = csv_path.parent / "rewrites.partial.jsonl"
+    lines = partial.read_text().splitlines(keepends=True)
+    # A crash: the final CSV never written, the last line torn half way.
+    csv_path.unlink()
+    partial.write_text("".join(lines[:100]) + lines[100][:20])
+    logs.clear()
+    run_data_stage(tiny_cfg, log=logs.append)
+    assert f"100 already written, {len(full) - 100} to rewrite" in " ".join(logs)
+    again = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert again.equals(full)
+    assert len(partial.read_text().splitlines()) == len(full)
+
+
+def test_resume_refuses_a_changed_plan(tiny_cfg):
+    run_data_stage(tiny_cfg, log=lambda *_: None)
+    tiny_cfg.data.seed = 1
+    with pytest.raises(ValueError, match="written for another plan"):
+        run_data_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_model_rewriter_generates_only_missing_rows(tiny_cfg):
+    tiny_cfg.data.rewriter = "model"
+    tiny_cfg.data.max_rows = 12
+    tiny_cfg.data.max_new_tokens = 8
+    tiny_cfg.data.prompts = "prompts/rewrite_prompts.txt"
+    logs = []
+    csv_path = run_data_stage(tiny_cfg, log=logs.append)
+    first = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert len(first) == 12 and first["id"].is_unique
+    assert sum("generate: 12/12 rows" in line for line in logs) == 1
+    partial = csv_path.parent / "rewrites.partial.jsonl"
+    partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:8]))
+    logs.clear()
+    run_data_stage(tiny_cfg, log=logs.append)
+    assert any("generate: 4/4 rows" in line for line in logs)
+    second = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert list(second["id"]) == list(first["id"])
