@@ -101,10 +101,13 @@ def build_distribution(distribution_cfg, backbone_config, batch_sizes):
     devices = keras.distribution.list_devices()
     check_mesh(mesh_shape, axis_names, len(devices))
     check_batch_sizes(mesh_shape, batch_sizes)
-    mesh = keras.distribution.DeviceMesh(tuple(mesh_shape), axis_names, devices)
     data_axis, model_axis = axis_names
     if mesh_shape[1] == 1:
+        # DataParallel wants a 1-D mesh (a 2-D one trips a bad warnings.warn
+        # call in Keras 3.15).
+        mesh = keras.distribution.DeviceMesh((mesh_shape[0],), [data_axis], devices)
         return keras.distribution.DataParallel(device_mesh=mesh)
+    mesh = keras.distribution.DeviceMesh(tuple(mesh_shape), axis_names, devices)
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(
         mesh, model_parallel_dim_name=model_axis, data_parallel_dim_name=data_axis
     )

@@ -1,0 +1,116 @@
+import keras
+import keras_hub
+import pytest
+
+from pipeline.config import DistributionConfig, LoraConfig
+from pipeline.distribution import (
+    DistributionError,
+    build_distribution,
+    check_batch_sizes,
+    check_mesh,
+    check_shardable,
+)
+from pipeline.model import enable_lora
+from pipeline.tiny import BACKBONE_CONFIG
+
+# Expected PartitionSpec of every Gemma weight on the (1, 8) ("batch",
+# "model") mesh; LoRA kernels are small and stay replicated.
+EXPECTED_SPECS = {
+    "token_embedding/embeddings": ("model", "batch"),
+    "attention/query/kernel": ("model", "batch", None),
+    "attention/key/kernel": ("model", "batch", None),
+    "attention/value/kernel": ("model", "batch", None),
+    "attention/attention_output/kernel": ("model", None, "batch"),
+    "ffw_gating/kernel": ("batch", "model"),
+    "ffw_gating_2/kernel": ("batch", "model"),
+    "ffw_linear/kernel": ("model", "batch"),
+    "lora_kernel_a": (),
+    "lora_kernel_b": (),
+    "scale": (),
+}
+
+V38 = dict(mesh_shape=[1, 8], axis_names=["batch", "model"])
+LAYOUT = {
+    "token_embedding/embeddings": ("model", "batch"),
+    "decoder_block.*attention.*(query|key|value).kernel": ("model", "batch", None),
+    "decoder_block.*attention_output.kernel": ("model", None, "batch"),
+    "decoder_block.*ffw_gating.kernel": ("batch", "model"),
+    "decoder_block.*ffw_gating_2.kernel": ("batch", "model"),
+    "decoder_block.*ffw_linear.kernel": ("model", "batch"),
+}
+
+
+def _expected(path):
+    for suffix, spec in EXPECTED_SPECS.items():
+        if path.endswith(suffix):
+            return spec
+    raise AssertionError(f"no expectation for {path}")
+
+
+def test_every_weight_sharded_as_on_tpu_v3_8(tiny):
+    distribution = build_distribution(DistributionConfig(**V38), BACKBONE_CONFIG, [8])
+    assert isinstance(distribution, keras.distribution.ModelParallel)
+    with distribution.scope():
+        causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
+        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
+    weights = causal_lm.backbone.weights
+    assert any("lora_kernel_a" in w.path for w in weights)
+    for w in weights:
+        spec = tuple(w.value.sharding.spec)
+        expected = _expected(w.path)
+        # A trailing None and an omitted axis mean the same: not sharded.
+        assert spec + (None,) * (len(expected) - len(spec)) == expected or (
+            not expected and all(a is None for a in spec)
+        ), (w.path, spec)
+        if "model" in expected:
+            assert len(w.value.sharding.device_set) == 8
+
+
+def test_model_axis_of_one_is_data_parallel():
+    distribution = build_distribution(
+        DistributionConfig(mesh_shape=[8, 1], axis_names=["batch", "model"]), BACKBONE_CONFIG, [8]
+    )
+    assert isinstance(distribution, keras.distribution.DataParallel)
+
+
+def test_mesh_must_match_device_count():
+    with pytest.raises(DistributionError, match=r"needs 16 devices but 8 are visible; set distribution.mesh_shape=\[1,8\]"):
+        check_mesh([2, 8], ["batch", "model"], 8)
+    check_mesh([1, 8], ["batch", "model"], 8)
+
+
+def test_batch_must_divide_data_axis():
+    with pytest.raises(DistributionError, match="batch size 3 does not divide by the data axis"):
+        check_batch_sizes([2, 4], [4, 3])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("vocabulary_size", 1020), ("num_query_heads", 6), ("num_key_value_heads", 1), ("intermediate_dim", 200)],
+)
+def test_unshardable_dimension_named_before_loading(field, value):
+    config = dict(BACKBONE_CONFIG, **{field: value})
+    with pytest.raises(DistributionError, match=rf"{field.split('_dim')[0]}.*does not divide by the 'model' mesh axis \(8\)"):
+        check_shardable(LAYOUT, config, [1, 8], ["batch", "model"])
+
+
+def test_hidden_dim_checked_against_the_data_axis():
+    config = dict(BACKBONE_CONFIG, hidden_dim=130)
+    with pytest.raises(DistributionError, match="hidden_dim=130 .* 'batch' mesh axis"):
+        check_shardable(LAYOUT, config, [4, 2], ["batch", "model"])
+
+
+def test_gemma_2b_kv_heads_cannot_be_split_on_v3_8():
+    gemma_2b = dict(vocabulary_size=256000, num_query_heads=8, num_key_value_heads=1,
+                    hidden_dim=2048, intermediate_dim=32768, head_dim=256)
+    with pytest.raises(DistributionError, match="num_key_value_heads=1"):
+        check_shardable(LAYOUT, gemma_2b, [1, 8], ["batch", "model"])
+    gemma_7b = dict(vocabulary_size=256000, num_query_heads=16, num_key_value_heads=16,
+                    hidden_dim=3072, intermediate_dim=49152, head_dim=256)
+    check_shardable(LAYOUT, gemma_7b, [1, 8], ["batch", "model"])
+
+
+def test_layout_used_by_the_check_is_kerashubs(tiny):
+    mesh = keras.distribution.DeviceMesh((1, 8), ["batch", "model"], keras.distribution.list_devices())
+    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+    assert {k: tuple(layout_map[k].axes) for k in layout_map} == LAYOUT

@@ -1,0 +1,46 @@
+"""All stages on the embedded default, as `make demo` runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_adapter_beats_base_model(tiny_cfg):
+    logs = []
+    scores = run_demo(tiny_cfg, log=logs.append)
+    assert scores["fine-tuned"] > scores["base model"] + 0.1, scores
+    assert logs[-2].startswith("base model score:") and logs[-1].startswith("fine-tuned score:")
+
+    run = tiny_cfg.run
+    root = Path(run.root) / run.name
+    data = pd.read_csv(root / "data" / "rewrites.csv")
+    assert list(data.columns) == ["id", "original_text", "rewrite_prompt", "rewritten_text"]
+    adapter = root / "finetune" / "adapter.lora.h5"
+    assert 0 < adapter.stat().st_size < 2_000_000  # an adapter, not a model
+    history = json.loads((root / "finetune" / "history.json").read_text())
+    assert history["step_loss"][-1] < history["step_loss"][0] and "val_loss" in history["epochs"]
+    assert (root / "finetune" / "loss_curve.png").exists()
+    assert any((root / "finetune" / "tensorboard").rglob("*tfevents*"))
+    sub = pd.read_csv(root / "predict" / "submission.csv", dtype=str, keep_default_na=False)
+    assert sub["id"].is_unique and (sub["rewrite_prompt"].str.strip() != "").all()
+    for stage in ("data", "finetune", "predict", "score", "predict_base", "score_base"):
+        assert (root / stage / "config.yaml").exists(), stage
+
+
+def test_stage_script_reports_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 1\n")
+    result = subprocess.run(
+        [sys.executable, "scripts/score.py", "--config", str(bad)], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"config error: {bad}: unknown key 'train.epochz'; known keys here: data, template, sequence_length, max_response_tokens, batch_size, epochs, learning_rate, weight_decay, seed, out"

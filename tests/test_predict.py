@@ -1,0 +1,65 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline import generation
+from pipeline.predict import clean_prediction, run_predict_stage
+from pipeline.tables import TableError
+
+
+def test_clean_prediction_never_empty():
+    assert clean_prediction("  Make it rhyme.\n", "fb") == ("Make it rhyme.", False)
+    assert clean_prediction(" \n ", "fb") == ("fb", True)
+
+
+def _test_csv(tmp_path, n=5):
+    df = pd.DataFrame(
+        {"id": [f"q{i}" for i in range(n)], "original_text": ["The cat sat. " * (i + 1) for i in range(n)],
+         "rewritten_text": ["THE CAT SAT. " * (i + 1) for i in range(n)]}
+    )
+    df.to_csv(tmp_path / "test.csv", index=False)
+    return df
+
+
+def test_submission_in_input_order_one_row_per_id(tiny_cfg, tmp_path):
+    df = _test_csv(tmp_path)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.max_new_tokens = 4
+    path = run_predict_stage(tiny_cfg, log=lambda *_: None)
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ["id", "rewrite_prompt"]
+    assert list(sub["id"]) == list(df["id"])
+    assert (sub["rewrite_prompt"].str.strip() != "").all()
+    summary = json.loads((path.parent / "predict_log.json").read_text())
+    assert summary["rows"] == 5 and summary["adapter"] is None
+
+
+def test_empty_outputs_replaced_by_fallback_and_counted(tiny_cfg, tmp_path, monkeypatch):
+    _test_csv(tmp_path, n=3)
+
+    def empty_outputs(self, prompts):
+        yield list(range(len(prompts))), ["", "  Add a title.", "\n"]
+
+    monkeypatch.setattr(generation.BatchedGenerator, "generate", empty_outputs)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    logs = []
+    path = run_predict_stage(tiny_cfg, log=logs.append)
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(sub["rewrite_prompt"]) == [tiny_cfg.predict.fallback, "Add a title.", tiny_cfg.predict.fallback]
+    assert "2 empty output(s) replaced by the fallback" in logs[-1]
+
+
+def test_missing_adapter_is_a_clear_error(tiny_cfg, tmp_path):
+    _test_csv(tmp_path, n=1)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows = str(tmp_path / "test.csv"), "all"
+    tiny_cfg.predict.adapter = str(tmp_path / "none.lora.h5")
+    with pytest.raises(FileNotFoundError, match="run the finetune stage first"):
+        run_predict_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_bad_input_csv_stops_before_loading_the_model(tiny_cfg, tmp_path):
+    (tmp_path / "test.csv").write_text("id,original_text\n1,a\n")
+    tiny_cfg.predict.input = str(tmp_path / "test.csv")
+    with pytest.raises(TableError, match="missing column 'rewritten_text'"):
+        run_predict_stage(tiny_cfg, log=lambda *_: None)

@@ -1,0 +1,59 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.score import embed, load_sentence_encoder, run_score_stage, sharpened_cosine
+from pipeline.tables import TableError
+
+
+def test_sharpened_cosine_on_known_vectors():
+    a = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    b = np.array([[3.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    np.testing.assert_allclose(sharpened_cosine(a, b), [1.0, 0.0, -1.0, 0.125], atol=1e-12)
+
+
+def test_stand_in_encoder_loads_through_tensorflow_hub(tiny):
+    import tensorflow as tf
+
+    encoder = load_sentence_encoder(str(tiny.encoder))
+    raw = encoder(tf.constant(["Improve the text to this.", "Make it rhyme."]))
+    assert isinstance(raw, (list, tuple)) and raw[0].shape == (2, 128)  # the st5 call signature
+    np.testing.assert_allclose(np.linalg.norm(raw[0].numpy(), axis=1), 1.0, rtol=1e-5)
+    vectors = embed(encoder, ["Add a title to this text."] * 3 + ["Convert this text into all capital letters."], batch_size=2)
+    assert vectors.shape == (4, 128)
+    assert sharpened_cosine(vectors[:1], vectors[1:2])[0] == pytest.approx(1.0)
+    assert sharpened_cosine(vectors[:1], vectors[3:])[0] < 0.5
+
+
+def test_encoder_handle_must_be_url_dir_or_kaggle():
+    with pytest.raises(ValueError, match="not a URL, an existing folder, or a Kaggle Models handle"):
+        load_sentence_encoder("no-such-encoder")
+
+
+def _write(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def test_score_stage_writes_score_rows_and_histogram(tiny_cfg, tmp_path):
+    truth = _write(tmp_path / "truth.csv", {"id": ["a", "b"], "rewrite_prompt": ["Add a title to this text.", "Make this text sound very excited."]})
+    preds = _write(tmp_path / "sub.csv", {"id": ["b", "a"], "rewrite_prompt": ["Make this text sound very excited.", "Add a title to this text."]})
+    tiny_cfg.score.truth, tiny_cfg.score.predictions = truth, preds
+    assert run_score_stage(tiny_cfg, log=lambda *_: None) == pytest.approx(1.0)
+    out = tmp_path / "cpu_tiny" / "score"
+    assert json.loads((out / "score.json").read_text())["rows"] == 2
+    assert list(pd.read_csv(out / "per_row.csv")["id"]) == ["b", "a"]
+    assert (out / "histogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "config.yaml").exists()
+
+
+def test_score_stage_rejects_unknown_ids_and_blank_predictions(tiny_cfg, tmp_path):
+    tiny_cfg.score.truth = _write(tmp_path / "truth.csv", {"id": ["a"], "rewrite_prompt": ["x"]})
+    tiny_cfg.score.predictions = _write(tmp_path / "sub.csv", {"id": ["a", "z"], "rewrite_prompt": ["x", "y"]})
+    with pytest.raises(TableError, match=r"row 2, column 'id': id 'z' is not in"):
+        run_score_stage(tiny_cfg, log=lambda *_: None)
+    tiny_cfg.score.predictions = _write(tmp_path / "sub.csv", {"id": ["a"], "rewrite_prompt": [""]})
+    with pytest.raises(TableError, match=r"row 1, column 'rewrite_prompt': empty text"):
+        run_score_stage(tiny_cfg, log=lambda *_: None)
