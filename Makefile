@@ -1,4 +1,4 @@
-# Stage by stage:  make data|finetune|predict|score [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
+# Stage by stage:  make data|finetune|mean-prompt|predict|score|compare [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
 # Everything:      make all CONFIG=configs/kaggle_tpu_v3_8.yaml REQUIREMENTS=requirements-tpu.txt
 # Newcomers:       make demo   (embedded default, CPU)    make test
 # Without CONFIG every target uses configs/cpu_tiny.yaml, the embedded default.
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: demo test test-fast all data finetune predict score tiny clean
+.PHONY: demo test test-fast all data finetune predict score mean-prompt compare bench tiny clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,17 @@ test-fast: $(STAMP)
 data finetune predict score: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,$@)
 
+mean-prompt: $(STAMP) $(if $(CONFIG),,tiny)
+	PYTHONUNBUFFERED=1 $(call RUN,mean_prompt)
+
+compare: $(STAMP) $(if $(CONFIG),,tiny)
+	PYTHONUNBUFFERED=1 $(call RUN,compare)
+
+bench: $(STAMP) tiny
+	PYTHONUNBUFFERED=1 $(PY) bench/mean_prompt_bench.py
+
 all: $(STAMP) $(if $(CONFIG),,tiny)
-	$(MAKE) data finetune predict score CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
+	$(MAKE) data finetune mean-prompt predict score compare CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
 
 clean:
 	rm -rf runs artifacts

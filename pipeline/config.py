@@ -128,6 +128,28 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MeanPromptConfig:
+    # Target prompts: the rewrite_prompt column of this CSV (default: this
+    # run's data CSV); the search uses its training rows, and reports the
+    # holdout rows' score beside.
+    targets: Optional[str] = None
+    # "words": words of the target prompts; "pieces": the encoder's own
+    # SentencePiece pieces (how the `lucrarea` effect was found).
+    vocabulary: Literal["words", "pieces"] = "words"
+    letters_only: bool = True
+    top_fraction: float = 0.2  # keep the best words by single-word score
+    beam_width: int = 100
+    steps: int = 50
+    moves: Literal["append", "edit"] = "append"  # edit: also insert and replace
+    # The encoder's SentencePiece model, to count tokens (and list pieces);
+    # default: the *.model file in the encoder's assets/ folder.
+    piece_model: Optional[str] = None
+    max_tokens: int = 128  # sentence-t5 sees no more
+    batch_size: int = 512
+    out: str = "mean_prompt"
+
+
+@dataclasses.dataclass
 class PredictConfig:
     input: Optional[str] = None  # defaults to this run's data stage output
     rows: Literal["all", "holdout"] = "all"
@@ -137,6 +159,12 @@ class PredictConfig:
     batch_size: int = 8
     max_new_tokens: int = 35
     fallback: str = "Improve the text to this."
+    # The final prompt, joined from parts in this order: "model" (this
+    # model's output), "mean_prompt" (the run's mean prompt) or the path of
+    # another submission CSV (e.g. another adapter's). Empty parts are
+    # skipped; the result is cut to the encoder's token limit.
+    combine: list[str] = dataclasses.field(default_factory=lambda: ["model"])
+    separator: str = " "
     out: str = "predict"
 
 
@@ -159,6 +187,7 @@ class Config:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mean_prompt: MeanPromptConfig = dataclasses.field(default_factory=MeanPromptConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
 

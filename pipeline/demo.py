@@ -1,5 +1,8 @@
 """The demo run: all stages on the embedded default, base vs fine-tuned.
 
+Order: data, finetune, mean-prompt, predict + score (base model, then
+fine-tuned), compare.
+
 The honest learning check: the same holdout rows are predicted by the base
 model and by base + adapter, scored with the same encoder, and both scores
 are printed on lines starting `base model score:` and `fine-tuned score:`.
@@ -12,8 +15,10 @@ run_demo(load_config())  # configs/cpu_tiny.yaml
 
 import dataclasses
 
+from pipeline.compare import run_compare_stage
 from pipeline.data import run_data_stage
 from pipeline.finetune import run_finetune_stage
+from pipeline.mean_prompt import run_mean_prompt_stage
 from pipeline.predict import run_predict_stage
 from pipeline.score import run_score_stage
 from pipeline.tiny import build_tiny_artifacts
@@ -22,7 +27,8 @@ from pipeline.tiny import build_tiny_artifacts
 def run_demo(cfg, log=print):
     if cfg.model.preset.startswith("artifacts/tiny/"):
         build_tiny_artifacts("artifacts/tiny", log=log)
-    for name, stage in (("data", run_data_stage), ("finetune", run_finetune_stage)):
+    stages = (("data", run_data_stage), ("finetune", run_finetune_stage), ("mean-prompt", run_mean_prompt_stage))
+    for name, stage in stages:
         log(f"=== {name} ===")
         stage(cfg, log=log)
     base_cfg = dataclasses.replace(
@@ -35,6 +41,8 @@ def run_demo(cfg, log=print):
         log(f"=== predict + score: {label} ===")
         run_predict_stage(run_cfg, log=log)
         scores[label] = run_score_stage(run_cfg, log=log)
+    log("=== compare ===")
+    run_compare_stage(cfg, log=log)
     log("=== result (holdout rows, same encoder) ===")
     for label, score in scores.items():
         log(f"{label} score: {score:.4f}")

@@ -31,3 +31,32 @@ def score_histogram(scores, mean, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def search_curve(history, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["train"] for h in history], "o-", label="train targets")
+    if history and "holdout" in history[0]:
+        ax.plot(steps, [h["holdout"] for h in history], "s-", label="holdout targets")
+    ax.set_xlabel("beam search step (words in the prompt)")
+    ax.set_ylabel("mean sharpened cosine similarity")
+    ax.set_title("Mean prompt search")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def variant_bars(scores, path):
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(scores) + 1.5))
+    names = list(scores)
+    ax.barh(names, [scores[n] for n in names])
+    for i, name in enumerate(names):
+        ax.text(scores[name], i, f" {scores[name]:.4f}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("score (mean sharpened cosine similarity)")
+    ax.set_title("Prediction variants")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -18,6 +18,7 @@ import time
 
 import pandas as pd
 
+from pipeline.combine import combine_parts, load_parts
 from pipeline.distribution import is_main_process
 from pipeline.generation import BatchedGenerator
 from pipeline.model import load_adapter, load_gemma
@@ -36,10 +37,11 @@ def read_predict_input(run, cfg, log=print):
     return df
 
 
-def clean_prediction(text, fallback):
-    """Returns (prompt, used_fallback)."""
-    text = text.strip()
-    return (text, False) if text else (fallback, True)
+def encoder_token_limit(cfg):
+    """Cuts a combined prompt to what the encoder sees."""
+    from pipeline.mean_prompt import TokenLimit, find_piece_model
+
+    return TokenLimit(find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), cfg.mean_prompt.max_tokens).cut
 
 
 def run_predict_stage(cfg, log=print):
@@ -55,7 +57,7 @@ def run_predict_stage(cfg, log=print):
     formatter = RecoveryFormatter(
         tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     )
-    df, cut = formatter.fit_texts(df)
+    df, n_cut = formatter.fit_texts(df)
     generator = BatchedGenerator(causal_lm, tokenizer, cfg.predict.batch_size, cfg.predict.max_new_tokens, log=log)
     outputs = [""] * len(df)
     start = time.perf_counter()
@@ -63,14 +65,18 @@ def run_predict_stage(cfg, log=print):
         for i, text in zip(indices, texts):
             outputs[i] = text
     elapsed = time.perf_counter() - start
-    cleaned = [clean_prediction(t, cfg.predict.fallback) for t in outputs]
-    fallbacks = sum(used for _, used in cleaned)
-    submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": [p for p, _ in cleaned]})
+    outputs = [t.strip() for t in outputs]
+    parts = load_parts(cfg.predict.combine, df["id"], outputs, run.mean_prompt)
+    cut = encoder_token_limit(cfg) if cfg.predict.combine != ["model"] else None
+    prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
+    submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
     if is_main_process():
+        write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": outputs}), run.raw_outputs)
         write_table(submission, run.submission)
         summary = {
             "rows": len(df),
-            "texts_cut_to_fit": cut,
+            "texts_cut_to_fit": n_cut,
+            "combine": cfg.predict.combine,
             "empty_outputs_replaced_by_fallback": fallbacks,
             "seconds": round(elapsed, 2),
             "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
@@ -79,7 +85,7 @@ def run_predict_stage(cfg, log=print):
         }
         (stage_dir / "predict_log.json").write_text(json.dumps(summary, indent=2))
     log(
-        f"predict: {len(df)} rows in {elapsed:.1f}s, {cut} text(s) cut to fit, "
-        f"{fallbacks} empty output(s) replaced by the fallback -> {run.submission}"
+        f"predict: {len(df)} rows in {elapsed:.1f}s, {n_cut} text(s) cut to fit, "
+        f"{fallbacks} empty prediction(s) replaced by the fallback -> {run.submission}"
     )
     return run.submission

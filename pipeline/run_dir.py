@@ -54,6 +54,20 @@ class RunDir:
         return self.adapter if choice == "run" else Path(choice)
 
     @property
+    def mean_prompt_targets(self):
+        targets = self.cfg.mean_prompt.targets
+        return Path(targets) if targets else self.data_csv
+
+    @property
+    def mean_prompt(self):
+        return self.root / self.cfg.mean_prompt.out / "mean_prompt.txt"
+
+    @property
+    def raw_outputs(self):
+        """The model's own outputs, before combination."""
+        return self.root / self.cfg.predict.out / "model_outputs.csv"
+
+    @property
     def submission(self):
         return self.root / self.cfg.predict.out / "submission.csv"
 

@@ -82,7 +82,7 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print):
     if not (paths.preset / "config.json").exists():
         log(f"tiny: building Gemma preset ({pretrain_steps} pre-training steps) -> {paths.preset}")
         build_tiny_gemma(proto, pretrain_steps, log).save_to_preset(str(paths.preset))
-    if not (paths.encoder / "saved_model.pb").exists():
+    if not (paths.encoder / "assets" / "spiece.model").exists():
         log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
         export_stand_in_encoder(proto, paths.encoder)
     return paths
@@ -183,6 +183,9 @@ def export_stand_in_encoder(proto, directory, dim=ENCODER_DIM):
 
     directory = Path(directory)
     tf.saved_model.save(StandInSentenceEncoder(), str(directory))
+    # Where the mean-prompt search looks for the encoder's pieces.
+    (directory / "assets").mkdir(exist_ok=True)
+    (directory / "assets" / "spiece.model").write_bytes(proto)
     (directory / "stand_in.json").write_text(
         json.dumps({"kind": "stand-in sentence encoder", "dim": dim, "seed": SEED})
     )

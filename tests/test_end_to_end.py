@@ -31,7 +31,16 @@ def test_demo_adapter_beats_base_model(tiny_cfg):
     assert any((root / "finetune" / "tensorboard").rglob("*tfevents*"))
     sub = pd.read_csv(root / "predict" / "submission.csv", dtype=str, keep_default_na=False)
     assert sub["id"].is_unique and (sub["rewrite_prompt"].str.strip() != "").all()
-    for stage in ("data", "finetune", "predict", "score", "predict_base", "score_base"):
+    search = json.loads((root / "mean_prompt" / "search.json").read_text())
+    # The mean prompt beats the best single target prompt as a constant.
+    assert search["steps"][-1]["holdout"] > search["best_single_target_prompt"]["holdout"]
+    assert (root / "mean_prompt" / "mean_prompt.txt").read_text().strip() == search["mean_prompt"]
+    compare = json.loads((root / "compare" / "compare.json").read_text())["scores"]
+    assert set(compare) == {"constant: Improve the text to this.", "mean prompt", "model",
+                            "model + mean prompt", "mean prompt + model"}
+    assert compare["model"] == pytest.approx(scores["fine-tuned"])
+    assert (root / "compare" / "compare.png").exists()
+    for stage in ("data", "finetune", "mean_prompt", "predict", "score", "predict_base", "score_base", "compare"):
         assert (root / stage / "config.yaml").exists(), stage
 
 

@@ -4,13 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline import generation
-from pipeline.predict import clean_prediction, run_predict_stage
+from pipeline.predict import run_predict_stage
 from pipeline.tables import TableError
-
-
-def test_clean_prediction_never_empty():
-    assert clean_prediction("  Make it rhyme.\n", "fb") == ("Make it rhyme.", False)
-    assert clean_prediction(" \n ", "fb") == ("fb", True)
 
 
 def _test_csv(tmp_path, n=5):
@@ -47,7 +42,27 @@ def test_empty_outputs_replaced_by_fallback_and_counted(tiny_cfg, tmp_path, monk
     path = run_predict_stage(tiny_cfg, log=logs.append)
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
     assert list(sub["rewrite_prompt"]) == [tiny_cfg.predict.fallback, "Add a title.", tiny_cfg.predict.fallback]
-    assert "2 empty output(s) replaced by the fallback" in logs[-1]
+    assert "2 empty prediction(s) replaced by the fallback" in logs[-1]
+    raw = pd.read_csv(path.parent / "model_outputs.csv", dtype=str, keep_default_na=False)
+    assert list(raw["rewrite_prompt"]) == ["", "Add a title.", ""]  # before combination
+
+
+def test_combine_with_mean_prompt_and_another_submission(tiny_cfg, tmp_path, monkeypatch):
+    df = _test_csv(tmp_path, n=2)
+
+    def outputs(self, prompts):
+        yield [1, 0], ["second", ""]
+
+    monkeypatch.setattr(generation.BatchedGenerator, "generate", outputs)
+    mean = tmp_path / "cpu_tiny" / "mean_prompt" / "mean_prompt.txt"
+    mean.parent.mkdir(parents=True)
+    mean.write_text("Improve this text.\n")
+    pd.DataFrame({"id": df["id"][::-1], "rewrite_prompt": ["B", "A"]}).to_csv(tmp_path / "other.csv", index=False)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.combine = ["model", str(tmp_path / "other.csv"), "mean_prompt"]
+    path = run_predict_stage(tiny_cfg, log=lambda *_: None)
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(sub["rewrite_prompt"]) == ["A Improve this text.", "second B Improve this text."]
 
 
 def test_missing_adapter_is_a_clear_error(tiny_cfg, tmp_path):
