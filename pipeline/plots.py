@@ -16,9 +16,7 @@ def loss_curve(step_losses, epoch_val_losses, steps_per_epoch, path):
     ax.set_ylabel("loss (response tokens)")
     ax.set_title("LoRA fine-tuning")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def score_histogram(scores, mean, path):
@@ -28,9 +26,7 @@ def score_histogram(scores, mean, path):
     ax.set_xlabel("sharpened cosine similarity (cos^3)")
     ax.set_ylabel("rows")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def search_curve(history, path):
@@ -43,9 +39,7 @@ def search_curve(history, path):
     ax.set_ylabel("mean sharpened cosine similarity")
     ax.set_title("Mean prompt search")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def variant_bars(scores, path):
@@ -57,6 +51,10 @@ def variant_bars(scores, path):
     ax.invert_yaxis()
     ax.set_xlabel("score (mean sharpened cosine similarity)")
     ax.set_title("Prediction variants")
+    _save(fig, path)
+
+
+def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
