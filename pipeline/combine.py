@@ -31,13 +31,15 @@ def combine_parts(parts, separator, fallback, cut=None):
     return combined, fallbacks
 
 
-def load_parts(names, ids, model_outputs, mean_prompt_path):
-    """Each part as a list aligned with `ids`: "model", "mean_prompt", or a
-    submission CSV path (another adapter's or preset's output)."""
+def load_parts(names, ids, mean_prompt_path):
+    """Each part as a list aligned with `ids`: "mean_prompt", or a
+    submission CSV path (another adapter's or preset's output); None stands
+    for "model", whose outputs the caller fills in. Called before generating,
+    so that a missing file costs no generation work."""
     parts = []
     for name in names:
         if name == "model":
-            parts.append(list(model_outputs))
+            parts.append(None)
         elif name == "mean_prompt":
             if not mean_prompt_path.exists():
                 raise FileNotFoundError(f"{mean_prompt_path} not found; run the mean-prompt stage first")

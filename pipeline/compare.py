@@ -42,7 +42,7 @@ def run_compare_stage(cfg, log=print):
     model_outputs = list(model["rewrite_prompt"].reindex(ids, fill_value=""))
     available = {"constant": [CONSTANT_BASELINE] * len(ids), "model": model_outputs}
     if run.mean_prompt.exists():
-        available["mean_prompt"] = load_parts(["mean_prompt"], ids, [], run.mean_prompt)[0]
+        available["mean_prompt"] = load_parts(["mean_prompt"], ids, run.mean_prompt)[0]
     else:
         log(f"compare: {run.mean_prompt} not found; mean-prompt variants left out")
     encoder = load_sentence_encoder(cfg.score.encoder)

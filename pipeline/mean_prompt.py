@@ -110,6 +110,8 @@ def build_vocabulary(kind, targets, pieces, letters_only, top_fraction, objectiv
     else:
         items = [p.replace("\u2581", "") for p in pieces]
     items = [w for w in dict.fromkeys(items) if w and (w.isalpha() or not letters_only)]
+    if not items:
+        return []
     scores = objective(items)
     keep = max(1, int(round(len(items) * top_fraction)))
     return [items[i] for i in np.argsort(-scores, kind="stable")[:keep]]
@@ -181,6 +183,11 @@ def run_mean_prompt_stage(cfg, log=print):
     start = time.perf_counter()
     best, history = beam_search(objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, holdout_score, log)
     elapsed = time.perf_counter() - start
+    if not history:
+        raise ValueError(
+            f"mean-prompt: no candidate could be scored ({len(vocabulary)} vocabulary items, "
+            f"max_tokens={mc.max_tokens}); check mean_prompt.vocabulary, .letters_only and .top_fraction"
+        )
     (stage_dir / "mean_prompt.txt").write_text(best + "\n")
     summary = {
         "mean_prompt": best,

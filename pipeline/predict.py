@@ -49,6 +49,8 @@ def run_predict_stage(cfg, log=print):
     stage_dir = run.start_stage(cfg, cfg.predict.out)
     df = read_predict_input(run, cfg, log)
     log(f"predict: {len(df)} rows from {run.predict_input} (rows: {cfg.predict.rows})")
+    parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt)
+    cut = encoder_token_limit(cfg) if cfg.predict.combine != ["model"] else None
     causal_lm, tokenizer = load_gemma(cfg, [cfg.predict.batch_size])
     adapter = run.predict_adapter
     if adapter:
@@ -66,8 +68,7 @@ def run_predict_stage(cfg, log=print):
             outputs[i] = text
     elapsed = time.perf_counter() - start
     outputs = [t.strip() for t in outputs]
-    parts = load_parts(cfg.predict.combine, df["id"], outputs, run.mean_prompt)
-    cut = encoder_token_limit(cfg) if cfg.predict.combine != ["model"] else None
+    parts = [outputs if part is None else part for part in parts]
     prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
     submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
     if is_main_process():
@@ -77,7 +78,7 @@ def run_predict_stage(cfg, log=print):
             "rows": len(df),
             "texts_cut_to_fit": n_cut,
             "combine": cfg.predict.combine,
-            "empty_outputs_replaced_by_fallback": fallbacks,
+            "empty_predictions_replaced_by_fallback": fallbacks,
             "seconds": round(elapsed, 2),
             "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
             "compiled_shapes": sorted(generator.programs),

@@ -86,3 +86,15 @@ def test_combination_skips_empty_parts_and_is_never_empty():
     assert fallbacks == 1
     cut, _ = combine_parts([model, mean], " ", "F", cut=lambda t: " ".join(t.split()[:2]))
     assert cut == ["Make it", "Improve this", "F"]
+
+
+def test_stage_refuses_to_write_an_empty_mean_prompt(tiny_cfg, tmp_path):
+    import pandas as pd
+
+    from pipeline.mean_prompt import run_mean_prompt_stage
+
+    pd.DataFrame({"rewrite_prompt": ["1 2 3."] * 20}).to_csv(tmp_path / "t.csv", index=False)
+    tiny_cfg.mean_prompt.targets = str(tmp_path / "t.csv")  # no word is letters only
+    with pytest.raises(ValueError, match="no candidate could be scored"):
+        run_mean_prompt_stage(tiny_cfg, log=lambda *_: None)
+    assert not (tmp_path / "cpu_tiny" / "mean_prompt" / "mean_prompt.txt").exists()

@@ -78,3 +78,17 @@ def test_bad_input_csv_stops_before_loading_the_model(tiny_cfg, tmp_path):
     tiny_cfg.predict.input = str(tmp_path / "test.csv")
     with pytest.raises(TableError, match="missing column 'rewritten_text'"):
         run_predict_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, monkeypatch):
+    _test_csv(tmp_path, n=2)
+    import pipeline.predict as predict
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load when a combine part is missing")
+
+    monkeypatch.setattr(predict, "load_gemma", no_model)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows = str(tmp_path / "test.csv"), "all"
+    tiny_cfg.predict.combine = ["model", "mean_prompt"]
+    with pytest.raises(FileNotFoundError, match="run the mean-prompt stage first"):
+        run_predict_stage(tiny_cfg, log=lambda *_: None)
