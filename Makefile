@@ -42,6 +42,7 @@ compare: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,compare)
 
 bench: $(STAMP) tiny
+	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py
 	PYTHONUNBUFFERED=1 $(PY) bench/mean_prompt_bench.py
 
 all: $(STAMP) $(if $(CONFIG),,tiny)

@@ -56,6 +56,9 @@ class DistributionConfig:
     host_device_count: int = 0
     # Multi-host TPU slices: calls keras.distribution.initialize(). On Cloud
     # TPU the three fields below are inferred; set them to run elsewhere.
+    # bf16 peak of one device, for the MFU estimate in the training log
+    # (TPU v3 core: 61.5; 0 leaves MFU out).
+    peak_tflops_per_device: float = 61.5
     multi_host: bool = False
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
@@ -119,6 +122,9 @@ class TrainConfig:
     # Room kept for the answer (prompt tokens + <eos>); the texts are cut to
     # fit the rest. Predict builds its prompts with the same budget.
     max_response_tokens: int = 64
+    # Pad each batch to the next multiple of this many tokens, batching rows
+    # of similar length together (0: pad every row to sequence_length).
+    length_step: int = 64
     batch_size: int = 2
     epochs: int = 1
     learning_rate: float = 2e-4

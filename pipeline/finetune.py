@@ -18,10 +18,10 @@ import time
 import keras
 import numpy as np
 
-from pipeline import plots
+from pipeline import flops, plots
 from pipeline.distribution import is_main_process
-from pipeline.model import enable_lora, load_gemma, save_adapter
-from pipeline.recovery import RecoveryFormatter
+from pipeline.model import enable_lora, load_gemma, read_backbone_config, save_adapter
+from pipeline.recovery import RecoveryFormatter, count_tokens
 from pipeline.run_dir import RunDir
 from pipeline.tables import TRAIN_COLUMNS, read_table, split_rows
 
@@ -65,7 +65,14 @@ def run_finetune_stage(cfg, log=print):
         f"finetune: {len(train_df)} train / {len(val_df)} validation rows; texts cut to fit "
         f"sequence_length={tc.sequence_length}: {cut_train} train, {cut_val} validation"
     )
-    train_ds = formatter.training_dataset(train_df, tc.batch_size, shuffle_seed=tc.seed)
+    train_ds = formatter.training_dataset(
+        train_df, tc.batch_size, shuffle_seed=tc.seed, length_step=tc.length_step or None
+    )
+    steps_per_epoch, real_tokens, computed_tokens = count_tokens(train_ds)
+    log(
+        f"finetune: {steps_per_epoch} steps per epoch, {real_tokens:,} real of {computed_tokens:,} "
+        f"computed tokens ({real_tokens / computed_tokens:.1%} real, length_step={tc.length_step})"
+    )
     val_ds = formatter.training_dataset(val_df, tc.batch_size, pad_to_batch=True) if len(val_df) else None
 
     optimizer = keras.optimizers.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -75,8 +82,13 @@ def run_finetune_stage(cfg, log=print):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    steps_per_epoch = len(train_df) // tc.batch_size
-    progress = StepLog(steps_per_epoch, tc.epochs, log)
+    throughput = Throughput(
+        real_tokens,
+        flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
+        cfg.distribution.peak_tflops_per_device,
+        len(keras.distribution.list_devices()),
+    )
+    progress = StepLog(steps_per_epoch, tc.epochs, log, throughput)
     callbacks = [progress]
     if is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
@@ -87,7 +99,15 @@ def run_finetune_stage(cfg, log=print):
         save_adapter(causal_lm, cfg.lora, run.adapter)
         epochs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         (stage_dir / "history.json").write_text(
-            json.dumps({"step_loss": progress.step_losses, "epochs": epochs}, indent=2)
+            json.dumps(
+                {
+                    "step_loss": progress.step_losses,
+                    "epochs": epochs,
+                    "real_token_fraction": real_tokens / computed_tokens,
+                    "epoch_throughput": progress.epoch_throughput,
+                },
+                indent=2,
+            )
         )
         plots.loss_curve(
             progress.step_losses, epochs.get("val_loss", []), steps_per_epoch, stage_dir / "loss_curve.png"
@@ -98,19 +118,45 @@ def run_finetune_stage(cfg, log=print):
     return run.adapter
 
 
-class StepLog(keras.callbacks.Callback):
-    """Records the loss of every step and prints progress now and then."""
+class Throughput:
+    """Real (non-padding) tokens per second and the MFU they mean."""
 
-    def __init__(self, steps_per_epoch, epochs, log, lines_per_epoch=5):
+    def __init__(self, real_tokens_per_epoch, flops_per_token, peak_tflops_per_device, n_devices):
+        self.real_tokens_per_epoch = real_tokens_per_epoch
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops_per_device
+        self.n_devices = n_devices
+
+    def of_epoch(self, seconds):
+        tokens_per_second = self.real_tokens_per_epoch / seconds
+        return {
+            "seconds": round(seconds, 2),
+            "real_tokens_per_second": round(tokens_per_second, 1),
+            "mfu": flops.mfu(tokens_per_second, self.flops_per_token, self.peak, self.n_devices),
+        }
+
+
+class StepLog(keras.callbacks.Callback):
+    """Records the loss after every step (Keras reports the running mean
+    over the epoch), prints progress now and then, and measures each epoch's
+    training throughput (validation excluded; epoch 1 includes compiling)."""
+
+    def __init__(self, steps_per_epoch, epochs, log, throughput, lines_per_epoch=5):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.log = log
+        self.throughput = throughput
         self.every = max(1, steps_per_epoch // lines_per_epoch)
         self.step_losses = []
+        self.epoch_throughput = []
         self.start = time.perf_counter()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = self.last_step_end = time.perf_counter()
+
     def on_train_batch_end(self, batch, logs=None):
+        self.last_step_end = time.perf_counter()
         self.step_losses.append(float(logs["loss"]))
         step = len(self.step_losses)
         if step % self.every == 0:
@@ -119,5 +165,11 @@ class StepLog(keras.callbacks.Callback):
             self.log(f"finetune: step {step}/{total}, loss {self.step_losses[-1]:.4f}, {rate:.2f} steps/s")
 
     def on_epoch_end(self, epoch, logs=None):
+        measured = self.throughput.of_epoch(self.last_step_end - self.epoch_start)
+        self.epoch_throughput.append(measured)
         val = f", validation loss {logs['val_loss']:.4f}" if "val_loss" in logs else ""
-        self.log(f"finetune: epoch {epoch + 1}/{self.epochs} done, loss {logs['loss']:.4f}{val}")
+        mfu = f", MFU {measured['mfu']:.3f}" if measured["mfu"] is not None else ""
+        self.log(
+            f"finetune: epoch {epoch + 1}/{self.epochs} done, loss {logs['loss']:.4f}{val}; "
+            f"{measured['real_tokens_per_second']:,.0f} real tokens/s{mfu}"
+        )

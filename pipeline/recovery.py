@@ -66,12 +66,16 @@ class RecoveryFormatter:
         bos = self.tokenizer.start_token_id
         return [[bos] + row[-(self.prompt_budget - 1) :] for row in ids]
 
-    def training_dataset(self, df, batch_size, shuffle_seed=None, pad_to_batch=False):
+    def training_dataset(self, df, batch_size, shuffle_seed=None, pad_to_batch=False, length_step=None):
         """tf.data of (x, y, sample_weight) batches, tokenised in the pipeline.
 
+        length_step: pad each batch only to the next multiple of this many
+        tokens, grouping rows of similar length (a fixed set of shapes, each
+        compiled once, so little compute goes to padding); None pads every
+        row to `sequence_length`. Rows left over in a length group at the
+        end of an epoch wait for the next reshuffle.
         pad_to_batch: append zero-weight copies of rows so that every batch
-        is full (one compiled shape; used for validation, where no row may
-        be dropped).
+        is full and no row is dropped (used for validation, with one shape).
         """
         import tensorflow as tf
 
@@ -87,7 +91,19 @@ class RecoveryFormatter:
         if shuffle_seed is not None:
             dataset = dataset.shuffle(len(prompts), seed=shuffle_seed, reshuffle_each_iteration=True)
         dataset = dataset.map(self._encode, num_parallel_calls=tf.data.AUTOTUNE)
-        return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        # A sequence of n tokens trains on n - 1 positions; pad n up to
+        # step * k + 1 so that the model sees a multiple of `step`.
+        step = length_step or self.sequence_length
+        boundaries = list(range(step + 2, self.sequence_length + step + 2, step))
+        dataset = dataset.bucket_by_sequence_length(
+            lambda row: row["length"],
+            bucket_boundaries=boundaries,
+            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
+            padding_values={"ids": self.tokenizer.pad_token_id, "is_response": 0.0, "weight": 0.0, "length": 0},
+            pad_to_bucket_boundary=True,
+            drop_remainder=True,
+        )
+        return dataset.map(_shift_for_next_token).prefetch(tf.data.AUTOTUNE)
 
     def _encode(self, prompt, response, weight):
         import tensorflow as tf
@@ -99,12 +115,26 @@ class RecoveryFormatter:
         n_prompt = 1 + tf.shape(prompt_ids)[0]
         n_total = tf.shape(ids)[0]
         is_response = tf.concat([tf.zeros([n_prompt]), tf.ones([n_total - n_prompt])], 0)
-        pad = self.sequence_length + 1 - n_total
-        ids = tf.pad(ids, [[0, pad]], constant_values=tok.pad_token_id)
-        is_response = tf.pad(is_response, [[0, pad]])
-        mask = tf.range(self.sequence_length + 1) < n_total
-        x = {"token_ids": ids[:-1], "padding_mask": mask[:-1]}
-        return x, ids[1:], is_response[1:] * weight
+        return {"ids": ids, "is_response": is_response, "weight": weight, "length": n_total}
+
+
+def _shift_for_next_token(batch):
+    import tensorflow as tf
+
+    ids = batch["ids"]
+    mask = tf.range(tf.shape(ids)[1])[None, :] < batch["length"][:, None]
+    x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
+    return x, ids[:, 1:], batch["is_response"][:, 1:] * batch["weight"][:, None]
+
+
+def count_tokens(dataset):
+    """(batches, real tokens, computed tokens) in one pass of a dataset."""
+    batches = real = computed = 0
+    for x, _, _ in dataset:
+        batches += 1
+        real += int(x["padding_mask"].numpy().sum())
+        computed += int(np.prod(x["token_ids"].shape))
+    return batches, real, computed
 
 
 def share_budget(n_original, n_rewritten, budget):

@@ -99,3 +99,45 @@ def test_shuffle_is_seeded(tiny_model):
 )
 def test_budget_sharing(lengths, kept):
     assert share_budget(*lengths, 100) == kept
+
+
+def _mixed_lengths(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["cat", "sat", "dog", "ran", "sun", "sea"]
+    text = lambda k: " ".join(rng.choice(words, size=k))  # noqa: E731
+    return pd.DataFrame(
+        {"original_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
+         "rewritten_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
+         "rewrite_prompt": [text(int(rng.integers(2, 8))) for _ in range(n)]}
+    )
+
+
+def test_length_buckets_cut_padding_with_a_fixed_set_of_shapes(tiny_model):
+    from pipeline.recovery import count_tokens
+
+    formatter = _formatter(tiny_model, sequence_length=256, response=32)
+    df, _ = formatter.fit_texts(_mixed_lengths())
+    batches_fixed, real_fixed, computed_fixed = count_tokens(formatter.training_dataset(df, 4))
+    bucketed = list(formatter.training_dataset(df, 4, length_step=32))
+    real = sum(int(x["padding_mask"].numpy().sum()) for x, _, _ in bucketed)
+    computed = sum(int(np.prod(x["token_ids"].shape)) for x, _, _ in bucketed)
+    assert computed_fixed == batches_fixed * 4 * 256  # without buckets every row is padded to 256
+    assert real / computed > 0.85 > real_fixed / computed_fixed
+    lengths = {x["token_ids"].shape[1] for x, _, _ in bucketed}
+    assert lengths <= set(range(32, 257, 32))  # shapes from a fixed set
+    for x, y, w in bucketed:  # the loss still covers the answers only
+        mask = x["padding_mask"].numpy()
+        assert x["token_ids"].shape[0] == 4
+        assert (w.numpy()[~mask] == 0).all() and (w.numpy().sum(axis=1) > 0).all()
+        assert mask[:, 0].all() and (x["token_ids"].numpy()[~mask] == formatter.tokenizer.pad_token_id).all()
+
+
+def test_same_row_same_tokens_in_any_bucket(tiny_model):
+    formatter = _formatter(tiny_model)
+    df = pd.DataFrame({"original_text": ["The cat sat."], "rewritten_text": ["THE CAT SAT."], "rewrite_prompt": ["Upper."]})
+    (x1, y1, w1), = list(formatter.training_dataset(df, 1))
+    (x2, y2, w2), = list(formatter.training_dataset(df, 1, length_step=32))
+    n = x2["token_ids"].shape[1]
+    assert n < x1["token_ids"].shape[1] and n % 32 == 0
+    assert (x1["token_ids"].numpy()[:, :n] == x2["token_ids"].numpy()).all()
+    assert (w1.numpy()[:, :n] == w2.numpy()).all() and w1.numpy()[:, n:].sum() == 0

@@ -1,0 +1,246 @@
+"""Benchmark (not a test): the pipeline's generation and training throughput
+against the reference notebooks' methods, side by side, same model, same run.
+
+- generation: rows/s of the data stage's length-bucketed batched generation
+  vs the reference method, `generate(prompt, max_length=512)` one row per
+  call, on the same rewrite requests;
+- training: real (non-padding) tokens/s of length-bucketed batches vs every
+  row padded to the maximum length, on a length mix like the reference data
+  (texts of up to 256 words, prompts of 3 to 60 words).
+
+CPU mode (default) uses the tiny preset of the embedded default on the
+(1, 8) mesh of 8 virtual devices. `--gpu` uses Gemma-2B and Gemma-7B
+architectures with random weights in bfloat16 on one accelerator, the
+pipeline's own train step and generation. Steady state is timed: every
+shape is compiled in a warm-up pass first. Writes bench/results/throughput.json
+with `generation_speedup` and `training_speedup` (CPU mode) or one entry per
+architecture (GPU mode).
+
+    make bench                       # CPU, tiny preset
+    python bench/throughput.py --gpu # on a GPU machine
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runtime import setup_environment  # noqa: E402
+
+# Gemma 1 architectures (KerasHub preset configs), for random-weight runs.
+GEMMA_ARCHITECTURES = {
+    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+}
+
+
+def length_mix(n_rows, seed=0):
+    """Rows shaped like the reference data: original texts of 20-256 words
+    (chunk tails included), rewrites from a title to a longer retelling,
+    prompts of 3-60 words; words drawn from the demo text."""
+    rng = np.random.default_rng(seed)
+    words = (ROOT / "demo" / "texts.txt").read_text().split()
+    pick = lambda n: " ".join(rng.choice(words, size=n))  # noqa: E731
+    return [
+        {
+            "original_text": pick(int(rng.integers(20, 257))),
+            "rewritten_text": pick(int(rng.integers(10, 300))),
+            "rewrite_prompt": pick(int(rng.integers(3, 61))),
+        }
+        for _ in range(n_rows)
+    ]
+
+
+def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens):
+    from pipeline.generation import BatchedGenerator
+
+    generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None)
+    for _ in generator.generate(prompts):  # warm-up: compile every bucket
+        pass
+    start = time.perf_counter()
+    new_tokens = sum(len(tokenizer(t)) for _, texts in generator.generate(prompts) for t in texts)
+    seconds = time.perf_counter() - start
+    return {"rows_per_second": len(prompts) / seconds, "new_tokens": new_tokens,
+            "compiled_shapes": len(generator.programs), "seconds": seconds}
+
+
+def time_reference_generation(causal_lm, tokenizer, texts):
+    """The reference notebook: one row per call, max_length=512."""
+    import keras_hub
+
+    reference = keras_hub.models.GemmaCausalLM(
+        backbone=causal_lm.backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
+    )
+    reference.generate(texts[0], max_length=512)  # warm-up: compile
+    start = time.perf_counter()
+    for text in texts:
+        reference.generate(text, max_length=512)
+    seconds = time.perf_counter() - start
+    return {"rows_per_second": len(texts) / seconds, "seconds": seconds}
+
+
+def time_training(causal_lm, formatter, df, batch_size, length_step):
+    """Real tokens/s of the pipeline's train step over one pass of the
+    batches; a first pass over the same batches compiles every shape."""
+    import keras
+
+    batches = list(formatter.training_dataset(df, batch_size, shuffle_seed=0, length_step=length_step))
+    real = sum(int(x["padding_mask"].numpy().sum()) for x, _, _ in batches)
+    computed = sum(int(np.prod(x["token_ids"].shape)) for x, _, _ in batches)
+    causal_lm.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    for x, y, w in batches:
+        causal_lm.train_on_batch(x, y, sample_weight=w)
+    start = time.perf_counter()
+    for x, y, w in batches:
+        causal_lm.train_on_batch(x, y, sample_weight=w)
+    seconds = time.perf_counter() - start
+    return {"real_tokens_per_second": real / seconds, "real_fraction": real / computed,
+            "batches": len(batches), "seconds": seconds, "compiled_shapes": len({tuple(x["token_ids"].shape) for x, _, _ in batches})}
+
+
+def cpu_benchmark(args):
+    import pandas as pd
+
+    from pipeline.data import plan_rows
+    from pipeline.generation import tokenize_batch
+    from pipeline.model import enable_lora, load_gemma
+    from pipeline.recovery import RecoveryFormatter
+    from pipeline.templates import format_rewrite_request
+    from pipeline.tiny import BACKBONE_CONFIG, build_tiny_artifacts
+
+    import keras_hub
+
+    build_tiny_artifacts(ROOT / "artifacts" / "tiny")
+    cfg = load_config(None)
+    causal_lm, tokenizer = load_gemma(cfg, [args.generation_batch, cfg.train.batch_size])
+
+    # The pre-trained tiny model ends after a few tokens; an instruct model
+    # writes rewrites of hundreds. Random weights of the same architecture
+    # (sharded the same way) rarely stop, so both methods run to their limit.
+    writer = keras_hub.models.GemmaCausalLM(
+        backbone=keras_hub.models.GemmaBackbone(**BACKBONE_CONFIG), preprocessor=None
+    )
+    plan = plan_rows(cfg.data, log=lambda *_: None).head(args.generation_rows)
+    requests = [format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text) for r in plan.itertuples()]
+    reference = time_reference_generation(writer, tokenizer, requests[: args.reference_rows])
+    pipeline = time_generation(
+        writer, tokenizer, tokenize_batch(tokenizer, requests, add_bos=True), args.generation_batch, args.max_new_tokens
+    )
+
+    enable_lora(causal_lm, cfg.lora)
+    df = pd.DataFrame(length_mix(args.training_rows))
+    formatter = RecoveryFormatter(tokenizer, cfg.train.template, args.sequence_length, cfg.train.max_response_tokens)
+    df, _ = formatter.fit_texts(df)
+    fixed = time_training(causal_lm, formatter, df, cfg.train.batch_size, None)
+    bucketed = time_training(causal_lm, formatter, df, cfg.train.batch_size, args.length_step)
+    return {
+        "machine": "CPU, 8 virtual devices, (1, 8) mesh; tiny preset (configs/cpu_tiny.yaml)",
+        "generation": {
+            "model": "tiny architecture, random weights",
+            "reference_one_row_per_call_max_length_512": dict(reference, rows=args.reference_rows),
+            "pipeline_bucketed_batched": dict(
+                pipeline, rows=len(requests), batch_size=args.generation_batch, max_new_tokens=args.max_new_tokens
+            ),
+        },
+        "training": {
+            "rows": len(df),
+            "sequence_length": args.sequence_length,
+            "fixed_padding": fixed,
+            "length_buckets": dict(bucketed, length_step=args.length_step),
+        },
+        "generation_speedup": pipeline["rows_per_second"] / reference["rows_per_second"],
+        "training_speedup": bucketed["real_tokens_per_second"] / fixed["real_tokens_per_second"],
+    }
+
+
+def gpu_benchmark(args):
+    """Random-weight Gemma architectures in bfloat16 on one accelerator."""
+    import keras
+    import keras_hub
+
+    from pipeline import flops
+    from pipeline.config import LoraConfig
+    from pipeline.model import enable_lora
+
+    keras.config.set_dtype_policy("bfloat16")
+    results = {"machine": "one accelerator, bfloat16, random weights"}
+    for name, arch in GEMMA_ARCHITECTURES.items():
+        batch, length = (8, 512) if name == "gemma_2b" else (4, 512)
+        backbone = keras_hub.models.GemmaBackbone(**arch)
+        causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
+        causal_lm.compile(
+            optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        rng = np.random.default_rng(0)
+        x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"),
+             "padding_mask": np.ones((batch, length), bool)}
+        y = rng.integers(1, 1000, (batch, length)).astype("int32")
+        causal_lm.train_on_batch(x, y)  # compile
+        steps = 20
+        start = time.perf_counter()
+        for _ in range(steps):
+            causal_lm.train_on_batch(x, y)
+        seconds = time.perf_counter() - start
+        train_tps = steps * batch * length / seconds
+        prompt = {"token_ids": np.zeros((batch, 320), "int32"), "padding_mask": np.zeros((batch, 320), bool)}
+        prompt["token_ids"][:, :256] = 5
+        prompt["padding_mask"][:, :256] = True
+        causal_lm.generate(prompt, stop_token_ids=None)  # compile
+        start = time.perf_counter()
+        causal_lm.generate(prompt, stop_token_ids=None)
+        decode_tps = batch * 64 / (time.perf_counter() - start)
+        results[name] = {
+            "batch": batch,
+            "sequence_length": length,
+            "training_tokens_per_second": train_tps,
+            "training_mfu": flops.mfu(train_tps, flops.train_flops_per_token(arch, length), args.peak_tflops, 1),
+            "greedy_decode_tokens_per_second_256_plus_64": decode_tps,
+        }
+        del causal_lm, backbone
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="Gemma-2B/7B architectures on one accelerator")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak of the accelerator (MFU)")
+    parser.add_argument("--generation-rows", type=int, default=64)
+    parser.add_argument("--reference-rows", type=int, default=8, help="rows for the slow one-per-call method")
+    parser.add_argument("--generation-batch", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the data stage's bound (base config)")
+    parser.add_argument("--training-rows", type=int, default=96)
+    parser.add_argument("--sequence-length", type=int, default=1792)
+    parser.add_argument("--length-step", type=int, default=128)
+    args = parser.parse_args()
+    if args.gpu:
+        setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
+        result = gpu_benchmark(args)
+    else:
+        setup_environment(load_config(None).distribution)
+        result = cpu_benchmark(args)
+    result["date"] = time.strftime("%Y-%m-%d")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    if not args.gpu:
+        print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")
+        print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
+
+
+if __name__ == "__main__":
+    main()
