@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: demo test test-fast all data finetune predict score mean-prompt compare bench tiny clean
+.PHONY: demo test test-fast all data finetune predict score mean-prompt compare memory-plan bench tiny clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ mean-prompt: $(STAMP) $(if $(CONFIG),,tiny)
 
 compare: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,compare)
+
+memory-plan: $(STAMP) $(if $(CONFIG),,tiny)
+	$(call RUN,memory_plan)
 
 bench: $(STAMP) tiny
 	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py

@@ -13,8 +13,8 @@ CPU mode (default) uses the tiny preset of the embedded default on the
 architectures with random weights in bfloat16 on one accelerator, the
 pipeline's own train step and generation. Steady state is timed: every
 shape is compiled in a warm-up pass first. Writes bench/results/throughput.json
-with `generation_speedup` and `training_speedup` (CPU mode) or one entry per
-architecture (GPU mode).
+with `generation_speedup` and `training_speedup` (CPU mode), or
+bench/results/throughput_gpu.json with one entry per architecture (GPU mode).
 
     make bench                       # CPU, tiny preset
     python bench/throughput.py --gpu # on a GPU machine
@@ -175,9 +175,13 @@ def gpu_benchmark(args):
     from pipeline.model import enable_lora
 
     keras.config.set_dtype_policy("bfloat16")
-    results = {"machine": "one accelerator, bfloat16, random weights"}
-    for name, arch in GEMMA_ARCHITECTURES.items():
-        batch, length = (8, 512) if name == "gemma_2b" else (4, 512)
+    from pipeline.tiny import BACKBONE_CONFIG
+
+    architectures = dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)
+    results = {"machine": f"{jax_device()}, bfloat16, random weights"}
+    for name in args.architectures.split(","):
+        arch = architectures[name]
+        batch, length = (4, 512) if name == "gemma_7b" else (8, 512)
         backbone = keras_hub.models.GemmaBackbone(**arch)
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
@@ -214,9 +218,17 @@ def gpu_benchmark(args):
     return results
 
 
+def jax_device():
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="Gemma-2B/7B architectures on one accelerator")
+    parser.add_argument("--architectures", default="gemma_2b,gemma_7b",
+                        help="with --gpu: comma-separated, from gemma_2b, gemma_7b, tiny (a smoke test)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak of the accelerator (MFU)")
     parser.add_argument("--generation-rows", type=int, default=64)
     parser.add_argument("--reference-rows", type=int, default=8, help="rows for the slow one-per-call method")
@@ -235,7 +247,7 @@ def main():
     result["date"] = time.strftime("%Y-%m-%d")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    (out / ("throughput_gpu.json" if args.gpu else "throughput.json")).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if not args.gpu:
         print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")

@@ -59,6 +59,8 @@ class DistributionConfig:
     # bf16 peak of one device, for the MFU estimate in the training log
     # (TPU v3 core: 61.5; 0 leaves MFU out).
     peak_tflops_per_device: float = 61.5
+    # Memory of one device, for the memory plan (TPU v3 core: 16 GiB).
+    device_memory_gib: float = 16.0
     multi_host: bool = False
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None

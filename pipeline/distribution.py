@@ -42,6 +42,30 @@ def gemma_weight_dims(config):
     }
 
 
+def gemma_layout_axes(data_axis="batch", model_axis="model"):
+    """KerasHub's Gemma layout map (GemmaBackbone.get_layout_map) as plain
+    data: weight-path regex -> mesh axis of each dimension. Plain data so
+    that checks and memory plans need no devices; a test pins it to
+    KerasHub's."""
+    return {
+        "token_embedding/embeddings": (model_axis, data_axis),
+        "decoder_block.*attention.*(query|key|value).kernel": (model_axis, data_axis, None),
+        "decoder_block.*attention_output.kernel": (model_axis, None, data_axis),
+        "decoder_block.*ffw_gating.kernel": (data_axis, model_axis),
+        "decoder_block.*ffw_gating_2.kernel": (data_axis, model_axis),
+        "decoder_block.*ffw_linear.kernel": (model_axis, data_axis),
+    }
+
+
+def weight_axes(path, layout_axes):
+    """The mesh axis of each dimension of the weight at `path` (None: not
+    sharded), as Keras matches layout-map keys (re.fullmatch)."""
+    for pattern, axes in layout_axes.items():
+        if re.fullmatch(pattern, path):
+            return axes
+    return ()
+
+
 def check_mesh(mesh_shape, axis_names, device_count):
     if len(mesh_shape) != 2 or len(axis_names) != 2:
         raise DistributionError(
@@ -70,18 +94,15 @@ def check_shardable(layout_axes, backbone_config, mesh_shape, axis_names):
     """`layout_axes` maps layout-map regexes to axis-name tuples."""
     axis_size = dict(zip(axis_names, mesh_shape))
     for path, dims in gemma_weight_dims(backbone_config).items():
-        for pattern, axes in layout_axes.items():
-            if not re.fullmatch(pattern, path):
-                continue
-            for (field, size), axis in zip(dims, axes):
-                if axis is not None and size % axis_size[axis]:
-                    raise DistributionError(
-                        f"{field}={size} of the model does not divide by the "
-                        f"'{axis}' mesh axis ({axis_size[axis]}), which shards {path}; "
-                        f"choose a distribution.mesh_shape whose '{axis}' size divides "
-                        f"{size} (e.g. [{mesh_shape[0] * mesh_shape[1]}, 1] for data "
-                        "parallelism)"
-                    )
+        for (field, size), axis in zip(dims, weight_axes(path, layout_axes)):
+            if axis is not None and size % axis_size[axis]:
+                raise DistributionError(
+                    f"{field}={size} of the model does not divide by the "
+                    f"'{axis}' mesh axis ({axis_size[axis]}), which shards {path}; "
+                    f"choose a distribution.mesh_shape whose '{axis}' size divides "
+                    f"{size} (e.g. [{mesh_shape[0] * mesh_shape[1]}, 1] for data "
+                    "parallelism)"
+                )
 
 
 def build_distribution(distribution_cfg, backbone_config, batch_sizes):

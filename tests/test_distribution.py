@@ -9,6 +9,7 @@ from pipeline.distribution import (
     check_batch_sizes,
     check_mesh,
     check_shardable,
+    gemma_layout_axes,
 )
 from pipeline.model import enable_lora
 from pipeline.tiny import BACKBONE_CONFIG
@@ -30,14 +31,7 @@ EXPECTED_SPECS = {
 }
 
 V38 = dict(mesh_shape=[1, 8], axis_names=["batch", "model"])
-LAYOUT = {
-    "token_embedding/embeddings": ("model", "batch"),
-    "decoder_block.*attention.*(query|key|value).kernel": ("model", "batch", None),
-    "decoder_block.*attention_output.kernel": ("model", None, "batch"),
-    "decoder_block.*ffw_gating.kernel": ("batch", "model"),
-    "decoder_block.*ffw_gating_2.kernel": ("batch", "model"),
-    "decoder_block.*ffw_linear.kernel": ("model", "batch"),
-}
+LAYOUT = gemma_layout_axes("batch", "model")
 
 
 def _expected(path):
@@ -110,7 +104,7 @@ def test_gemma_2b_kv_heads_cannot_be_split_on_v3_8():
     check_shardable(LAYOUT, gemma_7b, [1, 8], ["batch", "model"])
 
 
-def test_layout_used_by_the_check_is_kerashubs(tiny):
-    mesh = keras.distribution.DeviceMesh((1, 8), ["batch", "model"], keras.distribution.list_devices())
-    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
-    assert {k: tuple(layout_map[k].axes) for k in layout_map} == LAYOUT
+def test_layout_as_data_is_kerashubs(tiny):
+    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "shard"], keras.distribution.list_devices())
+    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh, "shard", "data")
+    assert {k: tuple(layout_map[k].axes) for k in layout_map} == gemma_layout_axes("data", "shard")

@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import keras
+import pytest
+
+from pipeline.config import DistributionConfig, LoraConfig, load_config
+from pipeline.distribution import build_distribution, gemma_layout_axes
+from pipeline.memory import (
+    activation_bytes_per_row,
+    frozen_weight_bytes,
+    lora_parameter_count,
+    plan_memory,
+)
+from pipeline.model import enable_lora
+from pipeline.tiny import BACKBONE_CONFIG
+
+GEMMA_7B = dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                hidden_dim=3072, intermediate_dim=49152, head_dim=256)
+
+
+def test_lora_count_matches_kaggles_gemma_7b_guide():
+    # Kaggle's distributed-tuning guide: rank 4 on query/value, 11.1M trainable.
+    assert lora_parameter_count(GEMMA_7B, LoraConfig(rank=4, target_layers=["query", "value"])) == 11_067_392
+
+
+def test_per_device_weights_match_the_sharded_model(tiny_model):
+    causal_lm, _ = tiny_model
+    on_device_0 = sum(
+        w.value.addressable_shards[0].data.nbytes for w in causal_lm.backbone.weights if "lora" not in w.path
+    )
+    estimate = frozen_weight_bytes(BACKBONE_CONFIG, gemma_layout_axes(), {"batch": 1, "model": 8}, 4)
+    assert estimate == on_device_0
+
+
+@pytest.mark.parametrize("mesh_shape", [[1, 8], [8, 1]], ids=["model-parallel", "data-parallel"])
+def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape):
+    """The train step's gradient program, per device: XLA's argument bytes
+    are the weights (+ the token ids), its temporaries the activations."""
+    import keras_hub
+
+    distribution = build_distribution(DistributionConfig(mesh_shape=mesh_shape), BACKBONE_CONFIG, [8])
+    with distribution.scope():
+        causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
+        lora = LoraConfig(rank=8)
+        enable_lora(causal_lm, lora)
+    batch, length = 8, 256
+    data_axis, model_axis = mesh_shape
+
+    def loss(trainable, frozen, ids):
+        inputs = {"token_ids": ids, "padding_mask": jnp.ones_like(ids, bool)}
+        logits, _ = causal_lm.stateless_call(trainable, frozen, inputs)
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(ids, logits, from_logits=True))
+
+    trainable = [v.value for v in causal_lm.trainable_variables]
+    frozen = [v.value for v in causal_lm.non_trainable_variables]
+    ids = jax.device_put(
+        jnp.ones((batch, length), jnp.int32), distribution.get_data_layout((batch, length)).backend_layout
+    )
+    stats = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids).compile().memory_analysis()
+
+    layout = gemma_layout_axes() if model_axis > 1 else {}
+    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, {"batch": data_axis, "model": model_axis}, 4)
+    weights += lora_parameter_count(BACKBONE_CONFIG, lora) * 4  # replicated
+    ids_per_device = ids.nbytes / data_axis
+    assert weights + ids_per_device == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
+    activations = batch / data_axis * activation_bytes_per_row(BACKBONE_CONFIG, length, model_axis, 4)
+    assert 0.5 < activations / stats.temp_size_in_bytes < 2.0
+
+
+def test_plan_says_when_it_does_not_fit_and_what_to_change():
+    cfg = load_config("configs/kaggle_tpu_v3_8.yaml")
+    plan = plan_memory(cfg, GEMMA_7B)
+    assert plan.fits(plan.training) and plan.fits(plan.generation) and not plan.suggestions
+    cfg = load_config("configs/kaggle_tpu_v3_8.yaml", ["train.batch_size=64", "train.sequence_length=1024"])
+    plan = plan_memory(cfg, GEMMA_7B)
+    assert not plan.fits(plan.training)
+    suggested = int(plan.suggestions[0].split("=")[1].split()[0])
+    smaller = plan_memory(load_config("configs/kaggle_tpu_v3_8.yaml", [f"train.batch_size={suggested}", "train.sequence_length=1024"]), GEMMA_7B)
+    assert smaller.fits(smaller.training) and 1 <= suggested < 64
+    unsharded = plan_memory(load_config("configs/kaggle_tpu_v3_8.yaml", ["distribution.mesh_shape=[8,1]", "train.batch_size=8"]), GEMMA_7B)
+    assert "the weights alone do not fit" in unsharded.suggestions[0]
+    assert "does NOT fit" in unsharded.report()
