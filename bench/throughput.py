@@ -11,7 +11,9 @@ against the reference notebooks' methods, side by side, same model, same run.
 CPU mode (default) uses the tiny preset of the embedded default on the
 (1, 8) mesh of 8 virtual devices. `--gpu` uses Gemma-2B and Gemma-7B
 architectures with random weights in bfloat16 on one accelerator, the
-pipeline's own train step and generation. Steady state is timed: every
+pipeline's own train step and generation, and, where torch, transformers
+and peft are installed, HF transformers + PEFT on the same shapes as ratios
+(`pip install torch transformers peft` on that machine). Steady state is timed: every
 shape is compiled in a warm-up pass first. Writes bench/results/throughput.json
 with `generation_speedup` and `training_speedup` (CPU mode), or
 bench/results/throughput_gpu.json with one entry per architecture (GPU mode).
@@ -22,6 +24,7 @@ bench/results/throughput_gpu.json with one entry per architecture (GPU mode).
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,6 +185,8 @@ def gpu_benchmark(args):
     for name in args.architectures.split(","):
         arch = architectures[name]
         batch, length = (4, 512) if name == "gemma_7b" else (8, 512)
+        steps = 20
+        hf = hf_baseline(arch, batch, length, steps)
         backbone = keras_hub.models.GemmaBackbone(**arch)
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
@@ -194,7 +199,6 @@ def gpu_benchmark(args):
              "padding_mask": np.ones((batch, length), bool)}
         y = rng.integers(1, 1000, (batch, length)).astype("int32")
         causal_lm.train_on_batch(x, y)  # compile
-        steps = 20
         start = time.perf_counter()
         for _ in range(steps):
             causal_lm.train_on_batch(x, y)
@@ -215,7 +219,61 @@ def gpu_benchmark(args):
             "greedy_decode_tokens_per_second_256_plus_64": decode_tps,
         }
         del causal_lm, backbone
+        keras.backend.clear_session()
+        if hf:
+            results[name]["hf_transformers_peft"] = hf
+            results[name]["training_ratio_vs_hf"] = train_tps / hf["training_tokens_per_second"]
+            results[name]["decode_ratio_vs_hf"] = decode_tps / hf["greedy_decode_tokens_per_second_256_plus_64"]
     return results
+
+
+def hf_baseline(arch, batch, length, steps):
+    """The same shapes in HF transformers + PEFT on torch (None where they
+    are not installed): LoRA rank 4 on q/v, AdamW, bfloat16."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    config = transformers.GemmaConfig(
+        vocab_size=arch["vocabulary_size"], hidden_size=arch["hidden_dim"],
+        intermediate_size=arch["intermediate_dim"] // 2,  # KerasHub counts both gate halves
+        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_query_heads"],
+        num_key_value_heads=arch["num_key_value_heads"], head_dim=arch["head_dim"],
+    )
+    model = transformers.GemmaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(1, 1000, (batch, length), device=device)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    train_tps = steps * batch * length / (time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        prompt = ids[:, :256]
+        model.generate(input_ids=prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        sync()
+        start = time.perf_counter()
+        model.generate(input_ids=prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        sync()
+    decode_tps = batch * 64 / (time.perf_counter() - start)
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()  # hand the memory back before JAX runs
+    return {"training_tokens_per_second": train_tps, "greedy_decode_tokens_per_second_256_plus_64": decode_tps}
 
 
 def jax_device():
@@ -239,6 +297,8 @@ def main():
     parser.add_argument("--length-step", type=int, default=128)
     args = parser.parse_args()
     if args.gpu:
+        # JAX would take 75% of the GPU up front and leave torch too little.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
         result = gpu_benchmark(args)
     else:

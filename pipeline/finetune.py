@@ -14,6 +14,7 @@ adapter_path = run_finetune_stage(cfg)
 
 import json
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -92,9 +93,14 @@ def run_finetune_stage(cfg, log=print):
     callbacks = [progress]
     if is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
-    history = causal_lm.fit(
-        train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks, verbose=0
-    )
+    with warnings.catch_warnings():
+        # Length buckets make the number of batches per epoch unknown up
+        # front; Keras then warns at the end of each epoch's data, which is
+        # just where an epoch should end.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = causal_lm.fit(
+            train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks, verbose=0
+        )
     if is_main_process():
         save_adapter(causal_lm, cfg.lora, run.adapter)
         epochs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
