@@ -97,6 +97,8 @@ def time_training(causal_lm, formatter, df, batch_size, length_step):
     import keras
 
     batches = list(formatter.training_dataset(df, batch_size, shuffle_seed=0, length_step=length_step))
+    if not batches:
+        raise SystemExit(f"{len(df)} rows fill no length bucket of {batch_size} rows; raise --training-rows")
     real = sum(int(x["padding_mask"].numpy().sum()) for x, _, _ in batches)
     computed = sum(int(np.prod(x["token_ids"].shape)) for x, _, _ in batches)
     causal_lm.compile(
