@@ -1,15 +1,17 @@
 """Benchmark (not a test): the pipeline's generation and training throughput
 against the reference notebooks' methods, side by side, same model, same run.
 
-- generation: rows/s of the data stage's length-bucketed batched generation
-  vs the reference method, `generate(prompt, max_length=512)` one row per
-  call, on the same rewrite requests;
+- generation: rows/s (and new tokens/s) of the data stage's length-bucketed
+  batched generation vs the reference method, `generate(prompt,
+  max_length=512)` one row per call, on the same rewrite requests;
 - training: real (non-padding) tokens/s of length-bucketed batches vs every
   row padded to the maximum length, on a length mix like the reference data
   (texts of up to 256 words, prompts of 3 to 60 words).
 
 CPU mode (default) uses the tiny preset of the embedded default on the
-(1, 8) mesh of 8 virtual devices. `--gpu` uses Gemma-2B and Gemma-7B
+(1, 8) mesh of 8 virtual devices, and the data stage's batch size and bound
+on new tokens from it; generation is also timed with KerasHub's own
+`generate` on the same buckets, to show what the pipeline's decoder adds. `--gpu` uses Gemma-2B and Gemma-7B
 architectures with random weights in bfloat16 on one accelerator, the
 pipeline's own train step and generation, and, where torch, transformers
 and peft are installed, HF transformers + PEFT on the same shapes as ratios
@@ -63,22 +65,40 @@ def length_mix(n_rows, seed=0):
     ]
 
 
-def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens):
+def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens, decode=None):
+    """The data stage's generation; a first pass compiles every bucket."""
     from pipeline.generation import BatchedGenerator
 
-    generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None)
-    for _ in generator.generate(prompts):  # warm-up: compile every bucket
+    generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None, decode=decode)
+    for _ in generator.generate(prompts):
         pass
+    generator.new_tokens = 0
     start = time.perf_counter()
-    new_tokens = sum(len(tokenizer(t)) for _, texts in generator.generate(prompts) for t in texts)
+    for _ in generator.generate(prompts):
+        pass
     seconds = time.perf_counter() - start
-    return {"rows_per_second": len(prompts) / seconds, "new_tokens": new_tokens,
-            "compiled_shapes": len(generator.programs), "seconds": seconds}
+    return {"rows_per_second": len(prompts) / seconds, "new_tokens_per_second": generator.new_tokens / seconds,
+            "compiled_shapes": len(generator.programs), "seconds": seconds, "rows": len(prompts),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+
+
+def keras_hub_decode(causal_lm, stops):
+    """KerasHub's own `generate` in the decoder's calling convention."""
+
+    def decode(token_ids, padding_mask, max_new_tokens):
+        out = causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=stops)
+        return out["token_ids"]
+
+    return decode
 
 
 def time_reference_generation(causal_lm, tokenizer, texts):
-    """The reference notebook: one row per call, max_length=512."""
+    """The reference notebook: one row per call, max_length=512. With random
+    weights a row runs to 512 tokens unless it draws `<eos>`, so its new
+    tokens are at most 512 minus the prompt's (an upper bound on its tokens/s)."""
     import keras_hub
+
+    from pipeline.generation import tokenize_batch
 
     reference = keras_hub.models.GemmaCausalLM(
         backbone=causal_lm.backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
@@ -88,7 +108,9 @@ def time_reference_generation(causal_lm, tokenizer, texts):
     for text in texts:
         reference.generate(text, max_length=512)
     seconds = time.perf_counter() - start
-    return {"rows_per_second": len(texts) / seconds, "seconds": seconds}
+    new_tokens = sum(512 - len(ids) for ids in tokenize_batch(tokenizer, texts, add_bos=True))
+    return {"rows_per_second": len(texts) / seconds, "new_tokens_per_second": new_tokens / seconds,
+            "seconds": seconds, "rows": len(texts)}
 
 
 def time_training(causal_lm, formatter, df, batch_size, length_step):
@@ -119,7 +141,7 @@ def cpu_benchmark(args):
     import pandas as pd
 
     from pipeline.data import plan_rows
-    from pipeline.generation import tokenize_batch
+    from pipeline.generation import stop_token_ids, tokenize_batch
     from pipeline.model import enable_lora, load_gemma
     from pipeline.recovery import RecoveryFormatter
     from pipeline.templates import format_rewrite_request
@@ -129,7 +151,9 @@ def cpu_benchmark(args):
 
     build_tiny_artifacts(ROOT / "artifacts" / "tiny")
     cfg = load_config(None)
-    causal_lm, tokenizer = load_gemma(cfg, [args.generation_batch, cfg.train.batch_size])
+    batch_size = args.generation_batch or cfg.data.batch_size
+    max_new_tokens = args.max_new_tokens or cfg.data.max_new_tokens
+    causal_lm, tokenizer = load_gemma(cfg, [batch_size, cfg.train.batch_size])
 
     # The pre-trained tiny model ends after a few tokens; an instruct model
     # writes rewrites of hundreds. Random weights of the same architecture
@@ -139,9 +163,11 @@ def cpu_benchmark(args):
     )
     plan = plan_rows(cfg.data, log=lambda *_: None).head(args.generation_rows)
     requests = [format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text) for r in plan.itertuples()]
+    prompts = tokenize_batch(tokenizer, requests, add_bos=True)
     reference = time_reference_generation(writer, tokenizer, requests[: args.reference_rows])
-    pipeline = time_generation(
-        writer, tokenizer, tokenize_batch(tokenizer, requests, add_bos=True), args.generation_batch, args.max_new_tokens
+    pipeline = time_generation(writer, tokenizer, prompts, batch_size, max_new_tokens)
+    keras_hub_batched = time_generation(
+        writer, tokenizer, prompts, batch_size, max_new_tokens, decode=keras_hub_decode(writer, stop_token_ids(tokenizer))
     )
 
     enable_lora(causal_lm, cfg.lora)
@@ -154,10 +180,9 @@ def cpu_benchmark(args):
         "machine": "CPU, 8 virtual devices, (1, 8) mesh; tiny preset (configs/cpu_tiny.yaml)",
         "generation": {
             "model": "tiny architecture, random weights",
-            "reference_one_row_per_call_max_length_512": dict(reference, rows=args.reference_rows),
-            "pipeline_bucketed_batched": dict(
-                pipeline, rows=len(requests), batch_size=args.generation_batch, max_new_tokens=args.max_new_tokens
-            ),
+            "reference_one_row_per_call_max_length_512": reference,
+            "pipeline": pipeline,
+            "pipeline_buckets_with_keras_hub_generate": keras_hub_batched,
         },
         "training": {
             "rows": len(df),
@@ -166,6 +191,8 @@ def cpu_benchmark(args):
             "length_buckets": dict(bucketed, length_step=args.length_step),
         },
         "generation_speedup": pipeline["rows_per_second"] / reference["rows_per_second"],
+        "generation_new_tokens_per_second_ratio": pipeline["new_tokens_per_second"] / reference["new_tokens_per_second"],
+        "generation_decoder_vs_keras_hub_generate": pipeline["rows_per_second"] / keras_hub_batched["rows_per_second"],
         "training_speedup": bucketed["real_tokens_per_second"] / fixed["real_tokens_per_second"],
     }
 
@@ -177,6 +204,7 @@ def gpu_benchmark(args):
 
     from pipeline import flops
     from pipeline.config import LoraConfig
+    from pipeline.decoding import GemmaDecoder
     from pipeline.model import enable_lora
 
     keras.config.set_dtype_policy("bfloat16")
@@ -212,6 +240,11 @@ def gpu_benchmark(args):
         causal_lm.generate(prompt, stop_token_ids=None)  # compile
         start = time.perf_counter()
         causal_lm.generate(prompt, stop_token_ids=None)
+        keras_hub_tps = batch * 64 / (time.perf_counter() - start)
+        decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: all 64 tokens
+        decoder(prompt["token_ids"], prompt["padding_mask"], 64)  # compile
+        start = time.perf_counter()
+        decoder(prompt["token_ids"], prompt["padding_mask"], 64)
         decode_tps = batch * 64 / (time.perf_counter() - start)
         results[name] = {
             "batch": batch,
@@ -219,6 +252,7 @@ def gpu_benchmark(args):
             "training_tokens_per_second": train_tps,
             "training_mfu": flops.mfu(train_tps, flops.train_flops_per_token(arch, length), args.peak_tflops, 1),
             "greedy_decode_tokens_per_second_256_plus_64": decode_tps,
+            "keras_hub_generate_tokens_per_second_256_plus_64": keras_hub_tps,
         }
         del causal_lm, backbone
         keras.backend.clear_session()
@@ -226,6 +260,7 @@ def gpu_benchmark(args):
             results[name]["hf_transformers_peft"] = hf
             results[name]["training_ratio_vs_hf"] = train_tps / hf["training_tokens_per_second"]
             results[name]["decode_ratio_vs_hf"] = decode_tps / hf["greedy_decode_tokens_per_second_256_plus_64"]
+            results[name]["keras_hub_generate_ratio_vs_hf"] = keras_hub_tps / hf["greedy_decode_tokens_per_second_256_plus_64"]
     return results
 
 
@@ -292,8 +327,8 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak of the accelerator (MFU)")
     parser.add_argument("--generation-rows", type=int, default=64)
     parser.add_argument("--reference-rows", type=int, default=8, help="rows for the slow one-per-call method")
-    parser.add_argument("--generation-batch", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="the data stage's bound (base config)")
+    parser.add_argument("--generation-batch", type=int, help="default: data.batch_size of the embedded default")
+    parser.add_argument("--max-new-tokens", type=int, help="default: data.max_new_tokens of the embedded default")
     parser.add_argument("--training-rows", type=int, default=96)
     parser.add_argument("--sequence-length", type=int, default=1792)
     parser.add_argument("--length-step", type=int, default=128)
@@ -313,6 +348,8 @@ def main():
     print(json.dumps(result, indent=2))
     if not args.gpu:
         print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")
+        print(f"  new tokens/s: {result['generation_new_tokens_per_second_ratio']:.1f}x; "
+              f"decoder vs KerasHub generate on the same buckets: {result['generation_decoder_vs_keras_hub_generate']:.1f}x")
         print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
 
 

@@ -24,6 +24,7 @@ from pipeline.distribution import is_main_process
 from pipeline.model import enable_lora, load_gemma, read_backbone_config, save_adapter
 from pipeline.recovery import RecoveryFormatter, count_tokens
 from pipeline.run_dir import RunDir
+from pipeline.runtime import set_seed
 from pipeline.tables import TRAIN_COLUMNS, read_table, split_rows
 
 TEXT_COLUMNS = ["original_text", "rewrite_prompt", "rewritten_text"]
@@ -53,7 +54,7 @@ def run_finetune_stage(cfg, log=print):
         raise ValueError(
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
-    keras.utils.set_random_seed(tc.seed)
+    set_seed(tc.seed)
     causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)

@@ -1,11 +1,12 @@
 """Batched, length-bucketed generation with Gemma.
 
 Rows are sorted by prompt length and generated `batch_size` at a time. Each
-batch is padded to a fixed batch size and to a length rounded up to
-`length_step`, so XLA compiles one program per bucket instead of one per
-batch, and a short prompt never pays for the longest one. Each row stops at
-`<end_of_turn>` or `<eos>`, at most `max_new_tokens` after its own prompt;
-the echoed prompt is stripped.
+batch is padded to a fixed batch size and its prompts to a length rounded up
+to `length_step`, plus room for `max_new_tokens`, so XLA compiles one program
+per bucket instead of one per batch, and a short prompt never pays for the
+longest one. Decoding is `pipeline.decoding.GemmaDecoder`: each row stops at
+`<end_of_turn>` or `<eos>`, at most `max_new_tokens` after its own prompt,
+and the batch as soon as every row has; the echoed prompt is stripped.
 
 Example:
 ```python
@@ -20,6 +21,7 @@ import time
 
 import numpy as np
 
+from pipeline.decoding import GemmaDecoder
 from pipeline.templates import END_OF_TURN
 
 
@@ -54,20 +56,25 @@ def strip_generated(token_ids, prompt_length, stops):
 
 
 def bucket_length(longest_prompt, max_new_tokens, length_step):
-    total = longest_prompt + max_new_tokens
-    return -(-total // length_step) * length_step
+    """The padded length of a batch: its prompt bucket plus the new tokens."""
+    return -(-longest_prompt // length_step) * length_step + max_new_tokens
 
 
 class BatchedGenerator:
-    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print):
-        self.causal_lm = causal_lm
+    """`decode(token_ids, padding_mask, max_new_tokens)` returns the token
+    ids with the generation written after each prompt; by default a
+    `GemmaDecoder` of `causal_lm`."""
+
+    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print, decode=None):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.length_step = length_step
         self.log = log
         self.stops = stop_token_ids(tokenizer)
+        self.decode = decode or GemmaDecoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
+        self.new_tokens = 0  # generated so far, stop tokens excluded
 
     def generate(self, prompts):
         """Yields (indices, texts) batch by batch, shortest prompts first."""
@@ -78,6 +85,7 @@ class BatchedGenerator:
             batch = [prompts[i] for i in indices]
             outputs = self._generate_batch(batch)
             tokens_done += sum(len(o) for o in outputs)
+            self.new_tokens += sum(len(o) for o in outputs)
             rows_done += len(indices)
             elapsed = time.perf_counter() - start_time
             self.log(
@@ -97,11 +105,7 @@ class BatchedGenerator:
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
         self.programs.add((self.batch_size, length))
-        out = self.causal_lm.generate(
-            {"token_ids": token_ids, "padding_mask": padding_mask},
-            stop_token_ids=self.stops,
-        )
-        out_ids = np.asarray(out["token_ids"])
+        out_ids = np.asarray(self.decode(token_ids, padding_mask, self.max_new_tokens))
         return [
             strip_generated(out_ids[r], len(ids), self.stops)[: self.max_new_tokens]
             for r, ids in enumerate(batch)

@@ -44,3 +44,23 @@ def hide_accelerators_from_tensorflow():
             # RuntimeError: TF already initialised its devices (then an
             # earlier call hid them); ValueError: no such device type here.
             pass
+
+
+def set_seed(seed):
+    """Seeds Python, NumPy and Keras' global generator (layer initialisers,
+    `keras.random`), like `keras.utils.set_random_seed` but without
+    `tf.random.set_seed`: in eager mode that clears TensorFlow's kernel
+    caches, so a tokenizer built earlier in the process fails in tf.data
+    ("Resource ... SentencepieceOp ... does not exist"). The pipeline's
+    tf.data shuffles take their seeds explicitly."""
+    import random
+
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)  # rebuilt from the seed
+    random.seed(seed)
+    np.random.seed(seed)

@@ -23,35 +23,37 @@ def test_stop_tokens_are_eos_and_end_of_turn(tiny_model):
     assert tokenize_batch(tokenizer, ["<end_of_turn>"]) == [[stops[1]]]
 
 
-def test_bucket_lengths_are_rounded_to_the_step():
-    assert bucket_length(10, 20, 64) == 64
-    assert bucket_length(50, 20, 64) == 128
-    assert bucket_length(44, 20, 64) == 64
+def test_bucket_lengths_round_the_prompt_to_the_step_and_add_the_new_tokens():
+    assert bucket_length(10, 20, 64) == 84
+    assert bucket_length(64, 20, 64) == 84
+    assert bucket_length(65, 20, 64) == 148
 
 
-class _ScriptedLM:
-    """Writes a fixed continuation after each prompt, like generate() does
+class _ScriptedDecode:
+    """Writes a fixed continuation after each prompt, like a decoder does
     with a stop token, and records the shapes it was called with."""
 
     def __init__(self, continuation):
         self.continuation = continuation
         self.shapes = []
 
-    def generate(self, inputs, stop_token_ids):
-        ids, mask = inputs["token_ids"].copy(), inputs["padding_mask"]
+    def __call__(self, token_ids, padding_mask, max_new_tokens):
+        ids, mask = token_ids.copy(), padding_mask
         self.shapes.append(ids.shape)
         for r in range(ids.shape[0]):
             n = int(mask[r].sum())
             cont = self.continuation[: ids.shape[1] - n]
             ids[r, n : n + len(cont)] = cont
-        return {"token_ids": ids, "padding_mask": np.ones_like(mask)}
+        return ids
 
 
 def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
     _, tokenizer = tiny_model
     words = tokenize_batch(tokenizer, ["cat dog"])[0]
-    lm = _ScriptedLM(words * 20 + [tokenizer.end_token_id])
-    generator = BatchedGenerator(lm, tokenizer, batch_size=4, max_new_tokens=len(words), length_step=16, log=lambda *_: None)
+    decode = _ScriptedDecode(words * 20 + [tokenizer.end_token_id])
+    generator = BatchedGenerator(
+        None, tokenizer, batch_size=4, max_new_tokens=len(words), length_step=16, log=lambda *_: None, decode=decode
+    )
     prompts = [[2] + [100] * n for n in (40, 3, 25, 3, 3, 60)]
     results = {}
     for indices, texts in generator.generate(prompts):
@@ -60,7 +62,7 @@ def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
     assert all(results[i] == "cat dog" for i in range(6))  # cut at max_new_tokens
     # Shortest prompts first; every batch full-sized; lengths from the bucket set.
     expected = [(4, bucket_length(26, len(words), 16)), (4, bucket_length(61, len(words), 16))]
-    assert lm.shapes == expected and expected[0][1] < expected[1][1]
+    assert decode.shapes == expected and expected[0][1] < expected[1][1]
     assert generator.programs == set(expected)
 
 

@@ -1,0 +1,87 @@
+import keras_hub
+import numpy as np
+import pytest
+
+from pipeline.decoding import GemmaDecoder
+from pipeline.runtime import set_seed
+from pipeline.tiny import BACKBONE_CONFIG
+
+LENGTH = 96
+
+
+def ragged_prompts(rng, lengths, length=LENGTH):
+    token_ids = np.zeros((len(lengths), length), "int32")
+    padding_mask = np.zeros((len(lengths), length), bool)
+    for row, n in enumerate(lengths):
+        token_ids[row, :n] = rng.integers(10, BACKBONE_CONFIG["vocabulary_size"], n)
+        padding_mask[row, :n] = True
+    return token_ids, padding_mask
+
+
+def random_lm(seed, **overrides):
+    set_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(**dict(BACKBONE_CONFIG, **overrides))
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def keras_hub_tokens(causal_lm, token_ids, padding_mask):
+    out = causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None)
+    return np.asarray(out["token_ids"])
+
+
+@pytest.fixture(scope="module")
+def sharded_lora_lm(tiny_model):
+    """Random weights on the (1, 8) mesh (set up by `tiny_model`), with LoRA
+    factors that are not zero, so the adapter changes what is generated."""
+    causal_lm = random_lm(1)
+    causal_lm.backbone.enable_lora(4)
+    rng = np.random.default_rng(1)
+    for variable in causal_lm.trainable_variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(rng.normal(scale=0.5, size=variable.shape))
+    return causal_lm
+
+
+def test_greedy_tokens_match_keras_hub_on_the_sharded_model_with_lora(sharded_lora_lm):
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [3, 17, 30, 30, 41, 8, 25, 12])
+    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=40)
+    for row, n in enumerate(padding_mask.sum(axis=1)):
+        np.testing.assert_array_equal(decoded[row, : n + 40], expected[row, : n + 40], err_msg=f"row {row}")
+
+
+def test_gemma_2_style_blocks_match_keras_hub():
+    causal_lm = random_lm(
+        2, use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=16,
+        query_head_dim_normalize=False,
+    )
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(2), [20, 5, 33, 11])
+    expected = keras_hub_tokens(causal_lm, token_ids, padding_mask)
+    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], max_spans=7)(token_ids, padding_mask, max_new_tokens=50)
+    for row, n in enumerate(padding_mask.sum(axis=1)):
+        np.testing.assert_array_equal(decoded[row, : n + 50], expected[row, : n + 50], err_msg=f"row {row}")
+
+
+def test_decoding_ends_at_max_new_tokens_after_the_longest_prompt(sharded_lora_lm):
+    lengths = [10, 25, 4]
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(3), lengths)
+    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=12)
+    for row, n in enumerate(lengths):
+        np.testing.assert_array_equal(decoded[row, : n + 12], expected[row, : n + 12])
+    assert (decoded[:, max(lengths) + 12 :] == 0).all()  # nothing written past the last row's bound
+
+
+def test_the_batch_ends_once_every_row_has_stopped(sharded_lora_lm):
+    lengths = [10, 14, 12]
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(4), lengths)
+    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
+    # Stop on whatever each row writes first: every row ends after one token.
+    first_tokens = [int(expected[row, n]) for row, n in enumerate(lengths)]
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=first_tokens)(
+        token_ids, padding_mask, max_new_tokens=60
+    )
+    for row, n in enumerate(lengths):
+        assert decoded[row, n] == first_tokens[row]
+    assert (decoded[:, max(lengths) + 1 :] == 0).all()
