@@ -72,7 +72,6 @@ def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens, d
     generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None, decode=decode)
     for _ in generator.generate(prompts):
         pass
-    generator.new_tokens = 0
     start = time.perf_counter()
     for _ in generator.generate(prompts):
         pass

@@ -74,23 +74,22 @@ class BatchedGenerator:
         self.stops = stop_token_ids(tokenizer)
         self.decode = decode or GemmaDecoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
-        self.new_tokens = 0  # generated so far, stop tokens excluded
+        self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
 
     def generate(self, prompts):
         """Yields (indices, texts) batch by batch, shortest prompts first."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        start_time, rows_done, tokens_done = time.perf_counter(), 0, 0
+        start_time, rows_done, self.new_tokens = time.perf_counter(), 0, 0
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             batch = [prompts[i] for i in indices]
             outputs = self._generate_batch(batch)
-            tokens_done += sum(len(o) for o in outputs)
             self.new_tokens += sum(len(o) for o in outputs)
             rows_done += len(indices)
             elapsed = time.perf_counter() - start_time
             self.log(
                 f"generate: {rows_done}/{len(prompts)} rows, {rows_done / elapsed:.2f} rows/s, "
-                f"{tokens_done / elapsed:.1f} new tokens/s, {len(self.programs)} compiled shapes"
+                f"{self.new_tokens / elapsed:.1f} new tokens/s, {len(self.programs)} compiled shapes"
             )
             texts = self.tokenizer.detokenize(outputs) if outputs else []
             yield indices, [_to_str(t) for t in texts]

@@ -60,10 +60,14 @@ def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
         results.update(zip(indices, texts))
     assert sorted(results) == list(range(6))
     assert all(results[i] == "cat dog" for i in range(6))  # cut at max_new_tokens
+    assert generator.new_tokens == 6 * len(words)
     # Shortest prompts first; every batch full-sized; lengths from the bucket set.
     expected = [(4, bucket_length(26, len(words), 16)), (4, bucket_length(61, len(words), 16))]
     assert decode.shapes == expected and expected[0][1] < expected[1][1]
     assert generator.programs == set(expected)
+    for _ in generator.generate(prompts[:2]):
+        pass
+    assert generator.new_tokens == 2 * len(words)  # counts the latest call only
 
 
 def test_generate_on_the_sharded_tiny_model_stops_and_strips(tiny_model):
