@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: demo test test-fast all data finetune predict score mean-prompt compare memory-plan bench tiny clean
+.PHONY: demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare memory-plan bench tiny clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests
+
+pod-test: $(STAMP)
+	$(PY) -m pytest -m pod tests
+
+kill-test: $(STAMP)
+	$(PY) -m pytest -m kill tests
 
 data finetune predict score: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,$@)

@@ -113,27 +113,25 @@ def time_reference_generation(causal_lm, tokenizer, texts):
 
 
 def time_training(causal_lm, formatter, df, batch_size, length_step):
-    """Real tokens/s of the pipeline's train step over one pass of the
-    batches; a first pass over the same batches compiles every shape."""
-    import keras
+    """Real tokens/s of the pipeline's train step over one epoch of the
+    stage's batch plan; a first pass over the same batches compiles every shape."""
+    from pipeline.batching import TrainingBatches
+    from pipeline.config import TrainConfig
+    from pipeline.finetune import compile_lora_training
 
-    batches = list(formatter.training_dataset(df, batch_size, shuffle_seed=0, length_step=length_step))
-    if not batches:
-        raise SystemExit(f"{len(df)} rows fill no length bucket of {batch_size} rows; raise --training-rows")
-    real = sum(int(x["padding_mask"].numpy().sum()) for x, _, _ in batches)
-    computed = sum(int(np.prod(x["token_ids"].shape)) for x, _, _ in batches)
-    causal_lm.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    rows, _ = formatter.encode(df)
+    plan = TrainingBatches(rows, batch_size, formatter.sequence_length, length_step, seed=0)
+    batches = [rows.arrays(batch) for batch in plan.epoch(0)]
+    compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
     for x, y, w in batches:
         causal_lm.train_on_batch(x, y, sample_weight=w)
     start = time.perf_counter()
     for x, y, w in batches:
         causal_lm.train_on_batch(x, y, sample_weight=w)
     seconds = time.perf_counter() - start
-    return {"real_tokens_per_second": real / seconds, "real_fraction": real / computed,
-            "batches": len(batches), "seconds": seconds, "compiled_shapes": len({tuple(x["token_ids"].shape) for x, _, _ in batches})}
+    return {"real_tokens_per_second": plan.real_tokens / seconds,
+            "real_fraction": plan.real_tokens / plan.computed_tokens,
+            "batches": len(batches), "seconds": seconds, "compiled_shapes": len({x["token_ids"].shape for x, _, _ in batches})}
 
 
 def cpu_benchmark(args):
@@ -202,8 +200,9 @@ def gpu_benchmark(args):
     import keras_hub
 
     from pipeline import flops
-    from pipeline.config import LoraConfig
+    from pipeline.config import LoraConfig, TrainConfig
     from pipeline.decoding import GemmaDecoder
+    from pipeline.finetune import compile_lora_training
     from pipeline.model import enable_lora
 
     keras.config.set_dtype_policy("bfloat16")
@@ -219,10 +218,7 @@ def gpu_benchmark(args):
         backbone = keras_hub.models.GemmaBackbone(**arch)
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
-        causal_lm.compile(
-            optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
         rng = np.random.default_rng(0)
         x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"),
              "padding_mask": np.ones((batch, length), bool)}

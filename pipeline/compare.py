@@ -14,7 +14,7 @@ scores = run_compare_stage(cfg)  # after predict and mean-prompt
 
 import json
 
-from pipeline import plots
+from pipeline import hosts, plots
 from pipeline.combine import combine_parts, load_parts
 from pipeline.predict import encoder_token_limit, read_predict_input
 from pipeline.run_dir import RunDir
@@ -35,6 +35,8 @@ VARIANTS = {
 def run_compare_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, "compare")
+    if not hosts.is_main_process():
+        return None  # no accelerator work: process 0 does this stage alone
     rows = read_predict_input(run, cfg, log)
     truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], log=log).set_index("id")
     ids = list(rows["id"])

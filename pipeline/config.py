@@ -132,6 +132,9 @@ class TrainConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.01
     seed: int = 0
+    # Save a checkpoint every this many steps (and at every epoch end; 0:
+    # epoch ends only). A rerun resumes from the last one.
+    checkpoint_every: int = 200
     out: str = "finetune"
 
 

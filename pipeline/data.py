@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import rules, templates
+from pipeline import hosts, rules, templates
 from pipeline.run_dir import RunDir
 from pipeline.sources import chunk_texts, read_sources
 from pipeline.tables import TRAIN_COLUMNS, write_table
@@ -58,19 +58,29 @@ def plan_rows(data_cfg, log=print):
 def run_data_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.data.out)
-    plan = plan_rows(cfg.data, log)
     partial_path = stage_dir / "rewrites.partial.jsonl"
-    _check_plan_unchanged(stage_dir / "plan.json", plan, cfg.data, partial_path)
-    done = _read_partial(partial_path, set(plan["id"]), log)
-    todo = plan[~plan["id"].isin(done)].reset_index(drop=True)
-    log(f"data: {len(plan)} rows planned, {len(done)} already written, {len(todo)} to rewrite")
-    if len(todo):
-        with open(partial_path, "a", encoding="utf-8") as partial:
-            for batch in _rewrite(cfg, todo, log):
+
+    def plan_and_resume():
+        plan = plan_rows(cfg.data, log)
+        _check_plan_unchanged(stage_dir / "plan.json", plan, cfg.data, partial_path)
+        return plan, set(_read_partial(partial_path, set(plan["id"]), log))
+
+    # Process 0 plans and reads what is done; every host gets the same.
+    plan, done = hosts.share_from_main(plan_and_resume)
+    todo = ~plan["id"].isin(done).to_numpy()
+    log(f"data: {len(plan)} rows planned, {len(done)} already written, {int(todo.sum())} to rewrite")
+    if todo.any():
+        partial = open(partial_path, "a", encoding="utf-8") if hosts.is_main_process() else None
+        for batch in _rewrite(cfg, plan, todo, log):
+            if partial:
                 partial.write("".join(json.dumps(row) + "\n" for row in batch))
                 partial.flush()
-        done = _read_partial(partial_path, set(plan["id"]), log)
-    out = plan.assign(rewritten_text=plan["id"].map(done))[TRAIN_COLUMNS]
+        if partial:
+            partial.close()
+    if not hosts.is_main_process():
+        return run.data_csv
+    rewritten = _read_partial(partial_path, set(plan["id"]), log)
+    out = plan.assign(rewritten_text=plan["id"].map(rewritten))[TRAIN_COLUMNS]
     empty = int((out["rewritten_text"].str.strip() == "").sum())
     if empty:
         log(f"data: {empty} rewrite(s) came back empty (kept; finetune drops them)")
@@ -79,12 +89,15 @@ def run_data_stage(cfg, log=print):
     return run.data_csv
 
 
-def _rewrite(cfg, todo, log):
-    """Yields lists of {'id', 'rewritten_text'} as batches finish."""
+def _rewrite(cfg, plan, todo, log):
+    """Yields lists of {'id', 'rewritten_text'} of the rows still to do, as
+    batches finish."""
     if cfg.data.rewriter == "rules":
+        if not hosts.is_main_process():
+            return  # no accelerator work: process 0 does it alone
         rows = [
             {"id": r.id, "rewritten_text": rules.rewrite(r.rewrite_prompt, r.original_text)}
-            for r in todo.itertuples()
+            for r in plan[todo].itertuples()
         ]
         for start in range(0, len(rows), cfg.data.batch_size):
             yield rows[start : start + cfg.data.batch_size]
@@ -95,13 +108,15 @@ def _rewrite(cfg, todo, log):
     causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])
     requests = [
         templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text)
-        for r in todo.itertuples()
+        for r in plan.itertuples()
     ]
     # The chat-format string already starts the turn; Gemma wants <bos> first.
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
     generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log)
-    for indices, texts in generator.generate(prompts):
-        yield [{"id": todo.id[i], "rewritten_text": t.strip()} for i, t in zip(indices, texts)]
+    # Batches are planned over all rows, so a resumed row is decoded in the
+    # same batch as in an uninterrupted run; only unfinished batches run.
+    for indices, texts in generator.generate(prompts, skip=lambda indices: not todo[indices].any()):
+        yield [{"id": plan.id[i], "rewritten_text": t.strip()} for i, t in zip(indices, texts) if todo[i]]
 
 
 def _check_plan_unchanged(plan_path, plan, data_cfg, partial_path):

@@ -29,6 +29,9 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from pipeline import hosts
+from pipeline.distribution import data_sharding
+
 
 class GemmaDecoder:
     def __init__(self, causal_lm, stop_token_ids, max_spans=4):
@@ -41,12 +44,17 @@ class GemmaDecoder:
 
     def __call__(self, token_ids, padding_mask, max_new_tokens):
         """Prompts right-padded in (batch, length) `token_ids`; returns the
-        same shape with each row's generated tokens after its prompt."""
+        same shape with each row's generated tokens after its prompt. On a
+        pod every process passes the whole batch and gets the whole result."""
         lm = self.causal_lm
         state = ([v.value for v in lm.trainable_variables], [v.value for v in lm.non_trainable_variables])
-        out = self._compiled(state, jnp.asarray(token_ids, "int32"), jnp.asarray(padding_mask, bool),
-                             max_new_tokens=int(max_new_tokens))
-        return np.asarray(out)
+        token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
+        if keras.distribution.distribution() is not None:
+            # Rows over the data axis: each host feeds and decodes its own.
+            sharding = data_sharding(token_ids.shape)
+            token_ids, padding_mask = hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
+        out = self._compiled(state, token_ids, padding_mask, max_new_tokens=int(max_new_tokens))
+        return hosts.to_numpy(out)
 
     def _stateless_decode(self, state, token_ids, padding_mask, max_new_tokens):
         trainable, non_trainable = state

@@ -57,6 +57,21 @@ def gemma_layout_axes(data_axis="batch", model_axis="model"):
     }
 
 
+def lora_layout_axes(layout_axes):
+    """Layouts of the LoRA factors of every sharded kernel, so that they are
+    sharded like the kernel they adapt. Keras' LoRA on a kernel of shape
+    (..., out) has `lora_kernel_a` of shape (..., rank) and `lora_kernel_b`
+    of shape (rank, out): A keeps the kernel's axes but the last, B keeps
+    the kernel's last axis; the rank is never sharded."""
+    lora = {}
+    for pattern, axes in layout_axes.items():
+        if pattern.endswith(".kernel"):
+            layer = pattern.removesuffix(".kernel")
+            lora[f"{layer}/lora_kernel_a"] = (*axes[:-1], None)
+            lora[f"{layer}/lora_kernel_b"] = (None, axes[-1])
+    return lora
+
+
 def weight_axes(path, layout_axes):
     """The mesh axis of each dimension of the weight at `path` (None: not
     sharded), as Keras matches layout-map keys (re.fullmatch)."""
@@ -111,12 +126,9 @@ def build_distribution(distribution_cfg, backbone_config, batch_sizes):
     import keras
     import keras_hub
 
-    if distribution_cfg.multi_host:
-        keras.distribution.initialize(
-            job_addresses=distribution_cfg.coordinator_address,
-            num_processes=distribution_cfg.num_processes,
-            process_id=distribution_cfg.process_id,
-        )
+    from pipeline import hosts
+
+    hosts.initialize(distribution_cfg)
     mesh_shape = list(distribution_cfg.mesh_shape)
     axis_names = list(distribution_cfg.axis_names)
     devices = keras.distribution.list_devices()
@@ -127,18 +139,24 @@ def build_distribution(distribution_cfg, backbone_config, batch_sizes):
         # DataParallel wants a 1-D mesh (a 2-D one trips a bad warnings.warn
         # call in Keras 3.15).
         mesh = keras.distribution.DeviceMesh((mesh_shape[0],), [data_axis], devices)
-        return keras.distribution.DataParallel(device_mesh=mesh)
+        # Each host feeds its own rows of every global batch (hosts.local_rows).
+        return keras.distribution.DataParallel(device_mesh=mesh, auto_shard_dataset=False)
     mesh = keras.distribution.DeviceMesh(tuple(mesh_shape), axis_names, devices)
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(
         mesh, model_parallel_dim_name=model_axis, data_parallel_dim_name=data_axis
     )
     layout_axes = {key: tuple(layout_map[key].axes) for key in layout_map}
     check_shardable(layout_axes, backbone_config, mesh_shape, axis_names)
-    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=data_axis)
+    for key, axes in lora_layout_axes(layout_axes).items():
+        layout_map[key] = axes
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name=data_axis, auto_shard_dataset=False
+    )
 
 
-def is_main_process():
-    """True on the process that writes outputs (process 0 of a pod)."""
-    import jax
+def data_sharding(shape):
+    """The sharding of a global batch of `shape` under the distribution in
+    force: rows over the data axis."""
+    import keras
 
-    return jax.process_index() == 0
+    return keras.distribution.distribution().get_data_layout(shape).backend_layout

@@ -12,17 +12,20 @@ adapter_path = run_finetune_stage(cfg)
 ```
 """
 
+import dataclasses
+import hashlib
 import json
 import time
-import warnings
 
 import keras
 import numpy as np
 
-from pipeline import flops, plots
-from pipeline.distribution import is_main_process
+from pipeline import flops, hosts, plots
+from pipeline.batching import TrainingBatches, evaluation_batches
+from pipeline.checkpoint import CheckpointStore, Progress
+from pipeline.distribution import data_sharding
 from pipeline.model import enable_lora, load_gemma, read_backbone_config, save_adapter
-from pipeline.recovery import RecoveryFormatter, count_tokens
+from pipeline.recovery import RecoveryFormatter
 from pipeline.run_dir import RunDir
 from pipeline.runtime import set_seed
 from pipeline.tables import TRAIN_COLUMNS, read_table, split_rows
@@ -45,17 +48,71 @@ def load_splits(csv_path, split_cfg, log=print):
     return parts
 
 
-def run_finetune_stage(cfg, log=print):
-    run = RunDir(cfg)
-    stage_dir = run.start_stage(cfg, cfg.train.out)
-    train_df, val_df = load_splits(run.train_csv, cfg.split, log)
+def checkpoint_settings(cfg, rows):
+    """Everything that shapes the training trajectory (a checkpoint resumes
+    only under the same); the number of epochs is not among them, so a
+    finished run can be trained on for more."""
     tc = cfg.train
+    digest = hashlib.sha256(b"".join(ids.tobytes() + b"|" for ids in rows.ids)).hexdigest()
+    return {
+        "training tokens (data, template, cuts)": digest,
+        "model.preset": str(cfg.model.preset),
+        "model.dtype": cfg.model.dtype,
+        "lora": dataclasses.asdict(cfg.lora),
+        "train.batch_size": tc.batch_size,
+        "train.sequence_length": tc.sequence_length,
+        "train.length_step": tc.length_step,
+        "train.learning_rate": tc.learning_rate,
+        "train.weight_decay": tc.weight_decay,
+        "train.seed": tc.seed,
+        "distribution.mesh_shape": list(cfg.distribution.mesh_shape),
+    }
+
+
+def compile_lora_training(causal_lm, train_cfg):
+    """AdamW (no decay on bias and scale) on the trainable (LoRA) weights;
+    the loss is the mean over the tokens that carry weight (the responses),
+    whatever the padding of the batch."""
+    optimizer = keras.optimizers.AdamW(learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+    causal_lm.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    optimizer.build(causal_lm.trainable_variables)
+
+
+def local_batches(rows, batches, batch_size):
+    """tf.data of (x, y, sample_weight) of each batch, in order: the rows of
+    the global batch that this process's devices hold (all of them in one
+    process)."""
+    import tensorflow as tf
+
+    local = hosts.local_rows(data_sharding((batch_size, 1)), (batch_size, 1))
+    n = local.stop - local.start
+
+    def generate():
+        for batch in batches:
+            x, y, weight = rows.arrays(batch)
+            yield {key: value[local] for key, value in x.items()}, y[local], weight[local]
+
+    spec = lambda dtype: tf.TensorSpec((n, None), dtype)  # noqa: E731
+    signature = ({"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}, spec(tf.int32), spec(tf.float32))
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+
+
+def run_finetune_stage(cfg, log=print):
+    tc = cfg.train
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, tc.out)
+    train_df, val_df = hosts.share_from_main(lambda: load_splits(run.train_csv, cfg.split, log))
     if len(train_df) < tc.batch_size:
         raise ValueError(
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
-    set_seed(tc.seed)
     causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
+    set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
     log(f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable weights")
@@ -63,79 +120,95 @@ def run_finetune_stage(cfg, log=print):
     formatter = RecoveryFormatter(tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens)
     train_df, cut_train = formatter.fit_texts(train_df)
     val_df, cut_val = formatter.fit_texts(val_df)
+    train_rows, responses_cut = formatter.encode(train_df)
+    val_rows, _ = formatter.encode(val_df)
     log(
         f"finetune: {len(train_df)} train / {len(val_df)} validation rows; texts cut to fit "
-        f"sequence_length={tc.sequence_length}: {cut_train} train, {cut_val} validation"
+        f"sequence_length={tc.sequence_length}: {cut_train} train, {cut_val} validation; "
+        f"{responses_cut} training response(s) cut to max_response_tokens={tc.max_response_tokens}"
     )
-    train_ds = formatter.training_dataset(
-        train_df, tc.batch_size, shuffle_seed=tc.seed, length_step=tc.length_step or None
-    )
-    steps_per_epoch, real_tokens, computed_tokens = count_tokens(train_ds)
+    batches = TrainingBatches(train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed)
+    per_epoch = batches.steps_per_epoch
+    total = per_epoch * tc.epochs
     log(
-        f"finetune: {steps_per_epoch} steps per epoch, {real_tokens:,} real of {computed_tokens:,} "
-        f"computed tokens ({real_tokens / computed_tokens:.1%} real, length_step={tc.length_step})"
+        f"finetune: {per_epoch} steps per epoch, {batches.real_tokens:,} real of {batches.computed_tokens:,} "
+        f"computed tokens ({batches.real_tokens / batches.computed_tokens:.1%} real, length_step={tc.length_step})"
     )
-    val_ds = formatter.training_dataset(val_df, tc.batch_size, pad_to_batch=True) if len(val_df) else None
+    val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
 
-    optimizer = keras.optimizers.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-    causal_lm.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    compile_lora_training(causal_lm, tc)
+    store = CheckpointStore(stage_dir / "checkpoint.npz", checkpoint_settings(cfg, train_rows))
+    progress = store.restore(causal_lm) or Progress()
+    if progress.step >= total:
+        log(f"finetune: {store.path} is at step {progress.step}/{total}: training is complete "
+            "(delete it to train again)")
+    elif progress.step:
+        log(f"finetune: resuming from {store.path} at step {progress.step}/{total}")
     throughput = Throughput(
-        real_tokens,
         flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
         cfg.distribution.peak_tflops_per_device,
         len(keras.distribution.list_devices()),
     )
-    progress = StepLog(steps_per_epoch, tc.epochs, log, throughput)
-    callbacks = [progress]
-    if is_main_process():
+    callbacks = [StepLog(progress, total, log), Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
+    if hosts.is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
-    with warnings.catch_warnings():
-        # Length buckets make the number of batches per epoch unknown up
-        # front; Keras then warns at the end of each epoch's data, which is
-        # just where an epoch should end.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
+    for epoch in range(progress.step // per_epoch, tc.epochs):
+        todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
+        start = time.perf_counter()
         history = causal_lm.fit(
-            train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks, verbose=0
+            local_batches(train_rows, todo, tc.batch_size),
+            validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
+            initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, verbose=0,
         )
-    if is_main_process():
-        save_adapter(causal_lm, cfg.lora, run.adapter)
-        epochs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+        seconds = callbacks[0].last_step_end - start
+        measured = throughput.of(sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0), seconds)
+        progress.epoch_throughput.append(measured)
+        logs = {key: float(values[-1]) for key, values in history.history.items()}
+        # The epoch's loss from its steps: whole even if the epoch was resumed.
+        logs["loss"] = float(np.mean(progress.step_losses[epoch * per_epoch : (epoch + 1) * per_epoch]))
+        for key, value in logs.items():
+            progress.epochs.setdefault(key, []).append(value)
+        store.save(causal_lm, progress)
+        _log_epoch(log, epoch, tc.epochs, logs, measured)
+    save_adapter(causal_lm, cfg.lora, run.adapter)
+    if hosts.is_main_process():
         (stage_dir / "history.json").write_text(
             json.dumps(
                 {
                     "step_loss": progress.step_losses,
-                    "epochs": epochs,
-                    "real_token_fraction": real_tokens / computed_tokens,
+                    "epochs": progress.epochs,
+                    "real_token_fraction": batches.real_tokens / batches.computed_tokens,
                     "epoch_throughput": progress.epoch_throughput,
                 },
                 indent=2,
             )
         )
         plots.loss_curve(
-            progress.step_losses, epochs.get("val_loss", []), steps_per_epoch, stage_dir / "loss_curve.png"
+            progress.step_losses, progress.epochs.get("val_loss", []), per_epoch, stage_dir / "loss_curve.png"
         )
-    if "val_loss" in history.history:
-        log(f"finetune: validation loss {history.history['val_loss'][-1]:.4f}")
     log(f"finetune: adapter -> {run.adapter}")
     return run.adapter
+
+
+def _log_epoch(log, epoch, epochs, logs, measured):
+    val = f", validation loss {logs['val_loss']:.4f}" if "val_loss" in logs else ""
+    mfu = f", MFU {measured['mfu']:.3f}" if measured["mfu"] is not None else ""
+    log(
+        f"finetune: epoch {epoch + 1}/{epochs} done, loss {logs['loss']:.4f}{val}; "
+        f"{measured['real_tokens_per_second']:,.0f} real tokens/s{mfu}"
+    )
 
 
 class Throughput:
     """Real (non-padding) tokens per second and the MFU they mean."""
 
-    def __init__(self, real_tokens_per_epoch, flops_per_token, peak_tflops_per_device, n_devices):
-        self.real_tokens_per_epoch = real_tokens_per_epoch
+    def __init__(self, flops_per_token, peak_tflops_per_device, n_devices):
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops_per_device
         self.n_devices = n_devices
 
-    def of_epoch(self, seconds):
-        tokens_per_second = self.real_tokens_per_epoch / seconds
+    def of(self, real_tokens, seconds):
+        tokens_per_second = real_tokens / seconds
         return {
             "seconds": round(seconds, 2),
             "real_tokens_per_second": round(tokens_per_second, 1),
@@ -144,39 +217,48 @@ class Throughput:
 
 
 class StepLog(keras.callbacks.Callback):
-    """Records the loss after every step (Keras reports the running mean
-    over the epoch), prints progress now and then, and measures each epoch's
-    training throughput (validation excluded; epoch 1 includes compiling)."""
+    """Records each step's own loss in `progress.step_losses` (Keras
+    reports the running mean since the start of `fit`, from which each
+    step's loss follows) and prints progress now and then."""
 
-    def __init__(self, steps_per_epoch, epochs, log, throughput, lines_per_epoch=5):
+    def __init__(self, progress, total_steps, log, lines=20):
         super().__init__()
-        self.steps_per_epoch = steps_per_epoch
-        self.epochs = epochs
+        self.progress = progress
+        self.total_steps = total_steps
         self.log = log
-        self.throughput = throughput
-        self.every = max(1, steps_per_epoch // lines_per_epoch)
-        self.step_losses = []
-        self.epoch_throughput = []
-        self.start = time.perf_counter()
+        self.every = max(1, total_steps // lines)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = self.last_step_end = time.perf_counter()
+    def on_train_begin(self, logs=None):
+        self.start = self.last_step_end = time.perf_counter()
+        self.steps_in_fit, self.running_mean = 0, 0.0
 
     def on_train_batch_end(self, batch, logs=None):
         self.last_step_end = time.perf_counter()
-        self.step_losses.append(float(logs["loss"]))
-        step = len(self.step_losses)
+        mean = float(logs["loss"])
+        self.steps_in_fit += 1
+        loss = self.steps_in_fit * mean - (self.steps_in_fit - 1) * self.running_mean
+        self.running_mean = mean
+        self.progress.step_losses.append(loss)
+        self.progress.step += 1
+        step = self.progress.step
         if step % self.every == 0:
-            total = self.steps_per_epoch * self.epochs
-            rate = step / (time.perf_counter() - self.start)
-            self.log(f"finetune: step {step}/{total}, loss {self.step_losses[-1]:.4f}, {rate:.2f} steps/s")
+            rate = self.steps_in_fit / (self.last_step_end - self.start)
+            self.log(f"finetune: step {step}/{self.total_steps}, loss {loss:.4f}, {rate:.2f} steps/s")
 
-    def on_epoch_end(self, epoch, logs=None):
-        measured = self.throughput.of_epoch(self.last_step_end - self.epoch_start)
-        self.epoch_throughput.append(measured)
-        val = f", validation loss {logs['val_loss']:.4f}" if "val_loss" in logs else ""
-        mfu = f", MFU {measured['mfu']:.3f}" if measured["mfu"] is not None else ""
-        self.log(
-            f"finetune: epoch {epoch + 1}/{self.epochs} done, loss {logs['loss']:.4f}{val}; "
-            f"{measured['real_tokens_per_second']:,.0f} real tokens/s{mfu}"
-        )
+
+class Checkpointing(keras.callbacks.Callback):
+    """Saves a checkpoint every `every` steps (0: only at epoch ends, which
+    the stage saves itself, after validation)."""
+
+    def __init__(self, store, progress, every, steps_per_epoch):
+        super().__init__()
+        self.store = store
+        self.progress = progress
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.progress.step
+        if self.every and step % self.every == 0 and step % self.steps_per_epoch:
+            self.model.jax_state_sync()  # fit keeps the newest values to itself
+            self.store.save(self.model, self.progress)

@@ -76,19 +76,24 @@ class BatchedGenerator:
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
 
-    def generate(self, prompts):
-        """Yields (indices, texts) batch by batch, shortest prompts first."""
+    def generate(self, prompts, skip=None):
+        """Yields (indices, texts) batch by batch, shortest prompts first.
+        `skip(indices)`: True for a batch not to generate (already done). The
+        batches depend on `prompts` alone, so a resumed run decodes each row
+        in the batch, and so with the tokens, of an uninterrupted one."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = [indices for indices in batches if not (skip and skip(indices))]
+        total = sum(map(len, batches))
         start_time, rows_done, self.new_tokens = time.perf_counter(), 0, 0
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
+        for indices in batches:
             batch = [prompts[i] for i in indices]
             outputs = self._generate_batch(batch)
             self.new_tokens += sum(len(o) for o in outputs)
             rows_done += len(indices)
             elapsed = time.perf_counter() - start_time
             self.log(
-                f"generate: {rows_done}/{len(prompts)} rows, {rows_done / elapsed:.2f} rows/s, "
+                f"generate: {rows_done}/{total} rows, {rows_done / elapsed:.2f} rows/s, "
                 f"{self.new_tokens / elapsed:.1f} new tokens/s, {len(self.programs)} compiled shapes"
             )
             texts = self.tokenizer.detokenize(outputs) if outputs else []

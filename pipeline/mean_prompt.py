@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import hosts
 from pipeline.run_dir import RunDir
 from pipeline.score import embed, load_sentence_encoder
 from pipeline.tables import read_table, split_rows
@@ -169,6 +170,8 @@ def run_mean_prompt_stage(cfg, log=print):
     mc = cfg.mean_prompt
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, mc.out)
+    if not hosts.is_main_process():
+        return None  # no accelerator work: process 0 does this stage alone
     df = read_table(run.mean_prompt_targets, ["rewrite_prompt"], ["rewrite_prompt"], empty="keep", log=log)
     train_rows, _, holdout_rows = split_rows(len(df), cfg.split)
     prompts = df["rewrite_prompt"].str.strip()

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.distribution import gemma_layout_axes, gemma_weight_dims, weight_axes
+from pipeline.distribution import gemma_layout_axes, gemma_weight_dims, lora_layout_axes, weight_axes
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -42,14 +42,20 @@ def frozen_weight_bytes(config, layout, axis_size, dtype_bytes):
     return (total + norms) * dtype_bytes
 
 
-def lora_parameter_count(config, lora_cfg):
-    """Keras LoRA on a kernel of shape (..., out): A is (..., rank), B is (rank, out)."""
-    names = {path.split("/")[-2]: [s for _, s in dims] for path, dims in gemma_weight_dims(config).items()}
+def lora_parameter_count(config, lora_cfg, layout=None, axis_size=None):
+    """Keras LoRA on a kernel of shape (..., out): A is (..., rank), B is (rank, out).
+    With a layout (and the mesh's axis sizes): the count on one device, the
+    factors sharded as `lora_layout_axes` shards them."""
+    lora_layout = lora_layout_axes(layout or {})
     count = 0
-    for name in lora_cfg.target_layers:
-        if name in names:
-            shape = names[name]
-            count += int(np.prod(shape[:-1])) * lora_cfg.rank + lora_cfg.rank * shape[-1]
+    for path, dims in gemma_weight_dims(config).items():
+        layer = path.rsplit("/", 1)[0]
+        if layer.split("/")[-1] not in lora_cfg.target_layers:
+            continue
+        shape = [size for _, size in dims]
+        for factor, factor_shape in (("a", shape[:-1] + [lora_cfg.rank]), ("b", [lora_cfg.rank, shape[-1]])):
+            axes = weight_axes(f"{layer}/lora_kernel_{factor}", lora_layout)
+            count += _shard(factor_shape, axes, axis_size or {})
     return count * config["num_layers"]
 
 
@@ -119,8 +125,8 @@ def plan_memory(cfg, config, device_gib=None):
     layout = gemma_layout_axes(*axis_names) if model_axis > 1 else {}  # DataParallel replicates
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     frozen = frozen_weight_bytes(config, layout, axis_size, dtype_bytes)
-    # LoRA factors are replicated; weights, gradients and two AdamW moments.
-    lora_state = 4 * lora_parameter_count(config, cfg.lora) * dtype_bytes
+    # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
+    lora_state = 4 * lora_parameter_count(config, cfg.lora, layout, axis_size) * dtype_bytes
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(config, cfg.train.sequence_length, model_axis, dtype_bytes)
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])

@@ -65,10 +65,32 @@ def enable_lora(causal_lm, lora_cfg):
 
 
 def save_adapter(causal_lm, lora_cfg, path):
-    """Writes the LoRA weights (`.lora.h5`) and, beside them, the settings
-    needed to load them again."""
+    """Writes the LoRA weights (`.lora.h5`, the file KerasHub's
+    `load_lora_weights` reads) and, beside them, the settings needed to load
+    them again. Every process calls it: LoRA factors sharded over several
+    hosts are gathered first; process 0 writes."""
+    from keras.src.saving.saving_lib import H5IOStore
+
+    from pipeline import hosts
+
+    backbone = causal_lm.backbone
+    layers = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    # Mirrors Backbone.save_lora_weights, which reads values that one host
+    # of a pod does not hold.
+    values = {
+        index: [hosts.to_numpy(layers[index].lora_kernel_a.value), hosts.to_numpy(layers[index].lora_kernel_b.value)]
+        for index in backbone._lora_enabled_layers
+    }
+    if not hosts.is_main_process():
+        return
     path = Path(path)
-    causal_lm.backbone.save_lora_weights(str(path))
+    store = H5IOStore(str(path), mode="w")
+    store.make("lora")["rank"] = backbone._lora_rank
+    for index, (kernel_a, kernel_b) in values.items():
+        inner = store.make(f"lora/{index}")
+        inner["lora_kernel_a"] = kernel_a
+        inner["lora_kernel_b"] = kernel_b
+    store.close()
     _adapter_settings_path(path).write_text(
         json.dumps(
             {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},
@@ -78,17 +100,26 @@ def save_adapter(causal_lm, lora_cfg, path):
 
 
 def load_adapter(causal_lm, path):
-    """Enables LoRA as the adapter was trained and loads its weights."""
+    """Enables LoRA as the adapter was trained and loads its weights. On a
+    pod process 0 reads the files and sends them to the others."""
+    import tempfile
+
+    from pipeline import hosts
     from pipeline.config import LoraConfig
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"adapter {path} not found; run the finetune stage first or set predict.adapter"
-        )
-    settings = json.loads(_adapter_settings_path(path).read_text())
+    def read():
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"adapter {path} not found; run the finetune stage first or set predict.adapter"
+            )
+        return json.loads(_adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()
+
+    settings, weights = hosts.share_from_main(read)
     enable_lora(causal_lm, LoraConfig(**settings))
-    causal_lm.backbone.load_lora_weights(str(path))
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "adapter.lora.h5"
+        copy.write_bytes(weights)
+        causal_lm.backbone.load_lora_weights(str(copy))
 
 
 def _adapter_settings_path(path):

@@ -19,7 +19,7 @@ import time
 import pandas as pd
 
 from pipeline.combine import combine_parts, load_parts
-from pipeline.distribution import is_main_process
+from pipeline import hosts
 from pipeline.generation import BatchedGenerator
 from pipeline.model import load_adapter, load_gemma
 from pipeline.recovery import RecoveryFormatter
@@ -47,10 +47,18 @@ def encoder_token_limit(cfg):
 def run_predict_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.predict.out)
-    df = read_predict_input(run, cfg, log)
+    combined = cfg.predict.combine != ["model"]
+
+    def read_inputs():
+        df = read_predict_input(run, cfg, log)
+        parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt)
+        if combined:
+            encoder_token_limit(cfg)  # a missing piece model fails now, before any generation
+        return df, parts
+
+    # Process 0 reads the inputs (its files are the ones that count); every host gets them.
+    df, parts = hosts.share_from_main(read_inputs)
     log(f"predict: {len(df)} rows from {run.predict_input} (rows: {cfg.predict.rows})")
-    parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt)
-    cut = encoder_token_limit(cfg) if cfg.predict.combine != ["model"] else None
     causal_lm, tokenizer = load_gemma(cfg, [cfg.predict.batch_size])
     adapter = run.predict_adapter
     if adapter:
@@ -67,24 +75,27 @@ def run_predict_stage(cfg, log=print):
         for i, text in zip(indices, texts):
             outputs[i] = text
     elapsed = time.perf_counter() - start
+    if not hosts.is_main_process():
+        return run.submission
+    cut = encoder_token_limit(cfg) if combined else None
     outputs = [t.strip() for t in outputs]
     parts = [outputs if part is None else part for part in parts]
     prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
     submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
-    if is_main_process():
-        write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": outputs}), run.raw_outputs)
-        write_table(submission, run.submission)
-        summary = {
-            "rows": len(df),
-            "texts_cut_to_fit": n_cut,
-            "combine": cfg.predict.combine,
-            "empty_predictions_replaced_by_fallback": fallbacks,
-            "seconds": round(elapsed, 2),
-            "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
-            "compiled_shapes": sorted(generator.programs),
-            "adapter": str(adapter) if adapter else None,
-        }
-        (stage_dir / "predict_log.json").write_text(json.dumps(summary, indent=2))
+    write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": outputs}), run.raw_outputs)
+    write_table(submission, run.submission)
+    summary = {
+        "rows": len(df),
+        "texts_cut_to_fit": n_cut,
+        "combine": cfg.predict.combine,
+        "empty_predictions_replaced_by_fallback": fallbacks,
+        "seconds": round(elapsed, 2),
+        "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
+        "compiled_shapes": sorted(generator.programs),
+        "processes": hosts.process_count(),
+        "adapter": str(adapter) if adapter else None,
+    }
+    (stage_dir / "predict_log.json").write_text(json.dumps(summary, indent=2))
     log(
         f"predict: {len(df)} rows in {elapsed:.1f}s, {n_cut} text(s) cut to fit, "
         f"{fallbacks} empty prediction(s) replaced by the fallback -> {run.submission}"

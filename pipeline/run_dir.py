@@ -2,7 +2,7 @@
 
 Every run lives in `<run.root>/<run.name>/`; each stage writes into its own
 folder there (named by the stage's `out` key) and saves the resolved config
-beside its outputs. A stage's inputs default to the previous stage's outputs
+beside its outputs. On a pod only process 0 writes. A stage's inputs default to the previous stage's outputs
 in the same run.
 
 Example:
@@ -15,6 +15,7 @@ run.submission  # runs/<name>/predict/submission.csv
 
 from pathlib import Path
 
+from pipeline import hosts
 from pipeline.config import save_config
 
 
@@ -24,9 +25,13 @@ class RunDir:
         self.root = Path(cfg.run.root) / cfg.run.name
 
     def start_stage(self, cfg, out):
+        """Joins the pod if the config says multi_host (every stage starts
+        here); process 0 makes the stage folder and saves the config."""
+        hosts.initialize(cfg.distribution)
         stage_dir = self.root / out
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / "config.yaml")
+        if hosts.is_main_process():
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, stage_dir / "config.yaml")
         return stage_dir
 
     @property

@@ -31,6 +31,9 @@ def setup_environment(distribution_cfg):
                 )
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if distribution_cfg.multi_host:
+            # Collectives between processes on the CPU (a simulated pod).
+            os.environ.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
     hide_accelerators_from_tensorflow()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import plots
+from pipeline import hosts, plots
 from pipeline.run_dir import RunDir
 from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table
 
@@ -70,6 +70,8 @@ def score_prompts(encoder, predicted, truth, batch_size=64):
 def run_score_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.score.out)
+    if not hosts.is_main_process():
+        return None  # no accelerator work: process 0 does this stage alone
     predictions = read_table(run.predictions, SUBMISSION_COLUMNS, ["rewrite_prompt"], empty="error", log=log)
     truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], empty="error", log=log)
     merged = predictions.merge(truth, on="id", how="left", suffixes=("_predicted", "_true"))

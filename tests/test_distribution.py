@@ -15,7 +15,7 @@ from pipeline.model import enable_lora
 from pipeline.tiny import BACKBONE_CONFIG
 
 # Expected PartitionSpec of every Gemma weight on the (1, 8) ("batch",
-# "model") mesh; LoRA kernels are small and stay replicated.
+# "model") mesh; LoRA factors are sharded like the kernel they adapt.
 EXPECTED_SPECS = {
     "token_embedding/embeddings": ("model", "batch"),
     "attention/query/kernel": ("model", "batch", None),
@@ -25,8 +25,14 @@ EXPECTED_SPECS = {
     "ffw_gating/kernel": ("batch", "model"),
     "ffw_gating_2/kernel": ("batch", "model"),
     "ffw_linear/kernel": ("model", "batch"),
-    "lora_kernel_a": (),
-    "lora_kernel_b": (),
+    "query/lora_kernel_a": ("model", "batch", None),
+    "value/lora_kernel_a": ("model", "batch", None),
+    "query/lora_kernel_b": (None, None),
+    "value/lora_kernel_b": (None, None),
+    "ffw_gating/lora_kernel_a": ("batch", None),
+    "ffw_gating/lora_kernel_b": (None, "model"),
+    "ffw_linear/lora_kernel_a": ("model", None),
+    "ffw_linear/lora_kernel_b": (None, "batch"),
     "scale": (),
 }
 
@@ -46,7 +52,7 @@ def test_every_weight_sharded_as_on_tpu_v3_8(tiny):
     assert isinstance(distribution, keras.distribution.ModelParallel)
     with distribution.scope():
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
-        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
+        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value", "ffw_gating", "ffw_linear"]))
     weights = causal_lm.backbone.weights
     assert any("lora_kernel_a" in w.path for w in weights)
     for w in weights:

@@ -32,7 +32,16 @@ def test_per_device_weights_match_the_sharded_model(tiny_model):
     assert estimate == on_device_0
 
 
-@pytest.mark.parametrize("mesh_shape", [[1, 8], [8, 1]], ids=["model-parallel", "data-parallel"])
+def test_lora_share_of_one_device_is_sharded_like_the_kernels():
+    lora = LoraConfig(rank=4)
+    whole = lora_parameter_count(GEMMA_7B, lora)
+    on_one_core = lora_parameter_count(GEMMA_7B, lora, gemma_layout_axes(), {"batch": 1, "model": 8})
+    # Every A factor is sharded 8 ways; of the B factors only the
+    # feed-forward ones (rank x ffw) are, the rest (rank x head_dim or hidden) are replicated.
+    assert whole / 8 < on_one_core < whole / 4
+
+
+@pytest.mark.parametrize("mesh_shape", [[1, 8], [8, 1], [2, 4]], ids=["model-parallel", "data-parallel", "pod"])
 def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape):
     """The train step's gradient program, per device: XLA's argument bytes
     are the weights (+ the token ids), its temporaries the activations."""
@@ -60,7 +69,7 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape):
 
     layout = gemma_layout_axes() if model_axis > 1 else {}
     weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, {"batch": data_axis, "model": model_axis}, 4)
-    weights += lora_parameter_count(BACKBONE_CONFIG, lora) * 4  # replicated
+    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, {"batch": data_axis, "model": model_axis}) * 4
     ids_per_device = ids.nbytes / data_axis
     assert weights + ids_per_device == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
     activations = batch / data_axis * activation_bytes_per_row(BACKBONE_CONFIG, length, model_axis, 4)

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.batching import Batch, TrainingBatches, evaluation_batches
 from pipeline.recovery import RecoveryFormatter, share_budget
 from pipeline.templates import (
     CHAT_TURN,
@@ -40,10 +41,11 @@ def test_too_short_sequence_is_refused(tiny_model):
         RecoveryFormatter(tiny_model[1], RECOVERY_TEMPLATE, 256, 16)
 
 
-def _one_example(formatter, original, rewritten, prompt):
+def _one_example(formatter, original, rewritten, prompt, length=None):
     df = pd.DataFrame({"original_text": [original], "rewritten_text": [rewritten], "rewrite_prompt": [prompt]})
-    x, y, w = next(iter(formatter.training_dataset(df, batch_size=1)))
-    return {k: v.numpy()[0] for k, v in x.items()}, y.numpy()[0], w.numpy()[0]
+    rows, _ = formatter.encode(df)
+    x, y, w = rows.arrays(Batch((0,), length or formatter.sequence_length))
+    return {k: v[0] for k, v in x.items()}, y[0], w[0]
 
 
 def test_loss_weights_cover_the_response_and_eos_only(tiny_model):
@@ -69,29 +71,26 @@ def test_loss_weights_cover_the_response_and_eos_only(tiny_model):
 def test_long_texts_are_cut_to_fit_and_counted(tiny_model):
     formatter = _formatter(tiny_model, sequence_length=100, response=16)
     long = "word " * 400
-    df = pd.DataFrame({"original_text": [long, "short"], "rewritten_text": [long, "tiny"], "rewrite_prompt": ["p", "q"]})
+    df = pd.DataFrame({"original_text": [long, "short"], "rewritten_text": [long, "tiny"], "rewrite_prompt": [long, "q"]})
     fitted, cut = formatter.fit_texts(df)
     assert cut == 1 and fitted["original_text"][1] == "short"
-    x, y, w = next(iter(formatter.training_dataset(fitted, batch_size=2)))
+    rows, responses_cut = formatter.encode(fitted)
+    assert responses_cut == 1  # the 400-word answer is cut to max_response_tokens
+    assert all(len(ids) <= 100 for ids in rows.ids)
+    x, y, w = rows.arrays(Batch((0, 1), 100))
     assert x["token_ids"].shape == (2, 100)
-    assert w.numpy()[0].sum() > 0  # the answer survived the cut
+    assert w[0].sum() > 0  # the cut answer still trains
     assert all(len(p) <= 100 - 16 for p in formatter.prompt_ids(fitted))
 
 
-def test_validation_batches_padded_with_zero_weight_rows(tiny_model):
+def test_evaluation_batches_cover_every_row_once_with_zero_weight_fillers(tiny_model):
     formatter = _formatter(tiny_model)
     df = pd.DataFrame({"original_text": ["a b c"] * 3, "rewritten_text": ["A B C"] * 3, "rewrite_prompt": ["Upper."] * 3})
-    batches = list(formatter.training_dataset(df, batch_size=2, pad_to_batch=True))
-    assert len(batches) == 2
-    assert batches[1][2].numpy()[1].sum() == 0 and batches[1][2].numpy()[0].sum() > 0
-
-
-def test_shuffle_is_seeded(tiny_model):
-    formatter = _formatter(tiny_model)
-    df = pd.DataFrame({"original_text": [f"text {i}" for i in range(8)], "rewritten_text": ["x"] * 8, "rewrite_prompt": ["p"] * 8})
-    first = [b[0]["token_ids"].numpy() for b in formatter.training_dataset(df, 4, shuffle_seed=3)]
-    again = [b[0]["token_ids"].numpy() for b in formatter.training_dataset(df, 4, shuffle_seed=3)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    rows, _ = formatter.encode(df)
+    batches = evaluation_batches(rows, 2, 128, 32)
+    assert [b.rows for b in batches] == [(0, 1), (2, -1)]
+    _, _, w = rows.arrays(batches[1])
+    assert w[1].sum() == 0 and w[0].sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -112,32 +111,48 @@ def _mixed_lengths(n=48, seed=0):
     )
 
 
-def test_length_buckets_cut_padding_with_a_fixed_set_of_shapes(tiny_model):
-    from pipeline.recovery import count_tokens
-
+def test_batch_plan_is_seeded_shuffled_per_epoch_and_covers_every_row(tiny_model):
     formatter = _formatter(tiny_model, sequence_length=256, response=32)
     df, _ = formatter.fit_texts(_mixed_lengths())
-    batches_fixed, real_fixed, computed_fixed = count_tokens(formatter.training_dataset(df, 4))
-    bucketed = list(formatter.training_dataset(df, 4, length_step=32))
-    real = sum(int(x["padding_mask"].numpy().sum()) for x, _, _ in bucketed)
-    computed = sum(int(np.prod(x["token_ids"].shape)) for x, _, _ in bucketed)
-    assert computed_fixed == batches_fixed * 4 * 256  # without buckets every row is padded to 256
-    assert real / computed > 0.85 > real_fixed / computed_fixed
-    lengths = {x["token_ids"].shape[1] for x, _, _ in bucketed}
-    assert lengths <= set(range(32, 257, 32))  # shapes from a fixed set
-    for x, y, w in bucketed:  # the loss still covers the answers only
-        mask = x["padding_mask"].numpy()
-        assert x["token_ids"].shape[0] == 4
-        assert (w.numpy()[~mask] == 0).all() and (w.numpy().sum(axis=1) > 0).all()
-        assert mask[:, 0].all() and (x["token_ids"].numpy()[~mask] == formatter.tokenizer.pad_token_id).all()
+    rows, _ = formatter.encode(df)
+    plan = TrainingBatches(rows, 4, 256, 32, seed=3)
+    epochs = [plan.epoch(e) for e in range(3)]
+    assert plan.epoch(0) == TrainingBatches(rows, 4, 256, 32, seed=3).epoch(0)  # seeded
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    assert plan.epoch(0) != TrainingBatches(rows, 4, 256, 32, seed=4).epoch(0)
+    for batches in epochs:
+        assert len(batches) == plan.steps_per_epoch
+        trained = sorted(r for b in batches for r in b.rows if r >= 0)
+        assert trained == list(range(len(rows)))  # every row once per epoch
+        assert sum(r < 0 for b in batches for r in b.rows) < 4  # fillers only in one batch
+
+
+def test_length_buckets_cut_padding_with_a_fixed_set_of_shapes(tiny_model):
+    formatter = _formatter(tiny_model, sequence_length=256, response=32)
+    df, _ = formatter.fit_texts(_mixed_lengths())
+    rows, _ = formatter.encode(df)
+    fixed = TrainingBatches(rows, 4, 256, 0, seed=0)
+    bucketed = TrainingBatches(rows, 4, 256, 32, seed=0)
+    assert fixed.computed_tokens == fixed.steps_per_epoch * 4 * 256  # without buckets every row is padded to 256
+    assert bucketed.real_tokens / bucketed.computed_tokens > 0.85 > fixed.real_tokens / fixed.computed_tokens
+    assert {b.length for b in bucketed.epoch(0)} <= set(range(32, 257, 32))  # shapes from a fixed set
+    for batch in bucketed.epoch(0):  # the loss still covers the answers only
+        x, _, w = rows.arrays(batch)
+        mask = x["padding_mask"]
+        assert x["token_ids"].shape == (4, batch.length)
+        real = np.array([r >= 0 for r in batch.rows])
+        assert (w[~mask] == 0).all() and (w[real].sum(axis=1) > 0).all() and w[~real].sum() == 0
+        assert mask[real, 0].all() and (x["token_ids"][~mask] == formatter.tokenizer.pad_token_id).all()
 
 
 def test_same_row_same_tokens_in_any_bucket(tiny_model):
     formatter = _formatter(tiny_model)
-    df = pd.DataFrame({"original_text": ["The cat sat."], "rewritten_text": ["THE CAT SAT."], "rewrite_prompt": ["Upper."]})
-    (x1, y1, w1), = list(formatter.training_dataset(df, 1))
-    (x2, y2, w2), = list(formatter.training_dataset(df, 1, length_step=32))
-    n = x2["token_ids"].shape[1]
-    assert n < x1["token_ids"].shape[1] and n % 32 == 0
-    assert (x1["token_ids"].numpy()[:, :n] == x2["token_ids"].numpy()).all()
-    assert (w1.numpy()[:, :n] == w2.numpy()).all() and w1.numpy()[:, n:].sum() == 0
+    columns = ["original_text", "rewritten_text", "rewrite_prompt"]
+    args = ("The cat sat.", "THE CAT SAT.", "Upper.")
+    x1, y1, w1 = _one_example(formatter, *args)
+    rows, _ = formatter.encode(pd.DataFrame([args], columns=columns))
+    n = TrainingBatches(rows, 1, 128, 32, 0).lengths[0]
+    x2, y2, w2 = _one_example(formatter, *args, length=n)
+    assert n < x1["token_ids"].shape[0] and n % 32 == 0
+    assert (x1["token_ids"][:n] == x2["token_ids"]).all()
+    assert (w1[:n] == w2).all() and w1[n:].sum() == 0

@@ -1,0 +1,122 @@
+"""Several hosts, one run: who writes, who decides, how arrays cross hosts.
+
+On a TPU pod every host runs the same command. Process 0 reads the inputs
+that decide the work (plans, resume state, checkpoints) and shares them, so
+every host makes the same calls in the same order; only process 0 writes
+files. Batches are global: each host feeds the rows of every global batch
+that its own devices hold (`local_rows`). With one process every helper
+here is a plain pass-through.
+
+Example:
+```python
+initialize(cfg.distribution)            # once, before any JAX computation
+plan = share_from_main(lambda: plan_rows(cfg.data))  # read on 0, sent to all
+if is_main_process():
+    write_table(plan, path)
+```
+"""
+
+import pickle
+
+import numpy as np
+
+
+def initialize(distribution_cfg):
+    """Joins the pod (`keras.distribution.initialize`) when the config says
+    multi_host; a second call does nothing."""
+    if not distribution_cfg.multi_host:
+        return
+    import jax
+    import keras
+
+    if jax.distributed.is_initialized():
+        return
+    keras.distribution.initialize(
+        job_addresses=distribution_cfg.coordinator_address,
+        num_processes=distribution_cfg.num_processes,
+        process_id=distribution_cfg.process_id,
+    )
+
+
+def process_count():
+    import jax
+
+    return jax.process_count()
+
+
+def is_main_process():
+    """True on the process that decides and writes (process 0 of a pod)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def share_from_main(compute):
+    """Runs `compute()` on process 0 and returns its result on every
+    process. An exception there is raised on every process (with the same
+    message), so no host is left waiting in a collective."""
+    if process_count() == 1:
+        return compute()
+    outcome = None
+    if is_main_process():
+        try:
+            outcome = ("ok", compute())
+        except Exception as error:  # re-raised below, on every host
+            outcome = ("error", error)
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def broadcast_object(obj):
+    """Process 0's picklable `obj` on every process."""
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(payload.size, np.int64)))
+    buffer = np.zeros(size, np.uint8)
+    if is_main_process():
+        buffer[:] = payload
+    return pickle.loads(multihost_utils.broadcast_one_to_all(buffer).tobytes())
+
+
+def to_numpy(array):
+    """The whole value of a (possibly sharded over hosts) array, on every
+    process. A collective on a pod: every process must call it."""
+    import jax
+
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def local_rows(sharding, global_shape):
+    """slice of dimension 0 of a global array that this process's devices
+    hold (the whole batch in one process)."""
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        rows = index[0]
+        starts.append(rows.start or 0)
+        stops.append(global_shape[0] if rows.stop is None else rows.stop)
+    return slice(min(starts), max(stops))
+
+
+def global_batch(array, sharding):
+    """A global array of `sharding` from the full numpy batch that every
+    process holds; each process puts only its own rows on its devices."""
+    import jax
+
+    array = np.asarray(array)
+    return jax.make_array_from_process_local_data(sharding, array[local_rows(sharding, array.shape)], array.shape)
+
+
+def global_value(array, sharding):
+    """A global array of `sharding` holding `array` (the same full value on
+    every process), e.g. a weight read from a checkpoint."""
+    import jax
+
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

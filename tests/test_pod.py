@@ -1,0 +1,78 @@
+"""The pod simulation: every stage on 2 processes x 4 virtual devices (the
+configs' multi-host path) gives what one process with 8 devices gives on
+the same [2, 4] mesh. `make pod-test` runs these alone."""
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from processes import run_stage
+
+pytestmark = [pytest.mark.slow, pytest.mark.pod]
+
+# The embedded default, small, with the model rewriting (accelerator work in
+# the data stage too) and the data axis spanning the two processes.
+SETTINGS = [
+    "data.rewriter=model", "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=32",
+    "data.max_new_tokens=12", "distribution.mesh_shape=[2,4]", "train.epochs=2", "train.checkpoint_every=3",
+    "predict.max_new_tokens=8", "mean_prompt.steps=3", "mean_prompt.beam_width=5",
+]
+STAGES = ["data", "finetune", "mean_prompt", "predict", "score"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """(one-process run folder, pod run folder, pod logs per stage)."""
+    root = tmp_path_factory.mktemp("pod")
+    logs = {}
+    for stage in STAGES:
+        run_stage(stage, SETTINGS + [f"run.root={root / 'one'}"], processes=1, log_dir=root / "logs-one")
+        logs[stage] = run_stage(stage, SETTINGS + [f"run.root={root / 'pod'}"], processes=2, log_dir=root / "logs-pod")
+    return root / "one" / "cpu_tiny", root / "pod" / "cpu_tiny", logs
+
+
+def lora_weights(path):
+    found = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, item: found.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def test_data_stage_writes_the_same_rewrites(runs):
+    one, pod, logs = runs
+    assert (pod / "data" / "rewrites.csv").read_bytes() == (one / "data" / "rewrites.csv").read_bytes()
+    # Both processes decoded every batch (their rows of it); only process 0 wrote.
+    assert all("generate: 32/32 rows" in output for output in logs["data"])
+
+
+def test_finetune_gives_the_same_adapter(runs):
+    one, pod, logs = runs
+    expected, got = lora_weights(one / "finetune" / "adapter.lora.h5"), lora_weights(pod / "finetune" / "adapter.lora.h5")
+    assert expected.keys() == got.keys() and len(expected) > 2
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
+    one_history = json.loads((one / "finetune" / "history.json").read_text())
+    pod_history = json.loads((pod / "finetune" / "history.json").read_text())
+    np.testing.assert_allclose(pod_history["step_loss"], one_history["step_loss"], rtol=1e-5)
+    assert all("finetune: epoch 2/2 done" in output for output in logs["finetune"])
+
+
+def test_predict_mean_prompt_and_score_agree(runs):
+    one, pod, _ = runs
+    for name in ("predict/submission.csv", "predict/model_outputs.csv", "mean_prompt/mean_prompt.txt"):
+        assert (pod / name).read_bytes() == (one / name).read_bytes(), name
+    assert len(pd.read_csv(pod / "predict" / "submission.csv")) == 5  # the holdout rows
+    scores = [json.loads((run / "score" / "score.json").read_text())["score"] for run in (one, pod)]
+    assert scores[0] == scores[1]
+
+
+def test_only_process_0_writes(runs):
+    one, pod, _ = runs
+    # A second writer would have appended to the partial log, and opened
+    # TensorBoard event files of its own (each writer names its own file).
+    assert len((pod / "data" / "rewrites.partial.jsonl").read_text().splitlines()) == 32
+    events = [sorted(p.parent.name for p in run.rglob("*tfevents*")) for run in (one, pod)]
+    assert events[0] == events[1] and events[0]
