@@ -99,7 +99,8 @@ def local_batches(rows, batches, batch_size):
 
     spec = lambda dtype: tf.TensorSpec((n, None), dtype)  # noqa: E731
     signature = ({"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}, spec(tf.int32), spec(tf.float32))
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
 
 
 def run_finetune_stage(cfg, log=print):
