@@ -12,13 +12,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare memory-plan bench tiny clean
+.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare memory-plan bench tiny clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r $(REQUIREMENTS)
 	touch $@
+
+install: $(STAMP)
 
 tiny: $(STAMP)
 	$(PY) scripts/build_tiny.py
@@ -56,6 +58,10 @@ bench: $(STAMP) tiny
 
 all: $(STAMP) $(if $(CONFIG),,tiny)
 	$(MAKE) data finetune mean-prompt predict score compare CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
+
+# Cloud TPU slices: make tpu-pod POD="up --name NAME --zone ZONE --data FILE --stage all [--dry-run]"
+tpu-pod:
+	$(PYTHON) scripts/tpu_pod.py $(POD)
 
 clean:
 	rm -rf runs artifacts
