@@ -159,7 +159,7 @@ def run_finetune_stage(cfg, log=print):
         history = causal_lm.fit(
             local_batches(train_rows, todo, tc.batch_size),
             validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
-            initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, verbose=0,
+            initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
         )
         seconds = callbacks[0].last_step_end - start
         measured = throughput.of(sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0), seconds)
