@@ -23,6 +23,9 @@ from pipeline.distribution import gemma_layout_axes, gemma_weight_dims, lora_lay
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # XLA needs some room of its own
+# Keras creates the LoRA factors in float32 even on a bfloat16 model, and
+# AdamW keeps float32 moments (pinned by tests/test_memory.py).
+LORA_DTYPE_BYTES = 4
 
 
 def _shard(size_by_dim, axes, axis_size):
@@ -126,7 +129,7 @@ def plan_memory(cfg, config, device_gib=None):
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     frozen = frozen_weight_bytes(config, layout, axis_size, dtype_bytes)
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
-    lora_state = 4 * lora_parameter_count(config, cfg.lora, layout, axis_size) * dtype_bytes
+    lora_state = 4 * lora_parameter_count(config, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(config, cfg.train.sequence_length, model_axis, dtype_bytes)
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])

@@ -6,6 +6,8 @@ import pytest
 from pipeline.config import DistributionConfig, LoraConfig, load_config
 from pipeline.distribution import build_distribution, gemma_layout_axes
 from pipeline.memory import (
+    DTYPE_BYTES,
+    LORA_DTYPE_BYTES,
     activation_bytes_per_row,
     frozen_weight_bytes,
     lora_parameter_count,
@@ -41,15 +43,19 @@ def test_lora_share_of_one_device_is_sharded_like_the_kernels():
     assert whole / 8 < on_one_core < whole / 4
 
 
-@pytest.mark.parametrize("mesh_shape", [[1, 8], [8, 1], [2, 4]], ids=["model-parallel", "data-parallel", "pod"])
-def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape):
+@pytest.mark.parametrize(
+    "mesh_shape, dtype",
+    [([1, 8], "float32"), ([8, 1], "float32"), ([2, 4], "float32"), ([1, 8], "bfloat16")],
+    ids=["model-parallel", "data-parallel", "pod", "model-parallel-bfloat16"],
+)
+def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape, dtype):
     """The train step's gradient program, per device: XLA's argument bytes
     are the weights (+ the token ids), its temporaries the activations."""
     import keras_hub
 
     distribution = build_distribution(DistributionConfig(mesh_shape=mesh_shape), BACKBONE_CONFIG, [8])
     with distribution.scope():
-        causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
+        causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None, dtype=dtype)
         lora = LoraConfig(rank=8)
         enable_lora(causal_lm, lora)
     batch, length = 8, 256
@@ -68,11 +74,12 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape):
     stats = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids).compile().memory_analysis()
 
     layout = gemma_layout_axes() if model_axis > 1 else {}
-    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, {"batch": data_axis, "model": model_axis}, 4)
-    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, {"batch": data_axis, "model": model_axis}) * 4
+    axis_size = {"batch": data_axis, "model": model_axis}
+    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, axis_size, DTYPE_BYTES[dtype])
+    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, axis_size) * LORA_DTYPE_BYTES
     ids_per_device = ids.nbytes / data_axis
     assert weights + ids_per_device == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
-    activations = batch / data_axis * activation_bytes_per_row(BACKBONE_CONFIG, length, model_axis, 4)
+    activations = batch / data_axis * activation_bytes_per_row(BACKBONE_CONFIG, length, model_axis, DTYPE_BYTES[dtype])
     assert 0.5 < activations / stats.temp_size_in_bytes < 2.0
 
 
