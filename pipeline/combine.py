@@ -3,7 +3,8 @@
 Every leading competition entry joined a model's prediction with a "mean
 prompt". Parts are joined row by row in the configured order; empty parts
 are skipped, the result is cut to what the encoder sees, and a row left
-empty gets the fallback (a blank prediction makes the scorer fail).
+empty gets the fallback (a blank prediction makes the scorer fail), and so
+does one that pandas reads as missing ("NA", "None", "null", ...).
 
 Example:
 ```python
@@ -17,6 +18,13 @@ import pandas as pd
 
 from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table
 
+# Cells pandas reads as missing by default, as the competition's scorer reads
+# submissions: such a prediction counts as blank.
+MISSING_BY_PANDAS = frozenset(
+    ["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+)
+
 
 def combine_parts(parts, separator, fallback, cut=None):
     """Returns (combined prompts, rows that needed the fallback)."""
@@ -25,7 +33,7 @@ def combine_parts(parts, separator, fallback, cut=None):
         text = separator.join(p.strip() for p in row if p and p.strip())
         if cut is not None:
             text = cut(text)
-        if not text:
+        if not text or text in MISSING_BY_PANDAS:
             text, fallbacks = fallback, fallbacks + 1
         combined.append(text)
     return combined, fallbacks

@@ -43,6 +43,11 @@ def plan_rows(data_cfg, log=print):
     """The rows to generate: DataFrame(id, original_text, rewrite_prompt)."""
     chunks, dropped = chunk_texts(read_sources(data_cfg.sources), data_cfg.chunk_words, data_cfg.min_chars)
     log(f"data: {len(chunks)} chunks kept, dropped: {dict(dropped) or 'none'}")
+    if not chunks:
+        raise ValueError(
+            f"data.sources: no text chunk kept (dropped: {dict(dropped) or 'none'}); check that the "
+            "files hold texts, and data.min_chars"
+        )
     prompts = read_prompt_pool(data_cfg.prompts)
     per_chunk = min(data_cfg.prompts_per_chunk, len(prompts))
     rng = np.random.default_rng(data_cfg.seed)
@@ -62,7 +67,7 @@ def run_data_stage(cfg, log=print):
 
     def plan_and_resume():
         plan = plan_rows(cfg.data, log)
-        _check_plan_unchanged(stage_dir / "plan.json", plan, cfg.data, partial_path)
+        _check_plan_unchanged(stage_dir / "plan.json", plan, cfg, partial_path)
         return plan, set(_read_partial(partial_path, set(plan["id"]), log))
 
     # Process 0 plans and reads what is done; every host gets the same.
@@ -117,21 +122,27 @@ def _rewrite(cfg, plan, todo, log):
     # same batch as in an uninterrupted run; only unfinished batches run.
     for indices, texts in generator.generate(prompts, skip=lambda indices: not todo[indices].any()):
         yield [{"id": plan.id[i], "rewritten_text": t.strip()} for i, t in zip(indices, texts) if todo[i]]
+    if generator.rows_at_limit:
+        log(f"data: {generator.rows_at_limit} rewrite(s) reached data.max_new_tokens={cfg.data.max_new_tokens} "
+            "and were cut there; raise it to keep them whole")
 
 
-def _check_plan_unchanged(plan_path, plan, data_cfg, partial_path):
-    """A partial file only resumes the plan it was written for."""
+def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
+    """A partial file only resumes the setup it was written with: the plan,
+    and everything that changes how a row is rewritten."""
+    data = cfg.data
+    setup = [data.template, data.rewriter]
+    if data.rewriter == "model":
+        setup += [templates.CHAT_TURN, cfg.model.preset, cfg.model.dtype, data.max_new_tokens, data.batch_size]
     digest = hashlib.sha256(
-        pd.util.hash_pandas_object(plan, index=False).values.tobytes()
-        + data_cfg.template.encode()
-        + data_cfg.rewriter.encode()
+        pd.util.hash_pandas_object(plan, index=False).values.tobytes() + json.dumps(setup).encode()
     ).hexdigest()
     if plan_path.exists() and partial_path.exists():
         if json.loads(plan_path.read_text())["digest"] != digest:
             raise ValueError(
-                f"{partial_path} was written for another plan (sources, prompts, "
-                "chunking, seed, template or rewriter changed); delete it to start "
-                "over, or use another run.name"
+                f"{partial_path} was written for another plan or setup (sources, prompts, chunking, "
+                "seed, template, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
+                "it to start over, or use another run.name"
             )
     plan_path.write_text(json.dumps({"digest": digest, "rows": len(plan)}))
 

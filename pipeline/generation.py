@@ -75,6 +75,7 @@ class BatchedGenerator:
         self.decode = decode or GemmaDecoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
+        self.rows_at_limit = 0  # rows of the latest `generate` cut at max_new_tokens
 
     def generate(self, prompts, skip=None):
         """Yields (indices, texts) batch by batch, shortest prompts first.
@@ -85,11 +86,12 @@ class BatchedGenerator:
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         batches = [indices for indices in batches if not (skip and skip(indices))]
         total = sum(map(len, batches))
-        start_time, rows_done, self.new_tokens = time.perf_counter(), 0, 0
+        start_time, rows_done, self.new_tokens, self.rows_at_limit = time.perf_counter(), 0, 0, 0
         for indices in batches:
             batch = [prompts[i] for i in indices]
             outputs = self._generate_batch(batch)
             self.new_tokens += sum(len(o) for o in outputs)
+            self.rows_at_limit += sum(len(o) == self.max_new_tokens for o in outputs)
             rows_done += len(indices)
             elapsed = time.perf_counter() - start_time
             self.log(

@@ -157,11 +157,12 @@ class TokenLimit:
         return [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
 
 
-def best_constant(cache, candidates, targets):
-    """(prompt, score) of the best single candidate used for every row."""
+def best_constant(cache, candidates, train_targets, holdout_targets):
+    """The single candidate that scores best on the training targets, used
+    for every row (picked like the mean prompt), and its holdout score."""
     candidates = list(dict.fromkeys(candidates))
-    scores = MeanScore(cache, targets)(candidates)
-    return candidates[int(np.argmax(scores))], float(scores.max())
+    best = candidates[int(np.argmax(MeanScore(cache, train_targets)(candidates)))]
+    return best, float(MeanScore(cache, holdout_targets)([best])[0])
 
 
 def run_mean_prompt_stage(cfg, log=print):
@@ -200,7 +201,7 @@ def run_mean_prompt_stage(cfg, log=print):
         "cache_hit_rate": round(cache.hit_rate, 4),
     }
     if holdout:
-        constant, constant_score = best_constant(cache, train, holdout)
+        constant, constant_score = best_constant(cache, train, train, holdout)
         summary["best_single_target_prompt"] = {"prompt": constant, "holdout": constant_score}
         log(f"mean-prompt: holdout {history[-1]['holdout']:.4f} vs best single target prompt "
             f"{constant_score:.4f} ({constant!r})")

@@ -89,6 +89,7 @@ def run_predict_stage(cfg, log=print):
         "texts_cut_to_fit": n_cut,
         "combine": cfg.predict.combine,
         "empty_predictions_replaced_by_fallback": fallbacks,
+        "outputs_cut_at_max_new_tokens": generator.rows_at_limit,
         "seconds": round(elapsed, 2),
         "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
         "compiled_shapes": sorted(generator.programs),
@@ -98,6 +99,7 @@ def run_predict_stage(cfg, log=print):
     (stage_dir / "predict_log.json").write_text(json.dumps(summary, indent=2))
     log(
         f"predict: {len(df)} rows in {elapsed:.1f}s, {n_cut} text(s) cut to fit, "
+        f"{generator.rows_at_limit} output(s) cut at predict.max_new_tokens, "
         f"{fallbacks} empty prediction(s) replaced by the fallback -> {run.submission}"
     )
     return run.submission

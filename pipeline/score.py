@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline import hosts, plots
 from pipeline.run_dir import RunDir
-from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table
+from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table, split_rows
 
 
 def load_sentence_encoder(handle):
@@ -80,6 +80,15 @@ def run_score_stage(cfg, log=print):
         raise TableError(
             f"{run.predictions}: row {int(missing.idxmax()) + 1}, column 'id': id "
             f"{merged['id'][missing.idxmax()]!r} is not in {run.truth}"
+        )
+    if run.truth == run.predict_input and cfg.predict.rows == "holdout":
+        _, _, holdout = split_rows(len(truth), cfg.split)  # the rows predict predicted
+        truth = truth.iloc[list(holdout)]
+    absent = ~truth["id"].isin(predictions["id"])
+    if absent.any():
+        raise TableError(
+            f"{run.predictions}: no prediction for {int(absent.sum())} id(s) of {run.truth} "
+            f"(first: {truth['id'][absent].iloc[0]!r}); a submission needs a row for every id"
         )
     encoder = load_sentence_encoder(cfg.score.encoder)
     scores = score_prompts(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.tables import read_table
+
 
 def read_sources(source_cfgs):
     """All texts of all sources, in order."""
@@ -39,7 +41,7 @@ def _read_column(path, column, suffix):
     if not column:
         raise ValueError(f"data.sources: {path}: set `column` to the text column")
     if suffix == ".csv":
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_table(path, [column], empty="keep")
     else:
         rows = []
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

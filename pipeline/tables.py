@@ -12,6 +12,8 @@ df = read_table("test.csv", ["id", "original_text", "rewritten_text"],
 ```
 """
 
+import csv
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -36,22 +38,23 @@ def read_table(path, columns, text_columns=(), empty="error", log=print):
         raise TableError(f"{path}: file not found")
     raw = path.read_bytes()
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise TableError(
             f"{path}: line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
             "re-save the file as UTF-8"
         ) from None
+    _check_shape(text, path, columns)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", index_col=False)
     except pd.errors.ParserError as e:
         raise TableError(f"{path}: not a valid CSV file: {e}") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise TableError(
             f"{path}: missing column {missing[0]!r}; the file has {list(df.columns)} "
-            f"and needs {columns}"
+            f"and needs {columns} (its first line must be the header)"
         )
     df = df[columns].copy()
     if "id" in columns:
@@ -59,6 +62,26 @@ def read_table(path, columns, text_columns=(), empty="error", log=print):
     for column in text_columns:
         df = _handle_empty(df, column, path, empty, log)
     return df.reset_index(drop=True)
+
+
+def _check_shape(text, path, columns):
+    """A header, at least one row, and as many fields in every row as in the
+    header (pandas would silently take the extra leading fields of a longer
+    row as its index, shifting the columns)."""
+    try:
+        records = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    except csv.Error as e:
+        raise TableError(f"{path}: not a valid CSV file: {e}") from None
+    if not records:
+        raise TableError(f"{path}: the file is empty; it needs a header line ({','.join(columns)}) and rows")
+    if len(records) == 1:
+        raise TableError(f"{path}: a header ({','.join(records[0])}) and no rows; add rows")
+    for row, record in enumerate(records[1:], 1):
+        if len(record) != len(records[0]):
+            raise TableError(
+                f"{path}: row {row}: {len(record)} fields under a header of {len(records[0])} "
+                f"({','.join(records[0])}); quote texts that hold commas"
+            )
 
 
 def _check_ids(df, path):

@@ -26,8 +26,22 @@ def test_sources_txt_csv_jsonl(tmp_path):
          SourceConfig(str(tmp_path / "c.jsonl"), "body")]
     )
     assert texts == ["first para", "second para", "from csv", "from jsonl"]
-    with pytest.raises(ValueError, match="no column 'missing'"):
+    with pytest.raises(ValueError, match="b.csv: missing column 'missing'"):
         read_sources([SourceConfig(str(tmp_path / "b.csv"), "missing")])
+    (tmp_path / "header_only.csv").write_text("text\n")
+    with pytest.raises(ValueError, match="header_only.csv: a header \\(text\\) and no rows"):
+        read_sources([SourceConfig(str(tmp_path / "header_only.csv"), "text")])
+
+
+def test_sources_without_a_usable_chunk_stop_the_plan(tiny_cfg, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    tiny_cfg.data.sources = [SourceConfig(str(tmp_path / "empty.txt"))]
+    with pytest.raises(ValueError, match="data.sources: no text chunk kept"):
+        plan_rows(tiny_cfg.data, log=lambda *_: None)
+    (tmp_path / "empty_pool.txt").write_text("# only a comment\n\n")
+    tiny_cfg.data.sources, tiny_cfg.data.prompts = [SourceConfig("demo/texts.txt")], str(tmp_path / "empty_pool.txt")
+    with pytest.raises(ValueError, match="empty_pool.txt holds no prompt"):
+        plan_rows(tiny_cfg.data, log=lambda *_: None)
 
 
 def test_plan_is_seeded_and_pairs_distinct_prompts(tiny_cfg):
@@ -67,6 +81,17 @@ def test_resume_refuses_a_changed_plan(tiny_cfg):
     run_data_stage(tiny_cfg, log=lambda *_: None)
     tiny_cfg.data.seed = 1
     with pytest.raises(ValueError, match="written for another plan"):
+        run_data_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_resume_refuses_a_changed_model_setup(tiny_cfg):
+    tiny_cfg.data.rewriter, tiny_cfg.data.max_rows, tiny_cfg.data.max_new_tokens = "model", 4, 4
+    tiny_cfg.data.prompts = "prompts/rewrite_prompts.txt"
+    logs = []
+    run_data_stage(tiny_cfg, log=logs.append)
+    assert any("4 rewrite(s) reached data.max_new_tokens=4" in line for line in logs)  # the tiny model rambles on
+    tiny_cfg.data.max_new_tokens = 5
+    with pytest.raises(ValueError, match="written for another plan or setup"):
         run_data_stage(tiny_cfg, log=lambda *_: None)
 
 

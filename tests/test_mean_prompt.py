@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.combine import combine_parts
-from pipeline.mean_prompt import EmbeddingCache, MeanScore, TokenLimit, beam_search, candidate_moves
+from pipeline.mean_prompt import EmbeddingCache, MeanScore, TokenLimit, beam_search, best_constant, candidate_moves
 
 
 class _AxisEncoder:
@@ -76,6 +76,18 @@ def test_token_limit_on_the_encoder_pieces(tiny):
     assert not limit(long)
     cut = limit.cut(long)
     assert cut and limit(cut) and long.startswith(cut)
+
+
+def test_best_constant_is_picked_on_the_training_targets():
+    cache = EmbeddingCache(_AxisEncoder())
+    train, holdout = ["alpha", "alpha beta", "alpha"], ["gamma", "gamma"]
+    prompt, holdout_score = best_constant(cache, ["alpha", "gamma"], train, holdout)
+    assert prompt == "alpha" and holdout_score == pytest.approx(0.0)  # not the holdout's own best, "gamma"
+
+
+def test_predictions_pandas_reads_as_missing_get_the_fallback():
+    combined, fallbacks = combine_parts([["NA", "None", "null", "nan", "N/A", "Nancy"]], " ", "F")
+    assert combined == ["F", "F", "F", "F", "F", "Nancy"] and fallbacks == 5
 
 
 def test_combination_skips_empty_parts_and_is_never_empty():

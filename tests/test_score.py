@@ -57,3 +57,10 @@ def test_score_stage_rejects_unknown_ids_and_blank_predictions(tiny_cfg, tmp_pat
     tiny_cfg.score.predictions = _write(tmp_path / "sub.csv", {"id": ["a"], "rewrite_prompt": [""]})
     with pytest.raises(TableError, match=r"row 1, column 'rewrite_prompt': empty text"):
         run_score_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_score_stage_refuses_a_submission_that_lost_rows(tiny_cfg, tmp_path):
+    tiny_cfg.score.truth = _write(tmp_path / "truth.csv", {"id": ["a", "b", "c"], "rewrite_prompt": ["x", "y", "z"]})
+    tiny_cfg.score.predictions = _write(tmp_path / "sub.csv", {"id": ["a"], "rewrite_prompt": ["x"]})
+    with pytest.raises(TableError, match=r"sub.csv: no prediction for 2 id\(s\) of .*truth.csv \(first: 'b'\)"):
+        run_score_stage(tiny_cfg, log=lambda *_: None)

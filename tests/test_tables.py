@@ -71,3 +71,19 @@ def test_split_is_contiguous_and_complete():
     assert (train, val, hold) == (range(0, 84), range(84, 88), range(88, 100))
     with pytest.raises(TableError, match="no training rows"):
         split_rows(3, SplitConfig(validation=0.5, holdout=0.5))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", r"t.csv: the file is empty; it needs a header line \(id,original_text,rewritten_text\) and rows"),
+        ("id,original_text,rewritten_text\n", r"t.csv: a header \(id,original_text,rewritten_text\) and no rows; add rows"),
+        ("1,some text,its rewrite\n2,more,again\n", r"t.csv: missing column 'id'; .* \(its first line must be the header\)"),
+        ("id,original_text,rewritten_text\n1,a,b,c,d\n", r"t.csv: row 1: 5 fields under a header of 3 .*; quote texts"),
+        ("id,original_text,rewritten_text\n1,a,b\n2,a,b,c\n", r"t.csv: row 2: 4 fields under a header of 3"),
+    ],
+    ids=["empty", "header-only", "no-header", "extra-fields-first-row", "extra-fields-later"],
+)
+def test_malformed_files_stop_with_file_row_and_what_to_do(tmp_path, text, message):
+    with pytest.raises(TableError, match=message):
+        read_table(_csv(tmp_path, text), TEST_COLUMNS, TEXTS)
