@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline import hosts
 from pipeline.run_dir import RunDir
-from pipeline.score import embed, load_sentence_encoder
+from pipeline.score import embed, encoder_folder, load_sentence_encoder
 from pipeline.tables import read_table, split_rows
 
 
@@ -122,9 +122,7 @@ def find_piece_model(encoder_handle, piece_model=None):
     """The encoder's SentencePiece model file (for token counts, pieces)."""
     if piece_model:
         return Path(piece_model)
-    import tensorflow_hub as hub
-
-    folder = Path(encoder_handle) if Path(encoder_handle).is_dir() else Path(hub.resolve(encoder_handle))
+    folder = encoder_folder(encoder_handle)
     found = sorted((folder / "assets").glob("*.model"))
     if not found:
         raise FileNotFoundError(

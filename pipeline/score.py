@@ -23,23 +23,33 @@ from pipeline.run_dir import RunDir
 from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table, split_rows
 
 
+def encoder_folder(handle):
+    """The local folder of the encoder: a TF Hub URL (downloaded to TF Hub's
+    cache), a Kaggle Models handle (downloaded by kagglehub) or a folder."""
+    handle = str(handle)
+    if Path(handle).is_dir():
+        return Path(handle)
+    if handle.startswith(("http://", "https://")):
+        import tensorflow_hub as hub
+
+        return Path(hub.resolve(handle))
+    kaggle_handle = handle.removeprefix("kaggle://")
+    if kaggle_handle.count("/") >= 3:  # owner/model/framework/variation[/version]
+        import kagglehub
+
+        return Path(kagglehub.model_download(kaggle_handle))
+    raise ValueError(
+        f"score.encoder {handle!r}: not a URL, an existing folder, or a Kaggle Models "
+        "handle such as google/sentence-t5/tensorFlow2/st5-base"
+    )
+
+
 def load_sentence_encoder(handle):
     """A TF Hub URL, a Kaggle Models handle or a local SavedModel folder."""
     import tensorflow_hub as hub
     import tensorflow_text  # noqa: F401  registers the SentencePiece op
 
-    handle = str(handle)
-    if handle.startswith(("http://", "https://")) or Path(handle).is_dir():
-        return hub.load(handle)
-    kaggle_handle = handle.removeprefix("kaggle://")
-    if kaggle_handle.count("/") >= 3:  # owner/model/framework/variation[/version]
-        import kagglehub
-
-        return hub.load(kagglehub.model_download(kaggle_handle))
-    raise ValueError(
-        f"score.encoder {handle!r}: not a URL, an existing folder, or a Kaggle Models "
-        "handle such as google/sentence-t5/tensorFlow2/st5-base"
-    )
+    return hub.load(str(encoder_folder(handle)))
 
 
 def embed(encoder, texts, batch_size=64):

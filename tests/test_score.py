@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -6,6 +7,7 @@ import pytest
 
 from pipeline.score import embed, load_sentence_encoder, run_score_stage, sharpened_cosine
 from pipeline.tables import TableError
+from processes import ROOT
 
 
 def test_sharpened_cosine_on_known_vectors():
@@ -30,6 +32,27 @@ def test_stand_in_encoder_loads_through_tensorflow_hub(tiny):
 def test_encoder_handle_must_be_url_dir_or_kaggle():
     with pytest.raises(ValueError, match="not a URL, an existing folder, or a Kaggle Models handle"):
         load_sentence_encoder("no-such-encoder")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_finds_its_encoders_piece_model(tiny, config, monkeypatch):
+    """Kaggle handles and TF Hub URLs resolve to a folder (mocked here to the
+    stand-in encoder's); the piece model is found in its assets."""
+    import kagglehub
+    import tensorflow_hub as hub
+
+    from pipeline.config import load_config
+    from pipeline.mean_prompt import find_piece_model
+
+    monkeypatch.chdir(ROOT)  # config paths are relative to the repository
+    asked = []
+    monkeypatch.setattr(kagglehub, "model_download", lambda handle: asked.append(handle) or str(tiny.encoder))
+    monkeypatch.setattr(hub, "resolve", lambda handle: asked.append(handle) or str(tiny.encoder))
+    cfg = load_config(ROOT / "configs" / config)
+    found = find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model)
+    assert found.exists() and found.suffix == ".model"
+    if not Path(cfg.score.encoder).is_dir():
+        assert asked == [cfg.score.encoder.removeprefix("kaggle://")]
 
 
 def _write(path, rows):
