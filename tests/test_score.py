@@ -47,7 +47,13 @@ def test_every_config_finds_its_encoders_piece_model(tiny, config, monkeypatch):
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository
     asked = []
     monkeypatch.setattr(kagglehub, "model_download", lambda handle: asked.append(handle) or str(tiny.encoder))
-    monkeypatch.setattr(hub, "resolve", lambda handle: asked.append(handle) or str(tiny.encoder))
+
+    def resolve(handle):  # TF Hub resolves URLs; anything else must be a folder
+        if not handle.startswith("https://"):
+            raise OSError(f"{handle} is not a TF Hub URL")
+        return asked.append(handle) or str(tiny.encoder)
+
+    monkeypatch.setattr(hub, "resolve", resolve)
     cfg = load_config(ROOT / "configs" / config)
     found = find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model)
     assert found.exists() and found.suffix == ".model"
