@@ -70,11 +70,12 @@ class GemmaDecoder:
         shape = (batch, length, self.backbone.num_key_value_heads, self.backbone.head_dim)
         caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.backbone.transformer_layers]
         # One pass over the prompt region seeds the cache. Decoding restarts
-        # at the shortest prompt, so a position past a row's prompt is
-        # overwritten before it is read, and a longer prompt is fed on.
+        # at the shortest prompt (or at the end of that region, if every
+        # prompt is longer), so a position past a row's prompt is overwritten
+        # before it is read, and the rest of a longer prompt is fed on.
         prefill = max(length - max_new_tokens, 1)
         _, caches = self._forward(token_ids[:, :prefill], caches, 0, prefill)
-        index = jnp.min(row_lengths)  # the first position some row generates
+        index = jnp.minimum(jnp.min(row_lengths), prefill)  # the first cache position not yet written
         last = jnp.minimum(jnp.max(row_lengths) + max_new_tokens, length)
         done = jnp.zeros((batch,), bool)
         carry = (token_ids, caches, index, done)

@@ -85,3 +85,38 @@ def test_the_batch_ends_once_every_row_has_stopped(sharded_lora_lm):
     for row, n in enumerate(lengths):
         assert decoded[row, n] == first_tokens[row]
     assert (decoded[:, max(lengths) + 1 :] == 0).all()
+
+
+def test_prompts_longer_than_the_prefill_are_fed_on_not_skipped(sharded_lora_lm):
+    # length 96 - 40 new tokens: the prefill covers 56 positions, every prompt is longer.
+    lengths = [60, 70, 81]
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(5), lengths)
+    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=40)
+    for row, n in enumerate(lengths):
+        end = min(n + 40, LENGTH)
+        np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
+
+
+def test_bfloat16_rows_end_at_a_stop_token_as_in_keras_hub():
+    """The pipeline stops at <end_of_turn> and <eos>; any stop id works the
+    same way, so the stop here is the token row 0 writes third (a random
+    model rarely writes a given id)."""
+    import keras
+
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        causal_lm = random_lm(6)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    lengths = [9, 22, 15, 30]
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(6), lengths)
+    stop = int(keras_hub_tokens(causal_lm, token_ids, padding_mask)[0, lengths[0] + 2])
+    expected = np.asarray(causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask},
+                                             stop_token_ids=[stop])["token_ids"])
+    decoded = GemmaDecoder(causal_lm, stop_token_ids=[stop])(token_ids, padding_mask, max_new_tokens=40)
+    for row, n in enumerate(lengths):
+        generated = list(expected[row, n : n + 40])
+        end = n + (generated.index(stop) + 1 if stop in generated else 40)
+        np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
+    assert decoded[0, lengths[0] + 2] == stop
