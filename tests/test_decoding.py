@@ -120,3 +120,13 @@ def test_bfloat16_rows_end_at_a_stop_token_as_in_keras_hub():
         end = n + (generated.index(stop) + 1 if stop in generated else 40)
         np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
     assert decoded[0, lengths[0] + 2] == stop
+
+
+def test_a_stop_token_inside_a_prompt_does_not_end_the_row(sharded_lora_lm):
+    lengths = [5, 30]  # row 1's prompt is fed on, one position at a time, after row 0's
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(7), lengths)
+    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
+    generated = set(expected[1, 30:50].tolist())
+    stop = next(int(t) for t in token_ids[1, 6:30] if t not in generated)  # in the prompt only
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[stop])(token_ids, padding_mask, max_new_tokens=20)
+    np.testing.assert_array_equal(decoded[1, :50], expected[1, :50])

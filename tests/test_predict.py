@@ -92,3 +92,27 @@ def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, mo
     tiny_cfg.predict.combine = ["model", "mean_prompt"]
     with pytest.raises(FileNotFoundError, match="run the mean-prompt stage first"):
         run_predict_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, monkeypatch):
+    from pipeline.mean_prompt import TokenLimit, find_piece_model
+
+    _test_csv(tmp_path, n=2)
+
+    def outputs(self, prompts):
+        yield [0, 1], ["Make it rhyme.", "Shorter."]
+
+    monkeypatch.setattr(generation.BatchedGenerator, "generate", outputs)
+    mean = tmp_path / "cpu_tiny" / "mean_prompt" / "mean_prompt.txt"
+    mean.parent.mkdir(parents=True)
+    long_mean_prompt = "Rewrite this text as a pirate would say it, please. " * 30
+    mean.write_text(long_mean_prompt + "\n")
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.combine = ["model", "mean_prompt"]
+    path = run_predict_stage(tiny_cfg, log=lambda *_: None)
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    limit = TokenLimit(find_piece_model(tiny_cfg.score.encoder), tiny_cfg.mean_prompt.max_tokens)
+    assert not limit("Make it rhyme. " + long_mean_prompt.strip())
+    for model_output, prompt in zip(["Make it rhyme.", "Shorter."], sub["rewrite_prompt"]):
+        assert limit(prompt) and prompt.startswith(model_output + " Rewrite this text")
+        assert not limit(prompt + " pirate")  # cut at the limit, not before

@@ -71,6 +71,9 @@ def test_split_is_contiguous_and_complete():
     assert (train, val, hold) == (range(0, 84), range(84, 88), range(88, 100))
     with pytest.raises(TableError, match="no training rows"):
         split_rows(3, SplitConfig(validation=0.5, holdout=0.5))
+    with pytest.raises(TableError, match="no training rows"):  # exactly none left
+        split_rows(4, SplitConfig(validation=0.5, holdout=0.5))
+    assert split_rows(5, SplitConfig(validation=0.4, holdout=0.4))[0] == range(0, 1)
 
 
 @pytest.mark.parametrize(
