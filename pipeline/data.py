@@ -112,12 +112,14 @@ def _rewrite(cfg, plan, todo, log):
 
     causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])
     requests = [
-        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text)
+        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, cfg.data.chat_format)
         for r in plan.itertuples()
     ]
     # The chat-format string already starts the turn; Gemma wants <bos> first.
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
-    generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log)
+    stops = None if cfg.data.chat_format else [tokenizer.end_token_id]  # the reference stopped at <eos> only
+    generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log,
+                                 stops=stops)
     # Batches are planned over all rows, so a resumed row is decoded in the
     # same batch as in an uninterrupted run; only unfinished batches run.
     for indices, texts in generator.generate(prompts, skip=lambda indices: not todo[indices].any()):
@@ -133,7 +135,8 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
     data = cfg.data
     setup = [data.template, data.rewriter]
     if data.rewriter == "model":
-        setup += [templates.CHAT_TURN, cfg.model.preset, cfg.model.dtype, data.max_new_tokens, data.batch_size]
+        setup += [templates.CHAT_TURN if data.chat_format else None, cfg.model.preset, cfg.model.dtype,
+                  data.max_new_tokens, data.batch_size]
     digest = hashlib.sha256(
         pd.util.hash_pandas_object(plan, index=False).values.tobytes() + json.dumps(setup).encode()
     ).hexdigest()
@@ -141,7 +144,7 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
         if json.loads(plan_path.read_text())["digest"] != digest:
             raise ValueError(
                 f"{partial_path} was written for another plan or setup (sources, prompts, chunking, "
-                "seed, template, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
+                "seed, template, chat format, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
                 "it to start over, or use another run.name"
             )
     plan_path.write_text(json.dumps({"digest": digest, "rows": len(plan)}))

@@ -65,13 +65,14 @@ class BatchedGenerator:
     ids with the generation written after each prompt; by default a
     `GemmaDecoder` of `causal_lm`."""
 
-    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print, decode=None):
+    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print, decode=None,
+                 stops=None):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.length_step = length_step
         self.log = log
-        self.stops = stop_token_ids(tokenizer)
+        self.stops = stops or stop_token_ids(tokenizer)
         self.decode = decode or GemmaDecoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded

@@ -95,6 +95,27 @@ def test_resume_refuses_a_changed_model_setup(tiny_cfg):
         run_data_stage(tiny_cfg, log=lambda *_: None)
 
 
+def test_reference_format_sends_the_bare_template_and_stops_at_eos_only(tiny_cfg, monkeypatch):
+    from pipeline import generation
+
+    seen = {}
+    real_generate = generation.BatchedGenerator.generate
+
+    def spy(self, prompts, skip=None):
+        seen["stops"], seen["eos"] = self.stops, self.tokenizer.end_token_id
+        seen["first"] = self.tokenizer.detokenize([prompts[0][1:]])
+        return real_generate(self, prompts, skip)
+
+    monkeypatch.setattr(generation.BatchedGenerator, "generate", spy)
+    tiny_cfg.data.rewriter, tiny_cfg.data.max_rows, tiny_cfg.data.max_new_tokens = "model", 2, 2
+    tiny_cfg.data.prompts, tiny_cfg.data.chat_format = "prompts/rewrite_prompts.txt", False
+    run_data_stage(tiny_cfg, log=lambda *_: None)
+    first = seen["first"][0]
+    first = first.decode() if isinstance(first, bytes) else str(first)
+    assert first.startswith("Instruction:\n") and "<start_of_turn>" not in first
+    assert seen["stops"] == [seen["eos"]]  # not <end_of_turn>
+
+
 def test_model_rewriter_generates_only_missing_rows(tiny_cfg):
     tiny_cfg.data.rewriter = "model"
     tiny_cfg.data.max_rows = 12

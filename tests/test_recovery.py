@@ -20,6 +20,8 @@ def test_rewrite_request_is_one_gemma_user_turn():
         "Response:\n<end_of_turn>\n<start_of_turn>model\n"
     )
     assert CHAT_TURN.count("{content}") == 1
+    bare = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.", chat_format=False)
+    assert bare == "Instruction:\nMake it rhyme.\n\nOriginal Text:\nA cat sat.\n\nResponse:\n"  # the reference's
 
 
 def test_recovery_prompt_ends_where_the_answer_starts():
