@@ -20,8 +20,8 @@ from pipeline.runtime import setup_environment  # noqa: E402
 
 setup_environment(DistributionConfig())
 
-from pipeline.mean_prompt import EmbeddingCache, MeanScore, TokenLimit, beam_search, build_vocabulary  # noqa: E402
-from pipeline.score import load_sentence_encoder  # noqa: E402
+from pipeline.encoder import TokenLimit, load_sentence_encoder  # noqa: E402
+from pipeline.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
 from pipeline.tiny import build_tiny_artifacts  # noqa: E402
 
 

@@ -97,7 +97,7 @@ def time_reference_generation(causal_lm, tokenizer, texts):
     tokens are at most 512 minus the prompt's (an upper bound on its tokens/s)."""
     import keras_hub
 
-    from pipeline.generation import tokenize_batch
+    from pipeline.tokens import tokenize_batch
 
     reference = keras_hub.models.GemmaCausalLM(
         backbone=causal_lm.backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
@@ -138,7 +138,7 @@ def cpu_benchmark(args):
     import pandas as pd
 
     from pipeline.data import plan_rows
-    from pipeline.generation import stop_token_ids, tokenize_batch
+    from pipeline.tokens import stop_token_ids, tokenize_batch
     from pipeline.model import enable_lora, load_gemma
     from pipeline.recovery import RecoveryFormatter
     from pipeline.templates import format_rewrite_request

@@ -16,9 +16,8 @@ import json
 
 from pipeline import hosts, plots
 from pipeline.combine import combine_parts, load_parts
-from pipeline.predict import encoder_token_limit, read_predict_input
+from pipeline.encoder import encoder_token_limit, load_sentence_encoder, score_prompts
 from pipeline.run_dir import RunDir
-from pipeline.score import load_sentence_encoder, score_prompts
 from pipeline.tables import SUBMISSION_COLUMNS, read_table
 
 CONSTANT_BASELINE = "Improve the text to this."
@@ -37,7 +36,7 @@ def run_compare_stage(cfg, log=print):
     stage_dir = run.start_stage(cfg, "compare")
     if not hosts.is_main_process():
         return None  # no accelerator work: process 0 does this stage alone
-    rows = read_predict_input(run, cfg, log)
+    rows = run.read_predict_rows(log)
     truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], log=log).set_index("id")
     ids = list(rows["id"])
     model = read_table(run.raw_outputs, SUBMISSION_COLUMNS, empty="keep", log=log).set_index("id")

@@ -107,7 +107,8 @@ def _rewrite(cfg, plan, todo, log):
         for start in range(0, len(rows), cfg.data.batch_size):
             yield rows[start : start + cfg.data.batch_size]
         return
-    from pipeline.generation import BatchedGenerator, tokenize_batch
+    from pipeline.generation import BatchedGenerator
+    from pipeline.tokens import tokenize_batch
     from pipeline.model import load_gemma
 
     causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])

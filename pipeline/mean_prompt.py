@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline import hosts
 from pipeline.run_dir import RunDir
-from pipeline.score import embed, encoder_folder, load_sentence_encoder
+from pipeline.encoder import TokenLimit, embed, find_piece_model, load_sentence_encoder
 from pipeline.tables import read_table, split_rows
 
 
@@ -116,43 +116,6 @@ def build_vocabulary(kind, targets, pieces, letters_only, top_fraction, objectiv
     scores = objective(items)
     keep = max(1, int(round(len(items) * top_fraction)))
     return [items[i] for i in np.argsort(-scores, kind="stable")[:keep]]
-
-
-def find_piece_model(encoder_handle, piece_model=None):
-    """The encoder's SentencePiece model file (for token counts, pieces)."""
-    if piece_model:
-        return Path(piece_model)
-    folder = encoder_folder(encoder_handle)
-    found = sorted((folder / "assets").glob("*.model"))
-    if not found:
-        raise FileNotFoundError(
-            f"no SentencePiece model in {folder / 'assets'}; set mean_prompt.piece_model "
-            "to the encoder's .model file"
-        )
-    return found[0]
-
-
-class TokenLimit:
-    """True when the encoder sees all of a string (sentence-t5: 128 tokens)."""
-
-    def __init__(self, piece_model_path, max_tokens):
-        import sentencepiece as spm
-
-        self.processor = spm.SentencePieceProcessor(model_file=str(piece_model_path))
-        self.max_tokens = max_tokens
-
-    def __call__(self, text):
-        return len(self.processor.encode(text)) <= self.max_tokens
-
-    def cut(self, text):
-        """The longest word prefix of `text` within the limit."""
-        words = text.split()
-        while words and not self(" ".join(words)):
-            words.pop()
-        return " ".join(words)
-
-    def pieces(self):
-        return [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
 
 
 def best_constant(cache, candidates, train_targets, holdout_targets):

@@ -19,29 +19,13 @@ import time
 import pandas as pd
 
 from pipeline.combine import combine_parts, load_parts
+from pipeline.encoder import encoder_token_limit
 from pipeline import hosts
 from pipeline.generation import BatchedGenerator
 from pipeline.model import load_adapter, load_gemma
 from pipeline.recovery import RecoveryFormatter
 from pipeline.run_dir import RunDir
-from pipeline.tables import TEST_COLUMNS, read_table, split_rows, write_table
-
-
-def read_predict_input(run, cfg, log=print):
-    df = read_table(
-        run.predict_input, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
-    )
-    if cfg.predict.rows == "holdout":
-        _, _, holdout = split_rows(len(df), cfg.split)
-        df = df.iloc[list(holdout)].reset_index(drop=True)
-    return df
-
-
-def encoder_token_limit(cfg):
-    """Cuts a combined prompt to what the encoder sees."""
-    from pipeline.mean_prompt import TokenLimit, find_piece_model
-
-    return TokenLimit(find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), cfg.mean_prompt.max_tokens).cut
+from pipeline.tables import write_table
 
 
 def run_predict_stage(cfg, log=print):
@@ -50,7 +34,7 @@ def run_predict_stage(cfg, log=print):
     combined = cfg.predict.combine != ["model"]
 
     def read_inputs():
-        df = read_predict_input(run, cfg, log)
+        df = run.read_predict_rows(log)
         parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt)
         if combined:
             encoder_token_limit(cfg)  # a missing piece model fails now, before any generation

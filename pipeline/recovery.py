@@ -19,8 +19,8 @@ rows, n_responses_cut = formatter.encode(df)  # for pipeline.batching
 import numpy as np
 
 from pipeline.batching import EncodedRows
-from pipeline.generation import tokenize_batch
 from pipeline.templates import format_recovery
+from pipeline.tokens import tokenize_batch
 
 _MARGIN = 4  # re-tokenising cut text can add a token or two
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import hosts
 from pipeline.config import save_config
+from pipeline.tables import TEST_COLUMNS, read_table, split_rows
 
 
 class RunDir:
@@ -49,6 +50,17 @@ class RunDir:
     @property
     def predict_input(self):
         return Path(self.cfg.predict.input) if self.cfg.predict.input else self.data_csv
+
+    def read_predict_rows(self, log=print):
+        """The rows predict predicts (and compare scores): `predict.input`,
+        or its holdout part when `predict.rows` is holdout."""
+        df = read_table(
+            self.predict_input, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
+        )
+        if self.cfg.predict.rows == "holdout":
+            _, _, holdout = split_rows(len(df), self.cfg.split)
+            df = df.iloc[list(holdout)].reset_index(drop=True)
+        return df
 
     @property
     def predict_adapter(self):

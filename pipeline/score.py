@@ -1,80 +1,24 @@
-"""The score stage: the competition metric.
+"""The score stage: the competition metric over a submission.
 
-Predicted and true prompts are embedded with sentence-t5 (the TF Hub
-SavedModel the competition used), L2-normalised, and each row scores the
-sharpened cosine similarity `cos**3`; the score is the mean over rows.
+Each predicted prompt is scored against the true one with the sentence
+encoder's sharpened cosine similarity (`pipeline/encoder.py`); the score
+is the mean over rows. Writes `score.json`, `per_row.csv` and a histogram.
 
 Example:
 ```python
-encoder = load_sentence_encoder("https://tfhub.dev/google/sentence-t5/st5-base/1")
-vectors = embed(encoder, ["Improve the text to this."])
-sharpened_cosine(vectors, vectors)  # array([1.])
+cfg = load_config("configs/cpu_tiny.yaml", ["score.predictions=sub.csv", "score.truth=train.csv"])
+mean = run_score_stage(cfg)
 ```
 """
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline import hosts, plots
+from pipeline.encoder import load_sentence_encoder, score_prompts
 from pipeline.run_dir import RunDir
 from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table, split_rows
-
-
-def encoder_folder(handle):
-    """The local folder of the encoder: a TF Hub URL (downloaded to TF Hub's
-    cache), a Kaggle Models handle (downloaded by kagglehub) or a folder."""
-    handle = str(handle)
-    if Path(handle).is_dir():
-        return Path(handle)
-    if handle.startswith(("http://", "https://")):
-        import tensorflow_hub as hub
-
-        return Path(hub.resolve(handle))
-    kaggle_handle = handle.removeprefix("kaggle://")
-    if kaggle_handle.count("/") >= 3:  # owner/model/framework/variation[/version]
-        import kagglehub
-
-        return Path(kagglehub.model_download(kaggle_handle))
-    raise ValueError(
-        f"score.encoder {handle!r}: not a URL, an existing folder, or a Kaggle Models "
-        "handle such as google/sentence-t5/tensorFlow2/st5-base"
-    )
-
-
-def load_sentence_encoder(handle):
-    """A TF Hub URL, a Kaggle Models handle or a local SavedModel folder."""
-    import tensorflow_hub as hub
-    import tensorflow_text  # noqa: F401  registers the SentencePiece op
-
-    return hub.load(str(encoder_folder(handle)))
-
-
-def embed(encoder, texts, batch_size=64):
-    """[N, D] unit vectors."""
-    import tensorflow as tf
-
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        out = encoder(tf.constant(list(texts[start : start + batch_size])))
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        parts.append(np.asarray(out, dtype="float64"))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 1))
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-
-
-def sharpened_cosine(a, b):
-    """Row-wise cos**3 of two [N, D] arrays (normalised here)."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
-    return np.sum(a * b, axis=1) ** 3
-
-
-def score_prompts(encoder, predicted, truth, batch_size=64):
-    """Per-row sharpened cosine similarity of two lists of prompts."""
-    return sharpened_cosine(embed(encoder, predicted, batch_size), embed(encoder, truth, batch_size))
 
 
 def run_score_stage(cfg, log=print):

@@ -1,12 +1,7 @@
 import numpy as np
 
-from pipeline.generation import (
-    BatchedGenerator,
-    bucket_length,
-    stop_token_ids,
-    strip_generated,
-    tokenize_batch,
-)
+from pipeline.generation import BatchedGenerator, bucket_length
+from pipeline.tokens import stop_token_ids, strip_generated, tokenize_batch
 
 
 def test_strip_generated_drops_prompt_and_stops_at_first_stop():

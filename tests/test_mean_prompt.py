@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.combine import combine_parts
-from pipeline.mean_prompt import EmbeddingCache, MeanScore, TokenLimit, beam_search, best_constant, candidate_moves
+from pipeline.encoder import TokenLimit
+from pipeline.mean_prompt import EmbeddingCache, MeanScore, beam_search, best_constant, candidate_moves
 
 
 class _AxisEncoder:

@@ -95,7 +95,7 @@ def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, mo
 
 
 def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, monkeypatch):
-    from pipeline.mean_prompt import TokenLimit, find_piece_model
+    from pipeline.encoder import TokenLimit, find_piece_model
 
     _test_csv(tmp_path, n=2)
 

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.score import embed, load_sentence_encoder, run_score_stage, sharpened_cosine
+from pipeline.encoder import embed, load_sentence_encoder, sharpened_cosine
+from pipeline.score import run_score_stage
 from pipeline.tables import TableError
 from processes import ROOT
 
@@ -42,7 +43,7 @@ def test_every_config_finds_its_encoders_piece_model(tiny, config, monkeypatch):
     import tensorflow_hub as hub
 
     from pipeline.config import load_config
-    from pipeline.mean_prompt import find_piece_model
+    from pipeline.encoder import find_piece_model
 
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository
     asked = []
