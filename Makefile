@@ -14,10 +14,11 @@ RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 .PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare memory-plan bench tiny clean
 
-$(STAMP): $(REQUIREMENTS)
+$(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r $(REQUIREMENTS)
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(STAMP)

@@ -8,15 +8,13 @@ embedding cache's hit rate; writes bench/results/mean_prompt.json.
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipeline.config import DistributionConfig
+from pipeline.runtime import setup_environment
 
-from pipeline.config import DistributionConfig  # noqa: E402
-from pipeline.runtime import setup_environment  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 setup_environment(DistributionConfig())
 

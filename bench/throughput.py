@@ -27,17 +27,15 @@ bench/results/throughput_gpu.json with one entry per architecture (GPU mode).
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipeline.config import load_config
+from pipeline.runtime import setup_environment
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runtime import setup_environment  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Gemma 1 architectures (KerasHub preset configs), for random-weight runs.
 GEMMA_ARCHITECTURES = {

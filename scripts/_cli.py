@@ -9,12 +9,9 @@ TensorFlow kept off the accelerators) before any stage module is imported.
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.runtime import setup_environment  # noqa: E402
+from pipeline.config import ConfigError, load_config
+from pipeline.runtime import setup_environment
 
 
 def parse(description):

@@ -6,13 +6,9 @@ the sentence-t5 call signature. Deterministic: fixed seeds.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.runtime import setup_environment  # noqa: E402
-from pipeline.config import DistributionConfig  # noqa: E402
+from pipeline.config import DistributionConfig
+from pipeline.runtime import setup_environment
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

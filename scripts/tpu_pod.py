@@ -15,11 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipeline.config import ConfigError, load_config
+from pipeline.launch import TpuPod, archive_repository, execute, make_command
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.launch import TpuPod, archive_repository, execute, make_command  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = ["data", "finetune", "mean-prompt", "predict", "score", "compare", "all"]
 ARCHIVE = ROOT / "runs" / "tpu-pod" / "repo.tar.gz"

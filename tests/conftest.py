@@ -2,14 +2,12 @@
 stand-in artifacts built once per session (skipped when already built)."""
 
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipeline.config import DistributionConfig
+from pipeline.runtime import setup_environment
 
-from pipeline.config import DistributionConfig  # noqa: E402
-from pipeline.runtime import setup_environment  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 setup_environment(DistributionConfig(host_device_count=8))
 
