@@ -93,3 +93,28 @@ def test_empty_config_file_is_refused(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="empty.yaml: the file is empty"):
         load_config(empty)
+
+
+def _leaves(raw, prefix=""):
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_hold_only_what_their_target_changes(path):
+    import dataclasses
+
+    from pipeline.config import Config
+
+    base = dataclasses.asdict(Config())
+    for key, value in _leaves(yaml.safe_load(path.read_text())):
+        default = base
+        for part in key.split("."):
+            default = default[part]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            continue  # lists of sections (data.sources) have no default to repeat
+        assert value != default, f"{path}: {key} repeats the default {default!r}; leave it out"
