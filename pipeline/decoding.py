@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from pipeline import hosts
+from pipeline import hosts, keras_internals
 from pipeline.distribution import data_sharding
 
 
@@ -129,13 +129,13 @@ def _decoder_block(block, x, key_cache, value_cache, start, span_end, mask):
     """`GemmaDecoderBlock.call` with a cache, its key and value apart."""
     attention = block.attention
     normalized = block.pre_attention_norm(x)
-    query = attention._apply_rope(attention.query_dense(normalized), start)
-    key = attention._apply_rope(attention.key_dense(normalized), start)
+    query = keras_internals.apply_rope(attention, attention.query_dense(normalized), start)
+    key = keras_internals.apply_rope(attention, attention.key_dense(normalized), start)
     value = attention.value_dense(normalized)
     key_cache = jax.lax.dynamic_update_slice(key_cache, key.astype(key_cache.dtype), (0, start, 0, 0))
     value_cache = jax.lax.dynamic_update_slice(value_cache, value.astype(value_cache.dtype), (0, start, 0, 0))
-    attended = attention._compute_attention(
-        query, key_cache[:, :span_end], value_cache[:, :span_end], mask, cache_update_index=start
+    attended = keras_internals.compute_attention(
+        attention, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start
     )
     attended = attention.output_dense(attended)
     if block.use_post_attention_norm:

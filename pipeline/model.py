@@ -20,9 +20,9 @@ from pipeline.distribution import build_distribution
 
 def read_backbone_config(preset):
     """The backbone's config.json, fetched without the weights."""
-    from keras_hub.src.utils.preset_utils import load_json
+    from pipeline import keras_internals
 
-    config = load_json(str(preset))
+    config = keras_internals.read_preset_json(preset)
     if config.get("class_name") != "GemmaBackbone":
         raise ValueError(
             f"model.preset {preset!r} is a {config.get('class_name')}, not a Gemma "
@@ -50,10 +50,11 @@ def load_gemma(cfg, batch_sizes):
 
 def enable_lora(causal_lm, lora_cfg):
     """LoRA on the configured layers, scaled by alpha / rank."""
+    from pipeline import keras_internals
+
     backbone = causal_lm.backbone
     backbone.enable_lora(lora_cfg.rank, target_layer_names=list(lora_cfg.target_layers))
-    layers = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
-    enabled = [layers[i] for i in backbone._lora_enabled_layers]
+    enabled = list(keras_internals.lora_layers(backbone).values())
     if not enabled:
         raise ValueError(
             f"lora.target_layers {lora_cfg.target_layers} matched no layer of the model"
@@ -69,28 +70,19 @@ def save_adapter(causal_lm, lora_cfg, path):
     `load_lora_weights` reads) and, beside them, the settings needed to load
     them again. Every process calls it: LoRA factors sharded over several
     hosts are gathered first; process 0 writes."""
-    from keras.src.saving.saving_lib import H5IOStore
-
-    from pipeline import hosts
+    from pipeline import hosts, keras_internals
 
     backbone = causal_lm.backbone
-    layers = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
-    # Mirrors Backbone.save_lora_weights, which reads values that one host
-    # of a pod does not hold.
-    values = {
-        index: [hosts.to_numpy(layers[index].lora_kernel_a.value), hosts.to_numpy(layers[index].lora_kernel_b.value)]
-        for index in backbone._lora_enabled_layers
+    # Backbone.save_lora_weights reads values that one host of a pod does
+    # not hold: gather them first.
+    factors = {
+        index: (hosts.to_numpy(layer.lora_kernel_a.value), hosts.to_numpy(layer.lora_kernel_b.value))
+        for index, layer in keras_internals.lora_layers(backbone).items()
     }
     if not hosts.is_main_process():
         return
     path = Path(path)
-    store = H5IOStore(str(path), mode="w")
-    store.make("lora")["rank"] = backbone._lora_rank
-    for index, (kernel_a, kernel_b) in values.items():
-        inner = store.make(f"lora/{index}")
-        inner["lora_kernel_a"] = kernel_a
-        inner["lora_kernel_b"] = kernel_b
-    store.close()
+    keras_internals.write_lora_file(path, keras_internals.lora_rank(backbone), factors)
     _adapter_settings_path(path).write_text(
         json.dumps(
             {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},

@@ -59,11 +59,9 @@ def set_seed(seed):
     import random
 
     import numpy as np
-    from keras.src.backend.common import global_state
-    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
-    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
 
-    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
-    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)  # rebuilt from the seed
+    from pipeline import keras_internals
+
+    keras_internals.reset_seed(seed)
     random.seed(seed)
     np.random.seed(seed)

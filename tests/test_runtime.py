@@ -25,3 +25,23 @@ def test_set_seed_keeps_earlier_tokenizers_working(tiny_model):
     before = tokenize()
     set_seed(0)
     np.testing.assert_array_equal(tokenize()[0], before[0])
+
+
+def test_private_keras_names_refuse_other_versions():
+    import pytest
+
+    from pipeline.keras_internals import check_versions
+
+    check_versions({"keras": "3.15.1", "keras-hub": "0.32.0"})
+    with pytest.raises(ImportError, match=r"supports keras 3\.15\.x and keras-hub 0\.32\.x .* found keras 3\.16\.0"):
+        check_versions({"keras": "3.16.0", "keras-hub": "0.32.0"})
+
+
+def test_no_module_but_the_door_touches_private_keras_names():
+    import re
+    from pathlib import Path
+
+    private = re.compile(r"keras(_hub)?\.src|\._(lora_|flatten_layers|apply_rope|compute_attention)")
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("pipeline").glob("*.py")):
+        if path.name != "keras_internals.py":
+            assert not private.search(path.read_text()), path.name

@@ -1,0 +1,91 @@
+"""Every private Keras and KerasHub name the pipeline uses, behind one door.
+
+Private names change without notice between releases, so this module checks
+the installed versions when it is imported and refuses others with a
+message naming the supported ones (the pins in requirements-*.txt). Nothing
+else in `pipeline/` touches a `_private` Keras name or a `keras.src` /
+`keras_hub.src` module. Import it after `runtime.setup_environment`.
+
+Example:
+```python
+from pipeline import keras_internals
+keras_internals.reset_seed(0)
+config = keras_internals.read_preset_json("gemma_instruct_7b_en")
+```
+"""
+
+import keras
+import keras_hub
+
+SUPPORTED_VERSIONS = {"keras": "3.15.", "keras-hub": "0.32."}
+
+
+def check_versions(installed):
+    """installed: {"keras": version, "keras-hub": version}."""
+    wrong = [f"{name} {installed[name]}" for name, prefix in SUPPORTED_VERSIONS.items()
+             if not installed[name].startswith(prefix)]
+    if wrong:
+        supported = " and ".join(f"{name} {prefix}x" for name, prefix in SUPPORTED_VERSIONS.items())
+        raise ImportError(
+            f"pipeline/keras_internals.py supports {supported} (the pins in requirements-*.txt); "
+            f"found {', '.join(wrong)}. Install the pinned versions, or port the private names "
+            "used there to the new release"
+        )
+
+
+check_versions({"keras": keras.__version__, "keras-hub": keras_hub.__version__})
+
+
+def reset_seed(seed):
+    """Seeds Keras' global generator (layer initialisers, `keras.random`)
+    without `tf.random.set_seed` (see `runtime.set_seed`)."""
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)  # rebuilt from the seed
+
+
+def read_preset_json(preset):
+    """A preset's config.json (name, kaggle:// handle or folder), without
+    its weights; KerasHub has no public loader for it."""
+    from keras_hub.src.utils.preset_utils import load_json
+
+    return load_json(str(preset))
+
+
+def lora_layers(backbone):
+    """{index: layer} of the backbone's LoRA-enabled layers, indexed as
+    `save_lora_weights` / `load_lora_weights` index them."""
+    layers = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    return {index: layers[index] for index in getattr(backbone, "_lora_enabled_layers", [])}
+
+
+def write_lora_file(path, rank, factors):
+    """The `.lora.h5` file `Backbone.load_lora_weights` reads, from numpy
+    values: factors is {layer index: (lora_kernel_a, lora_kernel_b)}."""
+    from keras.src.saving.saving_lib import H5IOStore
+
+    store = H5IOStore(str(path), mode="w")
+    store.make("lora")["rank"] = rank
+    for index, (kernel_a, kernel_b) in factors.items():
+        inner = store.make(f"lora/{index}")
+        inner["lora_kernel_a"] = kernel_a
+        inner["lora_kernel_b"] = kernel_b
+    store.close()
+
+
+def lora_rank(backbone):
+    return backbone._lora_rank
+
+
+def apply_rope(attention, x, start_index):
+    """`GemmaAttention`'s rotary embedding of `x` at positions from `start_index`."""
+    return attention._apply_rope(x, start_index)
+
+
+def compute_attention(attention, query, key, value, mask, start_index):
+    """`GemmaAttention`'s attention of `query` over `key`/`value` (soft cap,
+    sliding window and query scaling included)."""
+    return attention._compute_attention(query, key, value, mask, cache_update_index=start_index)
