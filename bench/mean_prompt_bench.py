@@ -20,11 +20,11 @@ setup_environment(DistributionConfig())
 
 from pipeline.encoder import TokenLimit, load_sentence_encoder  # noqa: E402
 from pipeline.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
-from pipeline.tiny import build_tiny_artifacts  # noqa: E402
+from pipeline.tiny import TINY_DIR, build_tiny_artifacts  # noqa: E402
 
 
 def main():
-    tiny = build_tiny_artifacts(ROOT / "artifacts" / "tiny")
+    tiny = build_tiny_artifacts(ROOT / TINY_DIR)
     targets = (ROOT / "demo" / "prompts.txt").read_text().splitlines() * 20
     cache = EmbeddingCache(load_sentence_encoder(tiny.encoder), batch_size=512)
     objective = MeanScore(cache, targets)

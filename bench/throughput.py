@@ -140,11 +140,11 @@ def cpu_benchmark(args):
     from pipeline.model import enable_lora, load_gemma
     from pipeline.recovery import RecoveryFormatter
     from pipeline.templates import format_rewrite_request
-    from pipeline.tiny import BACKBONE_CONFIG, build_tiny_artifacts
+    from pipeline.tiny import BACKBONE_CONFIG, TINY_DIR, build_tiny_artifacts
 
     import keras_hub
 
-    build_tiny_artifacts(ROOT / "artifacts" / "tiny")
+    build_tiny_artifacts(ROOT / TINY_DIR)
     cfg = load_config(None)
     batch_size = args.generation_batch or cfg.data.batch_size
     max_new_tokens = args.max_new_tokens or cfg.data.max_new_tokens

@@ -34,6 +34,23 @@ from pipeline.distribution import data_sharding
 
 
 class GemmaDecoder:
+    """Greedy decoding with a per-layer KV cache, compiled once per shape.
+
+    Args:
+        causal_lm: a KerasHub `GemmaCausalLM` (LoRA enabled or not); its
+            current weights are read at every call.
+        stop_token_ids: ids that end a row (`<eos>`, `<end_of_turn>`).
+        max_spans: how many spans the positions after the prompts are
+            decoded in (each attends only to the cache filled so far, and
+            is one more loop body to compile).
+
+    Example:
+    ```python
+    decode = GemmaDecoder(causal_lm, stop_token_ids=[1, 107])
+    out = decode(token_ids, padding_mask, max_new_tokens=64)
+    ```
+    """
+
     def __init__(self, causal_lm, stop_token_ids, max_spans=4):
         self.causal_lm = causal_lm
         self.backbone = causal_lm.backbone

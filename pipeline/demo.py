@@ -14,6 +14,7 @@ run_demo(load_config())  # configs/cpu_tiny.yaml
 """
 
 import dataclasses
+from pathlib import Path
 
 from pipeline.compare import run_compare_stage
 from pipeline.data import run_data_stage
@@ -21,12 +22,12 @@ from pipeline.finetune import run_finetune_stage
 from pipeline.mean_prompt import run_mean_prompt_stage
 from pipeline.predict import run_predict_stage
 from pipeline.score import run_score_stage
-from pipeline.tiny import build_tiny_artifacts
+from pipeline.tiny import TINY_DIR, build_tiny_artifacts
 
 
 def run_demo(cfg, log=print):
-    if cfg.model.preset.startswith("artifacts/tiny/"):
-        build_tiny_artifacts("artifacts/tiny", log=log)
+    if Path(cfg.model.preset).is_relative_to(TINY_DIR):
+        build_tiny_artifacts(TINY_DIR, log=log)
     stages = (("data", run_data_stage), ("finetune", run_finetune_stage), ("mean-prompt", run_mean_prompt_stage))
     for name, stage in stages:
         log(f"=== {name} ===")

@@ -117,7 +117,27 @@ def run_finetune_stage(cfg, log=print):
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
     log(f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable weights")
+    train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
+    batches = TrainingBatches(train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed)
+    log(
+        f"finetune: {batches.steps_per_epoch} steps per epoch, {batches.real_tokens:,} real of "
+        f"{batches.computed_tokens:,} computed tokens ({batches.real_tokens / batches.computed_tokens:.1%} "
+        f"real, length_step={tc.length_step})"
+    )
+    compile_lora_training(causal_lm, tc)
+    store = CheckpointStore(stage_dir / "checkpoint.npz", checkpoint_settings(cfg, train_rows))
+    progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
+    train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log)
+    save_adapter(causal_lm, cfg.lora, run.adapter)
+    if hosts.is_main_process():
+        write_history(stage_dir, progress, batches)
+    log(f"finetune: adapter -> {run.adapter}")
+    return run.adapter
 
+
+def encode_splits(tokenizer, train_cfg, train_df, val_df, log):
+    """Training and validation rows as tokens, texts cut to fit (counted)."""
+    tc = train_cfg
     formatter = RecoveryFormatter(tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens)
     train_df, cut_train = formatter.fit_texts(train_df)
     val_df, cut_val = formatter.fit_texts(val_df)
@@ -128,29 +148,34 @@ def run_finetune_stage(cfg, log=print):
         f"sequence_length={tc.sequence_length}: {cut_train} train, {cut_val} validation; "
         f"{responses_cut} training response(s) cut to max_response_tokens={tc.max_response_tokens}"
     )
-    batches = TrainingBatches(train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed)
-    per_epoch = batches.steps_per_epoch
-    total = per_epoch * tc.epochs
-    log(
-        f"finetune: {per_epoch} steps per epoch, {batches.real_tokens:,} real of {batches.computed_tokens:,} "
-        f"computed tokens ({batches.real_tokens / batches.computed_tokens:.1%} real, length_step={tc.length_step})"
-    )
-    val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
+    return train_rows, val_rows
 
-    compile_lora_training(causal_lm, tc)
-    store = CheckpointStore(stage_dir / "checkpoint.npz", checkpoint_settings(cfg, train_rows))
+
+def resume(store, causal_lm, total_steps, log):
+    """The checkpoint's progress, loaded into the model (or a fresh start)."""
     progress = store.restore(causal_lm) or Progress()
-    if progress.step >= total:
-        log(f"finetune: {store.path} is at step {progress.step}/{total}: training is complete "
+    if progress.step >= total_steps:
+        log(f"finetune: {store.path} is at step {progress.step}/{total_steps}: training is complete "
             "(delete it to train again)")
     elif progress.step:
-        log(f"finetune: resuming from {store.path} at step {progress.step}/{total}")
+        log(f"finetune: resuming from {store.path} at step {progress.step}/{total_steps}")
+    return progress
+
+
+def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log):
+    """Trains from `progress.step` to the last epoch's end: one `fit` per
+    epoch (the first one from where the checkpoint left off), validation and
+    a checkpoint after each."""
+    tc = cfg.train
+    per_epoch = batches.steps_per_epoch
+    val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
     throughput = Throughput(
         flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
         cfg.distribution.peak_tflops_per_device,
         len(keras.distribution.list_devices()),
     )
-    callbacks = [StepLog(progress, total, log), Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
+    step_log = StepLog(progress, per_epoch * tc.epochs, log)
+    callbacks = [step_log, Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
     if hosts.is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
     for epoch in range(progress.step // per_epoch, tc.epochs):
@@ -161,8 +186,8 @@ def run_finetune_stage(cfg, log=print):
             validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
             initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
         )
-        seconds = callbacks[0].last_step_end - start
-        measured = throughput.of(sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0), seconds)
+        real_tokens = sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0)
+        measured = throughput.of(real_tokens, step_log.last_step_end - start)
         progress.epoch_throughput.append(measured)
         logs = {key: float(values[-1]) for key, values in history.history.items()}
         # The epoch's loss from its steps: whole even if the epoch was resumed.
@@ -171,24 +196,23 @@ def run_finetune_stage(cfg, log=print):
             progress.epochs.setdefault(key, []).append(value)
         store.save(causal_lm, progress)
         _log_epoch(log, epoch, tc.epochs, logs, measured)
-    save_adapter(causal_lm, cfg.lora, run.adapter)
-    if hosts.is_main_process():
-        (stage_dir / "history.json").write_text(
-            json.dumps(
-                {
-                    "step_loss": progress.step_losses,
-                    "epochs": progress.epochs,
-                    "real_token_fraction": batches.real_tokens / batches.computed_tokens,
-                    "epoch_throughput": progress.epoch_throughput,
-                },
-                indent=2,
-            )
+
+
+def write_history(stage_dir, progress, batches):
+    (stage_dir / "history.json").write_text(
+        json.dumps(
+            {
+                "step_loss": progress.step_losses,
+                "epochs": progress.epochs,
+                "real_token_fraction": batches.real_tokens / batches.computed_tokens,
+                "epoch_throughput": progress.epoch_throughput,
+            },
+            indent=2,
         )
-        plots.loss_curve(
-            progress.step_losses, progress.epochs.get("val_loss", []), per_epoch, stage_dir / "loss_curve.png"
-        )
-    log(f"finetune: adapter -> {run.adapter}")
-    return run.adapter
+    )
+    plots.loss_curve(
+        progress.step_losses, progress.epochs.get("val_loss", []), batches.steps_per_epoch, stage_dir / "loss_curve.png"
+    )
 
 
 def _log_epoch(log, epoch, epochs, logs, measured):

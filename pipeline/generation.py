@@ -31,9 +31,27 @@ def bucket_length(longest_prompt, max_new_tokens, length_step):
 
 
 class BatchedGenerator:
-    """`decode(token_ids, padding_mask, max_new_tokens)` returns the token
-    ids with the generation written after each prompt; by default a
-    `GemmaDecoder` of `causal_lm`."""
+    """Generates for many prompts in batches of similar length.
+
+    Args:
+        causal_lm: the KerasHub `GemmaCausalLM`.
+        tokenizer: its tokenizer (detokenises the outputs).
+        batch_size: rows per batch (global, over all hosts).
+        max_new_tokens: tokens generated at most per row.
+        length_step: prompt lengths round up to a multiple of this.
+        log: where progress lines go.
+        decode: `decode(token_ids, padding_mask, max_new_tokens)` returns
+            the token ids with the generation written after each prompt;
+            default: a `GemmaDecoder` of `causal_lm`.
+        stops: stop token ids (default: `<eos>` and `<end_of_turn>`).
+
+    Example:
+    ```python
+    generator = BatchedGenerator(causal_lm, tokenizer, batch_size=8, max_new_tokens=35)
+    for indices, texts in generator.generate(prompt_ids):
+        ...
+    ```
+    """
 
     def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print, decode=None,
                  stops=None):

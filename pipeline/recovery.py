@@ -26,6 +26,25 @@ _MARGIN = 4  # re-tokenising cut text can add a token or two
 
 
 class RecoveryFormatter:
+    """Turns (original, rewritten, prompt) rows into the model's tokens.
+
+    Args:
+        tokenizer: the Gemma tokenizer (`GemmaTokenizer`).
+        template: the recovery template, with `{original_text}` and
+            `{rewritten_text}`; the answer follows it directly.
+        sequence_length: tokens per training example, answer included.
+        max_response_tokens: room kept for the answer and `<eos>`; the
+            texts share the rest.
+
+    Example:
+    ```python
+    formatter = RecoveryFormatter(tokenizer, RECOVERY_TEMPLATE, 512, 64)
+    df, n_cut = formatter.fit_texts(df)
+    rows, n_responses_cut = formatter.encode(df)  # training
+    prompt_ids = formatter.prompt_ids(df)  # generation
+    ```
+    """
+
     def __init__(self, tokenizer, template, sequence_length, max_response_tokens):
         self.tokenizer = tokenizer
         self.template = template

@@ -21,6 +21,19 @@ from pipeline.tables import TEST_COLUMNS, read_table, split_rows
 
 
 class RunDir:
+    """The paths of one run (`<run.root>/<run.name>/`), from its config.
+
+    Args:
+        cfg: the run's `Config`.
+
+    Example:
+    ```python
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, cfg.train.out)
+    run.adapter  # runs/<name>/finetune/adapter.lora.h5
+    ```
+    """
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.root = Path(cfg.run.root) / cfg.run.name

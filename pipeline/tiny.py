@@ -35,6 +35,8 @@ import numpy as np
 from pipeline import rules, templates
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where the embedded default (configs/cpu_tiny.yaml) expects the stand-ins.
+TINY_DIR = Path("artifacts") / "tiny"
 DEMO_TEXTS = REPO_ROOT / "demo" / "texts.txt"
 PROMPT_FILES = (REPO_ROOT / "demo" / "prompts.txt", REPO_ROOT / "prompts" / "rewrite_prompts.txt")
 

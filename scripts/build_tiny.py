@@ -9,10 +9,11 @@ import argparse
 
 from pipeline.config import DistributionConfig
 from pipeline.runtime import setup_environment
+from pipeline.tiny import TINY_DIR
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="artifacts/tiny")
+    parser.add_argument("--out", default=str(TINY_DIR))
     parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args()
     setup_environment(DistributionConfig(host_device_count=0))

@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    from pipeline.tiny import build_tiny_artifacts
+    from pipeline.tiny import TINY_DIR, build_tiny_artifacts
 
-    return build_tiny_artifacts(ROOT / "artifacts" / "tiny", log=lambda *_: None)
+    return build_tiny_artifacts(ROOT / TINY_DIR, log=lambda *_: None)
 
 
 @pytest.fixture
