@@ -192,6 +192,27 @@ def cpu_benchmark(args):
     }
 
 
+def training_tokens_per_second(causal_lm, batch, length, steps):
+    """The compiled train step on random tokens; the first step compiles."""
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"),
+         "padding_mask": np.ones((batch, length), bool)}
+    y = rng.integers(1, 1000, (batch, length)).astype("int32")
+    causal_lm.train_on_batch(x, y)  # compile
+    start = time.perf_counter()
+    for _ in range(steps):
+        causal_lm.train_on_batch(x, y)
+    return steps * batch * length / (time.perf_counter() - start)
+
+
+def new_tokens_per_second(generate, new_tokens):
+    """One timed call after a compiling one."""
+    generate()
+    start = time.perf_counter()
+    generate()
+    return new_tokens / (time.perf_counter() - start)
+
+
 def gpu_benchmark(args):
     """Random-weight Gemma architectures in bfloat16 on one accelerator."""
     import keras
@@ -217,28 +238,13 @@ def gpu_benchmark(args):
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
         compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
-        rng = np.random.default_rng(0)
-        x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"),
-             "padding_mask": np.ones((batch, length), bool)}
-        y = rng.integers(1, 1000, (batch, length)).astype("int32")
-        causal_lm.train_on_batch(x, y)  # compile
-        start = time.perf_counter()
-        for _ in range(steps):
-            causal_lm.train_on_batch(x, y)
-        seconds = time.perf_counter() - start
-        train_tps = steps * batch * length / seconds
+        train_tps = training_tokens_per_second(causal_lm, batch, length, steps)
         prompt = {"token_ids": np.zeros((batch, 320), "int32"), "padding_mask": np.zeros((batch, 320), bool)}
         prompt["token_ids"][:, :256] = 5
         prompt["padding_mask"][:, :256] = True
-        causal_lm.generate(prompt, stop_token_ids=None)  # compile
-        start = time.perf_counter()
-        causal_lm.generate(prompt, stop_token_ids=None)
-        keras_hub_tps = batch * 64 / (time.perf_counter() - start)
+        keras_hub_tps = new_tokens_per_second(lambda: causal_lm.generate(prompt, stop_token_ids=None), batch * 64)
         decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: all 64 tokens
-        decoder(prompt["token_ids"], prompt["padding_mask"], 64)  # compile
-        start = time.perf_counter()
-        decoder(prompt["token_ids"], prompt["padding_mask"], 64)
-        decode_tps = batch * 64 / (time.perf_counter() - start)
+        decode_tps = new_tokens_per_second(lambda: decoder(prompt["token_ids"], prompt["padding_mask"], 64), batch * 64)
         results[name] = {
             "batch": batch,
             "sequence_length": length,
