@@ -56,15 +56,21 @@ class DistributionConfig:
     host_device_count: int = 0
     # Multi-host TPU slices: calls keras.distribution.initialize(). On Cloud
     # TPU the three fields below are inferred; set them to run elsewhere.
-    # bf16 peak of one device, for the MFU estimate in the training log
-    # (TPU v3 core: 61.5; 0 leaves MFU out).
-    peak_tflops_per_device: float = 61.5
-    # Memory of one device, for the memory plan (TPU v3 core: 16 GiB).
-    device_memory_gib: float = 16.0
     multi_host: bool = False
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class HardwareConfig:
+    """Facts about one device of the target machine (not choices)."""
+
+    # bf16 peak, for the MFU estimate in the training log (TPU v3 core:
+    # 61.5; 0 leaves MFU out).
+    peak_tflops_per_device: float = 61.5
+    # Memory, for the memory plan (TPU v3 core: 16 GiB).
+    device_memory_gib: float = 16.0
 
 
 @dataclasses.dataclass
@@ -198,6 +204,7 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)

@@ -171,7 +171,7 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
     val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
     throughput = Throughput(
         flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
-        cfg.distribution.peak_tflops_per_device,
+        cfg.hardware.peak_tflops_per_device,
         len(keras.distribution.list_devices()),
     )
     step_log = StepLog(progress, per_epoch * tc.epochs, log)

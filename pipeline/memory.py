@@ -121,7 +121,7 @@ class MemoryPlan:
 
 
 def plan_memory(cfg, config, device_gib=None):
-    device_gib = device_gib or cfg.distribution.device_memory_gib
+    device_gib = device_gib or cfg.hardware.device_memory_gib
     mesh_shape, axis_names = cfg.distribution.mesh_shape, cfg.distribution.axis_names
     axis_size = dict(zip(axis_names, mesh_shape))
     model_axis = mesh_shape[1]
