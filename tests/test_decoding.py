@@ -29,6 +29,18 @@ def keras_hub_tokens(causal_lm, token_ids, padding_mask):
     return np.asarray(out["token_ids"])
 
 
+def assert_decoder_matches_keras_hub(causal_lm, lengths, seed, max_new_tokens, **decoder_args):
+    """Prompts of `lengths`; the decoder's tokens equal KerasHub's greedy
+    ones up to each row's bound. Returns the decoded tokens."""
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(seed), lengths)
+    expected = keras_hub_tokens(causal_lm, token_ids, padding_mask)
+    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], **decoder_args)(token_ids, padding_mask, max_new_tokens)
+    for row, n in enumerate(lengths):
+        end = min(n + max_new_tokens, LENGTH)
+        np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
+    return decoded
+
+
 @pytest.fixture(scope="module")
 def sharded_lora_lm(tiny_model):
     """Random weights on the (1, 8) mesh (set up by `tiny_model`), with LoRA
@@ -43,11 +55,7 @@ def sharded_lora_lm(tiny_model):
 
 
 def test_greedy_tokens_match_keras_hub_on_the_sharded_model_with_lora(sharded_lora_lm):
-    token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [3, 17, 30, 30, 41, 8, 25, 12])
-    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=40)
-    for row, n in enumerate(padding_mask.sum(axis=1)):
-        np.testing.assert_array_equal(decoded[row, : n + 40], expected[row, : n + 40], err_msg=f"row {row}")
+    assert_decoder_matches_keras_hub(sharded_lora_lm, [3, 17, 30, 30, 41, 8, 25, 12], seed=0, max_new_tokens=40)
 
 
 def test_gemma_2_style_blocks_match_keras_hub():
@@ -56,20 +64,12 @@ def test_gemma_2_style_blocks_match_keras_hub():
         final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=16,
         query_head_dim_normalize=False,
     )
-    token_ids, padding_mask = ragged_prompts(np.random.default_rng(2), [20, 5, 33, 11])
-    expected = keras_hub_tokens(causal_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], max_spans=7)(token_ids, padding_mask, max_new_tokens=50)
-    for row, n in enumerate(padding_mask.sum(axis=1)):
-        np.testing.assert_array_equal(decoded[row, : n + 50], expected[row, : n + 50], err_msg=f"row {row}")
+    assert_decoder_matches_keras_hub(causal_lm, [20, 5, 33, 11], seed=2, max_new_tokens=50, max_spans=7)
 
 
 def test_decoding_ends_at_max_new_tokens_after_the_longest_prompt(sharded_lora_lm):
     lengths = [10, 25, 4]
-    token_ids, padding_mask = ragged_prompts(np.random.default_rng(3), lengths)
-    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=12)
-    for row, n in enumerate(lengths):
-        np.testing.assert_array_equal(decoded[row, : n + 12], expected[row, : n + 12])
+    decoded = assert_decoder_matches_keras_hub(sharded_lora_lm, lengths, seed=3, max_new_tokens=12)
     assert (decoded[:, max(lengths) + 12 :] == 0).all()  # nothing written past the last row's bound
 
 
@@ -89,13 +89,7 @@ def test_the_batch_ends_once_every_row_has_stopped(sharded_lora_lm):
 
 def test_prompts_longer_than_the_prefill_are_fed_on_not_skipped(sharded_lora_lm):
     # length 96 - 40 new tokens: the prefill covers 56 positions, every prompt is longer.
-    lengths = [60, 70, 81]
-    token_ids, padding_mask = ragged_prompts(np.random.default_rng(5), lengths)
-    expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, max_new_tokens=40)
-    for row, n in enumerate(lengths):
-        end = min(n + 40, LENGTH)
-        np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
+    assert_decoder_matches_keras_hub(sharded_lora_lm, [60, 70, 81], seed=5, max_new_tokens=40)
 
 
 def test_bfloat16_rows_end_at_a_stop_token_as_in_keras_hub():
