@@ -21,9 +21,9 @@ from test_pod import lora_weights
 pytestmark = [pytest.mark.slow, pytest.mark.kill]
 
 TRIALS = 5
-FINETUNE = ["data.max_rows=96", "train.epochs=2", "train.checkpoint_every=2"]
+FINETUNE = ["data.max_rows=72", "train.epochs=2", "train.checkpoint_every=2"]
 DATA = ["data.rewriter=model", "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=48",
-        "data.max_new_tokens=16"]
+        "data.max_new_tokens=8"]
 
 
 def kill_at_random(script, overrides, progress_line, last, rng, log_dir):
