@@ -108,8 +108,8 @@ def _rewrite(cfg, plan, todo, log):
             yield rows[start : start + cfg.data.batch_size]
         return
     from pipeline.generation import BatchedGenerator
-    from pipeline.tokens import tokenize_batch
     from pipeline.model import load_gemma
+    from pipeline.tokens import tokenize_batch
 
     causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])
     requests = [

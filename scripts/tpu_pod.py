@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
-from pipeline.launch import TpuPod, archive_repository, execute, make_command
+from pipeline.launch import REMOTE_REPO, TpuPod, archive_repository, execute, make_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def main():
         "create": lambda: [pod.create()],
         "setup": lambda: pod.setup(ARCHIVE, args.data),
         "run": lambda: [pod.run(make)],
-        "fetch": lambda: [pod.copy_from_worker_0(f"prompt-recovery/{run_dir}", cfg.run.root)],
+        "fetch": lambda: [pod.copy_from_worker_0(f"{REMOTE_REPO}/{run_dir}", cfg.run.root)],
         "delete": lambda: [pod.delete()],
     }[args.step]()
     execute(commands, dry_run=args.dry_run)
