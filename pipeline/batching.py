@@ -15,7 +15,7 @@ trains once per epoch and every epoch has the same number of steps.
 
 Example:
 ```python
-rows = formatter.encode(df)  # EncodedRows
+rows, _ = formatter.encode(df)  # EncodedRows, responses cut
 batches = TrainingBatches(rows, batch_size=8, sequence_length=512, length_step=64, seed=0)
 for batch in batches.epoch(0):
     x, y, sample_weight = rows.arrays(batch)  # numpy, the whole global batch
@@ -74,10 +74,11 @@ class TrainingBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.lengths = padded_lengths(rows, sequence_length, length_step)
-        self.steps_per_epoch = len(self.epoch(0))
+        first = self.epoch(0)
+        self.steps_per_epoch = len(first)
         # Tokens the model reads of an epoch (padding excluded), and positions it computes.
         self.real_tokens = sum(len(ids) for ids in rows.ids)
-        self.computed_tokens = sum(b.length * batch_size for b in self.epoch(0))
+        self.computed_tokens = sum(b.length * batch_size for b in first)
 
     def epoch(self, epoch):
         """The epoch's batches, in training order."""
@@ -90,19 +91,21 @@ class TrainingBatches:
                 batches.append(Batch(tuple(bucket), self.lengths[row]))
                 bucket.clear()
         left = [row for length in sorted(buckets) for row in buckets[length]]
-        for start in range(0, len(left), self.batch_size):
-            rows = left[start : start + self.batch_size]
-            rows += [-1] * (self.batch_size - len(rows))
-            batches.append(Batch(tuple(rows), max(self.lengths[r] for r in rows if r >= 0)))
+        batches += filled_batches(left, self.lengths, self.batch_size)
         return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def evaluation_batches(rows, batch_size, sequence_length, length_step):
     """Every row once, in length order, batches filled with zero-weight rows."""
     lengths = padded_lengths(rows, sequence_length, length_step)
-    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    return filled_batches(sorted(range(len(lengths)), key=lambda r: lengths[r]), lengths, batch_size)
+
+
+def filled_batches(order, lengths, batch_size):
+    """`order` cut into batches, each padded to its longest row, the last
+    filled with zero-weight rows (-1)."""
     batches = []
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+        chunk = list(order[start : start + batch_size])
         batches.append(Batch(tuple(chunk + [-1] * (batch_size - len(chunk))), max(lengths[r] for r in chunk)))
     return batches
