@@ -1,4 +1,4 @@
-# Stage by stage:  make data|finetune|mean-prompt|predict|score|compare [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
+# Stage by stage:  make data|finetune|mean-prompt|predict|score|compare|export|kaggle-bundle [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
 # Everything:      make all CONFIG=configs/kaggle_tpu_v3_8.yaml REQUIREMENTS=requirements-tpu.txt
 # Newcomers:       make demo   (embedded default, CPU)    make test
 # Without CONFIG every target uses configs/cpu_tiny.yaml, the embedded default.
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare memory-plan bench tiny clean
+.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare export kaggle-bundle memory-plan bench tiny clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ mean-prompt: $(STAMP) $(if $(CONFIG),,tiny)
 
 compare: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,compare)
+
+export: $(STAMP) $(if $(CONFIG),,tiny)
+	PYTHONUNBUFFERED=1 $(call RUN,export)
+
+# Needs the package index (it downloads the notebook's wheels); the notebook does not.
+kaggle-bundle: $(STAMP) $(if $(CONFIG),,tiny)
+	PYTHONUNBUFFERED=1 $(call RUN,kaggle_bundle)
 
 memory-plan: $(STAMP) $(if $(CONFIG),,tiny)
 	$(call RUN,memory_plan)

@@ -200,6 +200,37 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass
+class ExportConfig:
+    # "run": this run's fine-tuned adapter; "none": the base model alone; or
+    # a path to a .lora.h5 file. The adapter is merged into the weights.
+    adapter: str = "run"
+    # Also write the adapter alone in PEFT's format (peft_adapter/).
+    peft: bool = True
+    out: str = "export"
+
+
+@dataclasses.dataclass
+class KaggleConfig:
+    """The offline submission bundle (`make kaggle-bundle`) and the notebook
+    that runs it with the internet off."""
+
+    # The base model in transformers format as the notebook sees it: a
+    # Kaggle Models input (Gemma 7B instruct), or "export" to ship this
+    # run's merged export inside the bundle instead (small models only).
+    base_model: str = "/kaggle/input/gemma/transformers/7b-it/3"
+    input: str = "/kaggle/input/llm-prompt-recovery/test.csv"
+    output: str = "/kaggle/working/submission.csv"
+    # T4 and P100 have no fast bfloat16; float16 runs on their tensor cores.
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    # The wheels are fetched for the notebook's Python and platforms.
+    python_version: str = "3.11"
+    platforms: list[str] = dataclasses.field(
+        default_factory=lambda: ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux_2_12_x86_64"]
+    )
+    out: str = "kaggle_bundle"
+
+
+@dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -212,6 +243,8 @@ class Config:
     mean_prompt: MeanPromptConfig = dataclasses.field(default_factory=MeanPromptConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    kaggle: KaggleConfig = dataclasses.field(default_factory=KaggleConfig)
 
 
 def load_config(path=None, overrides=()):

@@ -89,3 +89,12 @@ def compute_attention(attention, query, key, value, mask, start_index):
     """`GemmaAttention`'s attention of `query` over `key`/`value` (soft cap,
     sliding window and query scaling included)."""
     return attention._compute_attention(query, key, value, mask, cache_update_index=start_index)
+
+
+def gemma_transformers_exporter():
+    """KerasHub's Gemma exporter for Hugging Face transformers, in parts:
+    (config of a backbone, {HF name: weight} of a backbone, tokenizer writer).
+    `pipeline.export` replaces the weights KerasHub 0.32 maps wrongly."""
+    from keras_hub.src.utils.transformers.export import gemma, hf_exporter
+
+    return gemma.get_gemma_config, gemma.get_gemma_weights_map, hf_exporter.export_tokenizer

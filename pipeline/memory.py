@@ -139,9 +139,10 @@ def plan_memory(cfg, config, device_gib=None):
     plan = MemoryPlan(device_gib, frozen, lora_state, rows * per_row, kv, rows, per_row, [])
     budget = device_gib * GIB * HEADROOM
     if frozen + lora_state > budget:
+        smaller_dtype = " or use model.dtype=bfloat16" if dtype_bytes > 2 else ""
         plan.suggestions.append(
             "the weights alone do not fit: shard over more devices (a larger model axis in "
-            "distribution.mesh_shape) or use model.dtype=bfloat16"
+            f"distribution.mesh_shape){smaller_dtype}"
         )
     else:
         if not plan.fits(plan.training):

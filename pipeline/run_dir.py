@@ -78,10 +78,31 @@ class RunDir:
     @property
     def predict_adapter(self):
         """The adapter path for predict, or None for the base model."""
-        choice = self.cfg.predict.adapter
+        return self._chosen_adapter(self.cfg.predict.adapter)
+
+    @property
+    def export_adapter(self):
+        """The adapter merged by the export, or None for the base model."""
+        return self._chosen_adapter(self.cfg.export.adapter)
+
+    def _chosen_adapter(self, choice):
         if choice == "none":
             return None
         return self.adapter if choice == "run" else Path(choice)
+
+    @property
+    def transformers_model(self):
+        """The merged model in Hugging Face transformers format."""
+        return self.root / self.cfg.export.out / "transformers"
+
+    @property
+    def peft_adapter(self):
+        """The adapter alone, in PEFT's format."""
+        return self.root / self.cfg.export.out / "peft_adapter"
+
+    @property
+    def kaggle_bundle(self):
+        return self.root / self.cfg.kaggle.out
 
     @property
     def mean_prompt_targets(self):

@@ -4,8 +4,9 @@ Gemma and sentence-t5 weights cannot be downloaded offline, so the demo and
 the tests build small artifacts of the same kinds and load them through the
 same code paths as the real ones:
 
-- a SentencePiece model trained on the bundled demo text, with Gemma's
-  special tokens (`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then
+- a SentencePiece model of Gemma's kind (BPE with byte fallback, digits
+  split, no normalisation) trained on the bundled demo text, and a unigram
+  one as sentence-t5's for the encoder, both with Gemma's special tokens (`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then
   `<start_of_turn>`, `<end_of_turn>`);
 - a tiny `GemmaCausalLM` (every dimension the (1, 8) mesh shards divides by
   8), pre-trained briefly on the demo text so that it writes words, saved with
@@ -65,6 +66,10 @@ class TinyPaths:
         return self.root / "tokenizer.spm"
 
     @property
+    def encoder_spm(self):
+        return self.root / "encoder_tokenizer.spm"
+
+    @property
     def preset(self):
         return self.root / "gemma_tiny"
 
@@ -77,16 +82,17 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print):
     """Builds (or reuses) the tokenizer, tiny Gemma preset and encoder."""
     paths = TinyPaths(Path(root))
     paths.root.mkdir(parents=True, exist_ok=True)
-    if not paths.spm.exists():
-        log(f"tiny: training SentencePiece ({VOCABULARY_SIZE} pieces) -> {paths.spm}")
-        paths.spm.write_bytes(train_sentencepiece(_tokenizer_corpus()))
+    for path, model_type in ((paths.spm, "bpe"), (paths.encoder_spm, "unigram")):
+        if not path.exists():
+            log(f"tiny: training SentencePiece ({model_type}, {VOCABULARY_SIZE} pieces) -> {path}")
+            path.write_bytes(train_sentencepiece(_tokenizer_corpus(), model_type))
     proto = paths.spm.read_bytes()
     if not (paths.preset / "config.json").exists():
         log(f"tiny: building Gemma preset ({pretrain_steps} pre-training steps) -> {paths.preset}")
         build_tiny_gemma(proto, pretrain_steps, log).save_to_preset(str(paths.preset))
     if not (paths.encoder / "assets" / "spiece.model").exists():
         log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
-        export_stand_in_encoder(proto, paths.encoder)
+        export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
     return paths
 
 
@@ -106,8 +112,10 @@ def _tokenizer_corpus():
     return [line for text in lines for line in text.splitlines() if line.strip()]
 
 
-def train_sentencepiece(lines, vocabulary_size=VOCABULARY_SIZE):
-    """Returns a serialized SentencePiece model with Gemma's special ids."""
+def train_sentencepiece(lines, model_type, vocabulary_size=VOCABULARY_SIZE):
+    """Returns a serialized SentencePiece model with Gemma's special ids:
+    "bpe" with byte fallback as Gemma's (transformers' Gemma converter reads
+    it), or "unigram" as sentence-t5's."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -115,13 +123,13 @@ def train_sentencepiece(lines, vocabulary_size=VOCABULARY_SIZE):
         sentence_iterator=iter(lines),
         model_writer=model,
         vocab_size=vocabulary_size,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
         split_digits=True,
-        byte_fallback=False,
+        byte_fallback=model_type == "bpe",
         pad_id=0,
         eos_id=1,
         bos_id=2,

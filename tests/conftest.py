@@ -38,3 +38,18 @@ def tiny_model(tiny):
 
     cfg = load_config(None, [f"model.preset={tiny.preset}"])
     return load_gemma(cfg, [8])
+
+
+@pytest.fixture(scope="session")
+def demo_run(tiny, tmp_path_factory):
+    """The demo (every stage, base and fine-tuned) run once per session:
+    (config, scores). Tests of what comes after training share it."""
+    from pipeline.config import load_config
+    from pipeline.demo import run_demo
+
+    os.chdir(ROOT)
+    root = tmp_path_factory.mktemp("demo")
+    cfg = load_config(None, [f"run.root={root}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"])
+    logs = []
+    scores = run_demo(cfg, log=logs.append)
+    return cfg, scores, logs

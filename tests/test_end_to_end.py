@@ -8,14 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.demo import run_demo
-
 pytestmark = pytest.mark.slow
 
 
-def test_demo_adapter_beats_base_model(tiny_cfg):
-    logs = []
-    scores = run_demo(tiny_cfg, log=logs.append)
+def test_demo_adapter_beats_base_model(demo_run):
+    tiny_cfg, scores, logs = demo_run
     assert scores["fine-tuned"] > scores["base model"] + 0.1, scores
     assert logs[-2].startswith("base model score:") and logs[-1].startswith("fine-tuned score:")
 

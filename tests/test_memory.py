@@ -96,3 +96,34 @@ def test_plan_says_when_it_does_not_fit_and_what_to_change():
     unsharded = plan_memory(load_config("configs/kaggle_tpu_v3_8.yaml", ["distribution.mesh_shape=[8,1]", "train.batch_size=8"]), GEMMA_7B)
     assert "the weights alone do not fit" in unsharded.suggestions[0]
     assert "does NOT fit" in unsharded.report()
+
+
+@pytest.mark.parametrize("name", ["kaggle_gpu_t4x2", "kaggle_tpu_v5e_8", "kaggle_tpu_v6e_8"])
+def test_kaggle_targets_hold_gemma_7b_and_pass_the_distribution_checks(name):
+    from pipeline.distribution import check_batch_sizes, check_shardable
+
+    cfg = load_config(f"configs/{name}.yaml")
+    plan = plan_memory(cfg, GEMMA_7B)
+    assert plan.fits(plan.training) and plan.fits(plan.generation), plan.report()
+    mesh, axes = cfg.distribution.mesh_shape, cfg.distribution.axis_names
+    check_shardable(gemma_layout_axes(*axes), GEMMA_7B, mesh, axes)
+    check_batch_sizes(mesh, [cfg.train.batch_size, cfg.predict.batch_size, cfg.data.batch_size])
+
+
+def test_one_16_gb_gpu_cannot_hold_gemma_7b_in_16_bits():
+    """Why there is no P100 config: one 16 GB card, float16, no sharding."""
+    cfg = load_config("configs/kaggle_gpu_t4x2.yaml", ["distribution.mesh_shape=[1,1]"])
+    plan = plan_memory(cfg, GEMMA_7B, device_gib=16.0)
+    assert not plan.fits(plan.generation)
+    assert plan.suggestions == ["the weights alone do not fit: shard over more devices (a larger model axis in "
+                                "distribution.mesh_shape)"]
+
+
+def test_two_gpu_mesh_refused_where_it_cannot_work():
+    from pipeline.distribution import DistributionError, check_mesh, check_shardable
+
+    cfg = load_config("configs/kaggle_gpu_t4x2.yaml")
+    with pytest.raises(DistributionError, match=r"needs 2 devices but 1 are visible"):
+        check_mesh(cfg.distribution.mesh_shape, cfg.distribution.axis_names, 1)
+    with pytest.raises(DistributionError, match="vocabulary_size=256000 of the model does not divide by the 'model' mesh axis \(3\)"):
+        check_shardable(gemma_layout_axes(), GEMMA_7B, [1, 3], ["batch", "model"])

@@ -1,0 +1,6 @@
+"""Export stage: the run's adapter merged into Gemma, in Hugging Face transformers format -> <run>/export/."""
+
+import _cli
+
+if __name__ == "__main__":
+    _cli.main(__doc__, "pipeline.export", "run_export_stage")

@@ -1,0 +1,51 @@
+"""The Kaggle notebook's entry point, shipped inside the offline bundle.
+
+In a notebook with the internet off and the bundle attached as a dataset:
+
+    !python /kaggle/input/<your-bundle>/kaggle_predict.py
+
+Installs the bundle's wheels with no package index (torch is Kaggle's own),
+then writes the submission (default: settings.json's `output`,
+/kaggle/working/submission.csv) for the competition's test.csv.
+"""
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BUNDLE = Path(__file__).resolve().parent
+
+
+def install(bundle):
+    wheels = bundle / "wheels"
+    project = [str(w) for w in sorted(wheels.glob("prompt_recovery-*.whl"))]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheels),
+                    "-r", str(bundle / "requirements.txt"), *project], check=True)
+    importlib.invalidate_caches()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", help="competition CSV (default: settings.json's input)")
+    parser.add_argument("--output", help="submission CSV (default: settings.json's output)")
+    parser.add_argument("--base-model", help="transformers folder of the base model (default: settings.json's)")
+    parser.add_argument("--no-install", action="store_true", help="the wheels are installed already")
+    args = parser.parse_args()
+    if not args.no_install:
+        install(BUNDLE)
+    from pipeline.transformers_predict import run_transformers_predict
+
+    settings = json.loads((BUNDLE / "settings.json").read_text())
+    if args.base_model:
+        settings["base_model"] = args.base_model
+    try:
+        run_transformers_predict(settings, BUNDLE, args.input or settings["input"], args.output or settings["output"])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

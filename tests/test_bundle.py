@@ -1,0 +1,73 @@
+"""The offline Kaggle bundle: built from the demo run, installed into a fresh
+virtual environment that has only torch (as Kaggle's image has), with no
+package index, and run: the submission is the predict stage's."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.bundle import run_kaggle_bundle_stage
+from pipeline.combine import combine_parts
+from pipeline.encoder import TokenLimit, find_piece_model
+from pipeline.export import run_export_stage
+from pipeline.run_dir import RunDir
+from pipeline.tables import write_table
+
+
+def with_changes(cfg, **sections):
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **changes)
+                                       for name, changes in sections.items()})
+
+
+def test_bundle_refuses_parts_the_notebook_cannot_have(tiny_cfg):
+    cfg = with_changes(tiny_cfg, predict={"combine": ["model", "other_submission.csv"]})
+    with pytest.raises(ValueError, match="combines only model and mean_prompt; 'other_submission.csv'"):
+        run_kaggle_bundle_stage(cfg, log=lambda *_: None)
+
+
+def test_bundle_asks_for_the_export_first(tiny_cfg):
+    with pytest.raises(FileNotFoundError, match="peft_adapter not found; run the export stage first"):
+        run_kaggle_bundle_stage(tiny_cfg, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_bundle_installs_offline_and_writes_the_pipelines_submission(demo_run, tmp_path):
+    cfg, _, _ = demo_run
+    cfg = with_changes(cfg, predict={"combine": ["model", "mean_prompt"]})
+    quiet = dict(log=lambda *_: None)
+    run_export_stage(cfg, **quiet)
+    # Kaggle's own Gemma (transformers format) stands for the base model.
+    base_cfg = with_changes(cfg, export={"adapter": "none", "out": "export_base", "peft": False})
+    base_model = Path(run_export_stage(base_cfg, **quiet)["transformers"])
+    bundle = run_kaggle_bundle_stage(cfg, **quiet)
+    assert {p.name for p in bundle.iterdir()} == {"config.yaml", "kaggle_predict.py", "requirements.txt",
+                                                  "settings.json", "wheels", "peft_adapter", "piece_model.model"}
+
+    run = RunDir(cfg)
+    test_csv = tmp_path / "test.csv"
+    write_table(run.read_predict_rows(log=lambda *_: None), test_csv)
+    venv = tmp_path / "kaggle-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # Kaggle's image has torch; this machine's package configuration finds the CPU build.
+    subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+    offline = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    offline["PIP_CONFIG_FILE"] = os.devnull  # no index, no find-links but the bundle's
+    submission = tmp_path / "submission.csv"
+    done = subprocess.run([python, str(bundle / "kaggle_predict.py"), "--input", str(test_csv), "--output",
+                           str(submission), "--base-model", str(base_model)],
+                          cwd=tmp_path, env=offline, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    outputs = pd.read_csv(run.raw_outputs, dtype=str, keep_default_na=False)
+    limit = TokenLimit(find_piece_model(cfg.score.encoder), cfg.mean_prompt.max_tokens)
+    expected, _ = combine_parts([list(outputs["rewrite_prompt"]), [run.mean_prompt.read_text().strip()] * len(outputs)],
+                                cfg.predict.separator, cfg.predict.fallback, limit.cut)
+    written = pd.read_csv(submission, dtype=str, keep_default_na=False)
+    assert list(written["id"]) == list(outputs["id"])
+    assert list(written["rewrite_prompt"]) == expected
