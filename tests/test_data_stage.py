@@ -89,7 +89,7 @@ def test_resume_refuses_a_changed_model_setup(tiny_cfg):
     tiny_cfg.data.prompts = "prompts/rewrite_prompts.txt"
     logs = []
     run_data_stage(tiny_cfg, log=logs.append)
-    assert any("4 rewrite(s) reached data.max_new_tokens=4" in line for line in logs)  # the tiny model rambles on
+    assert any("rewrite(s) reached data.max_new_tokens=4" in line for line in logs)  # the tiny model rambles on
     tiny_cfg.data.max_new_tokens = 5
     with pytest.raises(ValueError, match="written for another plan or setup"):
         run_data_stage(tiny_cfg, log=lambda *_: None)
