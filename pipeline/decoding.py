@@ -7,6 +7,8 @@ whole padded length. This decoder runs the same layers with the same
 weights (LoRA included) but:
 
 - keeps one key and one value cache per layer, which XLA updates in place;
+- merges each LoRA adapter into its kernel once per call, not at every
+  step (Keras' `EinsumDense` adds A @ B to the kernel each time it runs);
 - decodes in up to `max_spans` spans of positions, each attending only to
   the part of the cache that can hold tokens so far, not to the whole padded
   length (each span is one more loop body for XLA to compile, hence few);
@@ -83,15 +85,14 @@ class GemmaDecoder:
     def _decode(self, token_ids, padding_mask, max_new_tokens):
         batch, length = token_ids.shape
         row_lengths = padding_mask.sum(axis=-1).astype("int32")
-        dtype = self.causal_lm.compute_dtype
-        shape = (batch, length, self.backbone.num_key_value_heads, self.backbone.head_dim)
-        caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.backbone.transformer_layers]
+        caches = self._empty_caches(batch, length)
+        kernels = merged_kernels(self.backbone)  # once per call, read by every step
         # One pass over the prompt region seeds the cache. Decoding restarts
         # at the shortest prompt (or at the end of that region, if every
         # prompt is longer), so a position past a row's prompt is overwritten
         # before it is read, and the rest of a longer prompt is fed on.
         prefill = max(length - max_new_tokens, 1)
-        _, caches = self._forward(token_ids[:, :prefill], caches, 0, prefill)
+        _, caches = self._forward(kernels, token_ids[:, :prefill], caches, 0, prefill)
         index = jnp.minimum(jnp.min(row_lengths), prefill)  # the first cache position not yet written
         last = jnp.minimum(jnp.max(row_lengths) + max_new_tokens, length)
         done = jnp.zeros((batch,), bool)
@@ -100,10 +101,11 @@ class GemmaDecoder:
         # the teacher-forced ends of prompts longer than the shortest.
         span = max(1, -(-(length - prefill) // self.max_spans))
         for span_end in range(prefill + span, length + span, span):
-            carry = self._decode_span(carry, padding_mask, row_lengths + max_new_tokens, last, min(span_end, length))
+            carry = self._decode_span(kernels, carry, padding_mask, row_lengths + max_new_tokens, last,
+                                      min(span_end, length))
         return carry[0]
 
-    def _decode_span(self, carry, padding_mask, row_ends, last, span_end):
+    def _decode_span(self, kernels, carry, padding_mask, row_ends, last, span_end):
         """Generates positions up to `span_end` (static), reading the cache
         only up to there."""
 
@@ -114,7 +116,7 @@ class GemmaDecoder:
         def body(carry):
             token_ids, caches, index, done = carry
             previous = jax.lax.dynamic_slice_in_dim(token_ids, index - 1, 1, axis=1)
-            logits, caches = self._forward(previous, caches, index - 1, span_end)
+            logits, caches = self._forward(kernels, previous, caches, index - 1, span_end)
             generated = jnp.argmax(logits[:, -1, :], axis=-1).astype(token_ids.dtype)
             in_prompt = padding_mask[:, index]
             current = jnp.where(in_prompt, token_ids[:, index], generated)
@@ -125,7 +127,55 @@ class GemmaDecoder:
 
         return jax.lax.while_loop(cond, body, carry)
 
-    def _forward(self, token_ids, caches, start, span_end):
+    def _empty_caches(self, batch, length):
+        dtype = self.causal_lm.compute_dtype
+        shape = (batch, self.backbone.num_key_value_heads, length, self.backbone.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.backbone.transformer_layers]
+
+    def step_bytes_accessed(self, batch, length):
+        """Bytes one decoding step reads and writes (one new token per row,
+        attention over `length` cache positions), by XLA's cost analysis of
+        the compiled step; compiles, runs nothing. The step gets the kernels
+        merged, as the decoding loop does. XLA counts the embedding lookup (a
+        gather) as reading the whole table; the rows it reads are counted
+        instead, so the figure is what the hardware must move."""
+        lm, backbone = self.causal_lm, self.backbone
+        abstract = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+        state = ([abstract(v) for v in lm.trainable_variables], [abstract(v) for v in lm.non_trainable_variables])
+        merged = merged_kernels(backbone)
+        equations = {layer: equation for layer, (equation, _) in merged.items()}
+        kernels = [jax.ShapeDtypeStruct(kernel.shape, kernel.dtype) for _, kernel in merged.values()]
+
+        def step(state, kernels, token_ids, caches, start):
+            trainable, non_trainable = state
+            mapping = list(zip(lm.trainable_variables, trainable)) + list(zip(lm.non_trainable_variables, non_trainable))
+            layer_kernels = {layer: (equations[layer], kernel) for layer, kernel in zip(merged, kernels)}
+            with keras.StatelessScope(state_mapping=mapping):
+                logits, caches = self._forward(layer_kernels, token_ids, caches, start, length)
+            return jnp.argmax(logits[:, -1, :], axis=-1), caches
+
+        caches = jax.eval_shape(lambda: self._empty_caches(batch, length))
+        token_ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        start = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, token_ids, caches, start).compile()
+        table = backbone.token_embedding.embeddings
+        itemsize = np.dtype(table.dtype).itemsize
+        counted = compiled.cost_analysis()["bytes accessed"]
+        return counted - np.prod(table.shape) * itemsize + batch * backbone.hidden_dim * itemsize
+
+    def step_floor_bytes(self, batch, length):
+        """What any decoding step must read at least: every weight once (the
+        tied embedding table, the norms, the kernels with LoRA merged) and
+        the key/value cache of `length` positions of every row and layer."""
+        backbone = self.backbone
+        itemsize = np.dtype(self.causal_lm.compute_dtype).itemsize
+        kernels = sum(np.prod(kernel.shape) for _, kernel in merged_kernels(backbone).values()) * itemsize
+        others = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in backbone.weights
+                     if w.path.endswith(("embeddings", "scale")))
+        cache = 2 * backbone.num_layers * batch * length * backbone.num_key_value_heads * backbone.head_dim * itemsize
+        return kernels + others + cache
+
+    def _forward(self, kernels, token_ids, caches, start, span_end):
         """Logits for `token_ids` placed at `start`; keys and values go into
         the caches, attention reads cache positions [0, span_end)."""
         backbone = self.backbone
@@ -136,31 +186,79 @@ class GemmaDecoder:
         mask = jnp.broadcast_to(mask[None], (token_ids.shape[0], *mask.shape))
         new_caches = []
         for block, (key_cache, value_cache) in zip(backbone.transformer_layers, caches):
-            x, key_cache, value_cache = _decoder_block(block, x, key_cache, value_cache, start, span_end, mask)
+            x, key_cache, value_cache = _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end,
+                                                       mask)
             new_caches.append((key_cache, value_cache))
         logits = backbone.token_embedding(backbone.layer_norm(x), reverse=True)
         return logits, new_caches
 
 
-def _decoder_block(block, x, key_cache, value_cache, start, span_end, mask):
+def _heads_first(x, dtype):
+    return jnp.swapaxes(x, 1, 2).astype(dtype)
+
+
+def _attention(attention, query, key, value, mask, start):
+    """`GemmaAttention._compute_attention` (unfused path: same scaling,
+    soft cap, sliding window and softmax) on heads-first keys and values."""
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[1]
+    per_head = attention.head_dim if attention.query_head_dim_normalize else attention.hidden_dim // heads
+    query = query * keras.ops.cast(1 / np.sqrt(per_head), query.dtype)
+    query = jnp.reshape(query, (batch, length, kv_heads, heads // kv_heads, head_dim))
+    logits = jnp.einsum("btkgh,bksh->bkgts", query, key)
+    cap = attention.logit_soft_cap
+    if cap is not None:
+        logits = jnp.tanh(logits / cap) * cap
+    if attention.use_sliding_window_attention:
+        mask = keras_internals.sliding_window_mask(attention, mask, start)
+    probabilities = attention.softmax(logits, mask=mask[:, None, None, :, :]).astype(logits.dtype)
+    attended = jnp.einsum("bkgts,bksh->btkgh", probabilities, value)
+    return jnp.reshape(attended, (batch, length, heads, head_dim))
+
+
+def merged_kernels(backbone):
+    """{layer: (einsum equation, kernel)} of every projection of every
+    decoder block, LoRA merged as Keras merges it (kernel + alpha / rank *
+    A @ B, in the compute dtype). The query, key and value kernels (heads,
+    hidden, head_dim) are laid out hidden first, as the product wants them:
+    in their own layout XLA would transpose them at every step."""
+    kernels = {}
+    for block in backbone.transformer_layers:
+        attention = block.attention
+        for layer in (attention.query_dense, attention.key_dense, attention.value_dense):
+            kernels[layer] = ("btd,dnh->btnh", jnp.transpose(layer.kernel, (1, 0, 2)))
+        for layer in (attention.output_dense, block.gating_ffw, block.gating_ffw_2, block.ffw_linear):
+            kernels[layer] = (layer.equation, layer.kernel)
+    return kernels
+
+
+def _project(layer, kernels, x):
+    """`EinsumDense.call` with a kernel merged beforehand (Gemma's have no
+    bias and no activation)."""
+    equation, kernel = kernels[layer]
+    return jnp.einsum(equation, x, kernel)
+
+
+def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, mask):
     """`GemmaDecoderBlock.call` with a cache, its key and value apart."""
     attention = block.attention
     normalized = block.pre_attention_norm(x)
-    query = keras_internals.apply_rope(attention, attention.query_dense(normalized), start)
-    key = keras_internals.apply_rope(attention, attention.key_dense(normalized), start)
-    value = attention.value_dense(normalized)
-    key_cache = jax.lax.dynamic_update_slice(key_cache, key.astype(key_cache.dtype), (0, start, 0, 0))
-    value_cache = jax.lax.dynamic_update_slice(value_cache, value.astype(value_cache.dtype), (0, start, 0, 0))
-    attended = keras_internals.compute_attention(
-        attention, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start
-    )
-    attended = attention.output_dense(attended)
+    query = keras_internals.apply_rope(attention, _project(attention.query_dense, kernels, normalized), start)
+    key = keras_internals.apply_rope(attention, _project(attention.key_dense, kernels, normalized), start)
+    value = _project(attention.value_dense, kernels, normalized)
+    # Caches are (batch, kv heads, length, head_dim): the layout both attention
+    # products read without transposing (and so copying) the cache.
+    key_cache = jax.lax.dynamic_update_slice(key_cache, _heads_first(key, key_cache.dtype), (0, 0, start, 0))
+    value_cache = jax.lax.dynamic_update_slice(value_cache, _heads_first(value, value_cache.dtype), (0, 0, start, 0))
+    attended = _attention(attention, query, key_cache[:, :, :span_end], value_cache[:, :, :span_end], mask, start)
+    attended = _project(attention.output_dense, kernels, attended)
     if block.use_post_attention_norm:
         attended = block.post_attention_norm(attended)
     attention_x = x + attended
     normalized = block.pre_ffw_norm(attention_x)
-    hidden = keras.activations.gelu(block.gating_ffw(normalized), approximate=True) * block.gating_ffw_2(normalized)
-    out = block.ffw_linear(hidden)
+    gate = _project(block.gating_ffw, kernels, normalized)
+    hidden = keras.activations.gelu(gate, approximate=True) * _project(block.gating_ffw_2, kernels, normalized)
+    out = _project(block.ffw_linear, kernels, hidden)
     if block.use_post_ffw_norm:
         out = block.post_ffw_norm(out)
     return out + attention_x, key_cache, value_cache

@@ -85,10 +85,9 @@ def apply_rope(attention, x, start_index):
     return attention._apply_rope(x, start_index)
 
 
-def compute_attention(attention, query, key, value, mask, start_index):
-    """`GemmaAttention`'s attention of `query` over `key`/`value` (soft cap,
-    sliding window and query scaling included)."""
-    return attention._compute_attention(query, key, value, mask, cache_update_index=start_index)
+def sliding_window_mask(attention, mask, start_index):
+    """`GemmaAttention`'s attention mask limited to its sliding window."""
+    return attention._mask_sliding_window(mask, cache_update_index=start_index)
 
 
 def gemma_transformers_exporter():

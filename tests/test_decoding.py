@@ -124,3 +124,36 @@ def test_a_stop_token_inside_a_prompt_does_not_end_the_row(sharded_lora_lm):
     stop = next(int(t) for t in token_ids[1, 6:30] if t not in generated)  # in the prompt only
     decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[stop])(token_ids, padding_mask, max_new_tokens=20)
     np.testing.assert_array_equal(decoded[1, :50], expected[1, :50])
+
+
+def test_lora_is_merged_into_each_kernel_once_per_call_not_per_step(sharded_lora_lm, monkeypatch):
+    """Keras' EinsumDense adds A @ B to its kernel every time it runs; in the
+    decoding loops that would rebuild every adapted kernel at every step."""
+    import keras
+
+    kernel = keras.layers.EinsumDense.kernel
+    reads = []
+    monkeypatch.setattr(keras.layers.EinsumDense, "kernel", property(lambda layer: reads.append(layer) or kernel.fget(layer)))
+    token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [5, 9])
+    GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, 8)
+    backbone = sharded_lora_lm.backbone
+    assert len(reads) == 7 * backbone.num_layers and len(set(map(id, reads))) == len(reads)
+
+
+def test_a_decoding_step_reads_the_cache_once():
+    """The bytes of a step grow with the cache length as the cache does: the
+    attention reads the cache in place (a transposed copy would triple it)."""
+    decoder = GemmaDecoder(random_lm(0, head_dim=64), stop_token_ids=[1])
+    growth = decoder.step_bytes_accessed(32, 1280) - decoder.step_bytes_accessed(32, 640)
+    floor_growth = decoder.step_floor_bytes(32, 1280) - decoder.step_floor_bytes(32, 640)
+    assert floor_growth == 2 * 2 * 32 * 640 * 8 * 64 * 4  # layers x (key, value) x rows x positions x heads x dims x bytes
+    assert floor_growth <= growth < 1.2 * floor_growth
+
+
+def test_step_bytes_count_the_rows_an_embedding_lookup_reads(tiny_model):
+    """One row, a short cache: a step reads the weights, the whole table for
+    the logits but only one row of it for the lookup (XLA's count of a gather
+    is the whole table; `step_bytes_accessed` corrects it)."""
+    causal_lm, _ = tiny_model
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    assert 0.99 < decoder.step_bytes_accessed(1, 16) / decoder.step_floor_bytes(1, 16) < 1.05
