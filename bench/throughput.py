@@ -1,32 +1,30 @@
 """Benchmark (not a test): the pipeline's generation and training throughput
-against the reference notebooks' methods, side by side, same model, same run.
+against the reference notebooks' methods, side by side, same model, same run,
+on the CPU (the tiny preset of the embedded default on the (1, 8) mesh of 8
+virtual devices). For accelerators, see bench/gpu_throughput.py.
 
 - generation: rows/s (and new tokens/s) of the data stage's length-bucketed
   batched generation vs the reference method, `generate(prompt,
-  max_length=512)` one row per call, on the same rewrite requests;
+  max_length=512)` one row per call, on the same rewrite requests, with the
+  data stage's batch size and bound on new tokens; also with KerasHub's own
+  `generate` on the same buckets, to show what the pipeline's decoder adds;
 - training: real (non-padding) tokens/s of length-bucketed batches vs every
   row padded to the maximum length, on a length mix like the reference data
-  (texts of up to 256 words, prompts of 3 to 60 words).
+  (texts of up to 256 words, prompts of 3 to 60 words);
+- decoding bytes: one decoding step's bytes read and written, by XLA's cost
+  analysis of the compiled step, over what it must read (every weight once
+  and the KV cache): `decode_bytes_accessed_ratio`, at 32 rows, for the tiny
+  model and a 2-layer slice at Gemma-7B width (compiled, not run).
 
-CPU mode (default) uses the tiny preset of the embedded default on the
-(1, 8) mesh of 8 virtual devices, and the data stage's batch size and bound
-on new tokens from it; generation is also timed with KerasHub's own
-`generate` on the same buckets, to show what the pipeline's decoder adds. `--gpu` uses Gemma-2B and Gemma-7B
-architectures with random weights in bfloat16 on one accelerator, the
-pipeline's own train step and generation, and, where torch, transformers
-and peft are installed, HF transformers + PEFT on the same shapes as ratios
-(`pip install torch transformers peft` on that machine). Steady state is timed: every
-shape is compiled in a warm-up pass first. Writes bench/results/throughput.json
-with `generation_speedup` and `training_speedup` (CPU mode), or
-bench/results/throughput_gpu.json with one entry per architecture (GPU mode).
+Steady state is timed: every shape is compiled in a warm-up pass first.
+Writes bench/results/throughput.json.
 
-    make bench                       # CPU, tiny preset
-    python bench/throughput.py --gpu # on a GPU machine
+    make bench
 """
+
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,13 +35,9 @@ from pipeline.runtime import setup_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Gemma 1 architectures (KerasHub preset configs), for random-weight runs.
-GEMMA_ARCHITECTURES = {
-    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
-                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
-    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
-                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
-}
+# Gemma 7B's architecture (KerasHub's preset config), for a random-weight slice.
+GEMMA_7B_WIDTH = dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                      hidden_dim=3072, intermediate_dim=49152, head_dim=256)
 
 
 def length_mix(n_rows, seed=0):
@@ -115,7 +109,7 @@ def time_training(causal_lm, formatter, df, batch_size, length_step):
     stage's batch plan; a first pass over the same batches compiles every shape."""
     from pipeline.batching import TrainingBatches
     from pipeline.config import TrainConfig
-    from pipeline.finetune import compile_lora_training
+    from pipeline.lora_training import compile_lora_training
 
     rows, _ = formatter.encode(df)
     plan = TrainingBatches(rows, batch_size, formatter.sequence_length, length_step, seed=0)
@@ -165,6 +159,7 @@ def cpu_benchmark(args):
         writer, tokenizer, prompts, batch_size, max_new_tokens, decode=keras_hub_decode(writer, stop_token_ids(tokenizer))
     )
 
+    decode_bytes = decode_bytes_benchmark(writer)
     enable_lora(causal_lm, cfg.lora)
     df = pd.DataFrame(length_mix(args.training_rows))
     formatter = RecoveryFormatter(tokenizer, cfg.train.template, args.sequence_length, cfg.train.max_response_tokens)
@@ -189,141 +184,36 @@ def cpu_benchmark(args):
         "generation_new_tokens_per_second_ratio": pipeline["new_tokens_per_second"] / reference["new_tokens_per_second"],
         "generation_decoder_vs_keras_hub_generate": pipeline["rows_per_second"] / keras_hub_batched["rows_per_second"],
         "training_speedup": bucketed["real_tokens_per_second"] / fixed["real_tokens_per_second"],
+        "decode_bytes": decode_bytes,
+        "decode_bytes_accessed_ratio": {name: figures["ratio"] for name, figures in decode_bytes.items()},
     }
 
 
-def training_tokens_per_second(causal_lm, batch, length, steps):
-    """The compiled train step on random tokens; the first step compiles."""
-    rng = np.random.default_rng(0)
-    x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"),
-         "padding_mask": np.ones((batch, length), bool)}
-    y = rng.integers(1, 1000, (batch, length)).astype("int32")
-    causal_lm.train_on_batch(x, y)  # compile
-    start = time.perf_counter()
-    for _ in range(steps):
-        causal_lm.train_on_batch(x, y)
-    return steps * batch * length / (time.perf_counter() - start)
+def decode_bytes(causal_lm, rows, length):
+    """One decoding step's bytes (XLA's cost analysis) against the floor."""
+    from pipeline.decoding import GemmaDecoder
+
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    accessed, floor = decoder.step_bytes_accessed(rows, length), decoder.step_floor_bytes(rows, length)
+    return {"rows": rows, "cache_length": length, "bytes_accessed": int(accessed), "floor_bytes": int(floor),
+            "ratio": accessed / floor}
 
 
-def new_tokens_per_second(generate, new_tokens):
-    """One timed call after a compiling one."""
-    generate()
-    start = time.perf_counter()
-    generate()
-    return new_tokens / (time.perf_counter() - start)
-
-
-def gpu_benchmark(args):
-    """Random-weight Gemma architectures in bfloat16 on one accelerator."""
-    import keras
+def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
+    """At the data stage's 7B shapes (a 384-token prompt bucket + 256 new
+    tokens): the tiny model, and a 2-layer slice at Gemma-7B width. Float32:
+    XLA on the CPU widens bfloat16 products to float32, which a GPU does not,
+    so bfloat16 here would measure the CPU, not the decoder."""
     import keras_hub
 
-    from pipeline import flops
-    from pipeline.config import LoraConfig, TrainConfig
-    from pipeline.decoding import GemmaDecoder
-    from pipeline.finetune import compile_lora_training
-    from pipeline.model import enable_lora
-
-    keras.config.set_dtype_policy("bfloat16")
-    from pipeline.tiny import BACKBONE_CONFIG
-
-    architectures = dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)
-    results = {"machine": f"{jax_device()}, bfloat16, random weights"}
-    for name in args.architectures.split(","):
-        arch = architectures[name]
-        batch, length = (4, 512) if name == "gemma_7b" else (8, 512)
-        steps = 20
-        hf = hf_baseline(arch, batch, length, steps)
-        backbone = keras_hub.models.GemmaBackbone(**arch)
-        causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
-        compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
-        train_tps = training_tokens_per_second(causal_lm, batch, length, steps)
-        prompt = {"token_ids": np.zeros((batch, 320), "int32"), "padding_mask": np.zeros((batch, 320), bool)}
-        prompt["token_ids"][:, :256] = 5
-        prompt["padding_mask"][:, :256] = True
-        keras_hub_tps = new_tokens_per_second(lambda: causal_lm.generate(prompt, stop_token_ids=None), batch * 64)
-        decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: all 64 tokens
-        decode_tps = new_tokens_per_second(lambda: decoder(prompt["token_ids"], prompt["padding_mask"], 64), batch * 64)
-        results[name] = {
-            "batch": batch,
-            "sequence_length": length,
-            "training_tokens_per_second": train_tps,
-            "training_mfu": flops.mfu(train_tps, flops.train_flops_per_token(arch, length), args.peak_tflops, 1),
-            "greedy_decode_tokens_per_second_256_plus_64": decode_tps,
-            "keras_hub_generate_tokens_per_second_256_plus_64": keras_hub_tps,
-        }
-        del causal_lm, backbone
-        keras.backend.clear_session()
-        if hf:
-            results[name]["hf_transformers_peft"] = hf
-            results[name]["training_ratio_vs_hf"] = train_tps / hf["training_tokens_per_second"]
-            results[name]["decode_ratio_vs_hf"] = decode_tps / hf["greedy_decode_tokens_per_second_256_plus_64"]
-            results[name]["keras_hub_generate_ratio_vs_hf"] = keras_hub_tps / hf["greedy_decode_tokens_per_second_256_plus_64"]
-    return results
-
-
-def hf_baseline(arch, batch, length, steps):
-    """The same shapes in HF transformers + PEFT on torch (None where they
-    are not installed): LoRA rank 4 on q/v, AdamW, bfloat16."""
-    try:
-        import peft
-        import torch
-        import transformers
-    except ImportError:
-        return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    config = transformers.GemmaConfig(
-        vocab_size=arch["vocabulary_size"], hidden_size=arch["hidden_dim"],
-        intermediate_size=arch["intermediate_dim"] // 2,  # KerasHub counts both gate halves
-        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_query_heads"],
-        num_key_value_heads=arch["num_key_value_heads"], head_dim=arch["head_dim"],
-    )
-    model = transformers.GemmaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(1, 1000, (batch, length), device=device)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    train_tps = steps * batch * length / (time.perf_counter() - start)
-    model.eval()
-    with torch.no_grad():
-        prompt = ids[:, :256]
-        model.generate(input_ids=prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        sync()
-        start = time.perf_counter()
-        model.generate(input_ids=prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        sync()
-    decode_tps = batch * 64 / (time.perf_counter() - start)
-    del model, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()  # hand the memory back before JAX runs
-    return {"training_tokens_per_second": train_tps, "greedy_decode_tokens_per_second_256_plus_64": decode_tps}
-
-
-def jax_device():
-    import jax
-
-    return jax.devices()[0].device_kind
+    slice_7b = dict(GEMMA_7B_WIDTH, num_layers=2)
+    wide = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**slice_7b, dtype="float32"),
+                                          preprocessor=None)
+    return {"tiny": decode_bytes(tiny_lm, rows, length), "gemma_7b_width_2_layers": decode_bytes(wide, rows, length)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="Gemma-2B/7B architectures on one accelerator")
-    parser.add_argument("--architectures", default="gemma_2b,gemma_7b",
-                        help="with --gpu: comma-separated, from gemma_2b, gemma_7b, tiny (a smoke test)")
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak of the accelerator (MFU)")
     parser.add_argument("--generation-rows", type=int, default=64)
     parser.add_argument("--reference-rows", type=int, default=8, help="rows for the slow one-per-call method")
     parser.add_argument("--generation-batch", type=int, help="default: data.batch_size of the embedded default")
@@ -332,24 +222,20 @@ def main():
     parser.add_argument("--sequence-length", type=int, default=1792)
     parser.add_argument("--length-step", type=int, default=128)
     args = parser.parse_args()
-    if args.gpu:
-        # JAX would take 75% of the GPU up front and leave torch too little.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
-        result = gpu_benchmark(args)
-    else:
-        setup_environment(load_config(None).distribution)
-        result = cpu_benchmark(args)
+    setup_environment(load_config(None).distribution)
+    result = cpu_benchmark(args)
     result["date"] = time.strftime("%Y-%m-%d")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("throughput_gpu.json" if args.gpu else "throughput.json")).write_text(json.dumps(result, indent=2))
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    if not args.gpu:
-        print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")
-        print(f"  new tokens/s: {result['generation_new_tokens_per_second_ratio']:.1f}x; "
-              f"decoder vs KerasHub generate on the same buckets: {result['generation_decoder_vs_keras_hub_generate']:.1f}x")
-        print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
+    print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")
+    print(f"  new tokens/s: {result['generation_new_tokens_per_second_ratio']:.1f}x; "
+          f"decoder vs KerasHub generate on the same buckets: {result['generation_decoder_vs_keras_hub_generate']:.1f}x")
+    print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
+    ratio = result["decode_bytes_accessed_ratio"]
+    print(f"decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): tiny {ratio['tiny']:.2f}, "
+          f"2-layer slice at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}")
 
 
 if __name__ == "__main__":

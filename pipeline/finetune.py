@@ -24,6 +24,7 @@ from pipeline import flops, hosts, plots
 from pipeline.batching import TrainingBatches, evaluation_batches
 from pipeline.checkpoint import CheckpointStore, Progress
 from pipeline.distribution import data_sharding
+from pipeline.lora_training import compile_lora_training
 from pipeline.model import enable_lora, load_gemma, read_backbone_config, save_adapter
 from pipeline.recovery import RecoveryFormatter
 from pipeline.run_dir import RunDir
@@ -67,20 +68,6 @@ def checkpoint_settings(cfg, rows):
         "train.seed": tc.seed,
         "distribution.mesh_shape": list(cfg.distribution.mesh_shape),
     }
-
-
-def compile_lora_training(causal_lm, train_cfg):
-    """AdamW (no decay on bias and scale) on the trainable (LoRA) weights;
-    the loss is the mean over the tokens that carry weight (the responses),
-    whatever the padding of the batch."""
-    optimizer = keras.optimizers.AdamW(learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-    causal_lm.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    optimizer.build(causal_lm.trainable_variables)
 
 
 def local_batches(rows, batches, batch_size):

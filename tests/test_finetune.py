@@ -10,7 +10,8 @@ import pytest
 from pipeline.batching import Batch
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import run_data_stage
-from pipeline.finetune import compile_lora_training, run_finetune_stage
+from pipeline.finetune import run_finetune_stage
+from pipeline.lora_training import compile_lora_training
 from pipeline.mean_prompt import run_mean_prompt_stage
 from pipeline.predict import run_predict_stage
 from pipeline.recovery import RecoveryFormatter

@@ -1,0 +1,295 @@
+"""Benchmark (not a test): Gemma-2B/7B architectures on one accelerator,
+random weights in bfloat16, each measurement in a process of its own.
+
+Cases, each run by a fresh `python bench/gpu_throughput.py --case ARCH:WHAT`
+so that nothing one leaves behind (compiled programs, memory, a torch
+allocator) slows the next:
+
+- `pipeline`: the stage's train step (LoRA r4 on q/v, AdamW; tokens/s and
+  MFU) and the decoder over a batch sweep (256-token prompts + 64 new
+  tokens): new tokens/s, ms per step, and the step's bandwidth floor (the
+  bytes it must read, `GemmaDecoder.step_floor_bytes`, over the memory
+  bandwidth) as a fraction of the measured step;
+- `keras_hub`: stock KerasHub on the same shapes: `fit` for training,
+  `generate` over the same sweep;
+- `data`: the data stage's job: the reference method (one row per
+  `generate`, `max_length=512`, a 330-token request, so 182 new tokens) vs
+  the decoder on a batch of rows with the same bound on new tokens;
+- `hf`: HF transformers + PEFT on the same training and decoding shapes
+  (where torch, transformers and peft are installed).
+
+Writes bench/results/throughput_gpu.json: the device, the versions, the peak
+figures used, and every case. `--quick` runs fewer steps and a shorter sweep
+(8 and 32 rows), to finish within a few minutes on one GPU. On a CPU-only
+machine `--architectures tiny --quick` runs every path on the tiny
+architecture (a smoke test; tests/test_bench.py).
+
+    python bench/gpu_throughput.py --quick --peak-tflops 989 --bandwidth-gbs 4800   # H100/H200
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Gemma 1 architectures (KerasHub preset configs), for random-weight runs.
+GEMMA_ARCHITECTURES = {
+    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+}
+CASES = ("pipeline", "keras_hub", "data", "hf")
+PROMPT, NEW_TOKENS = 256, 64  # decoding shapes of the sweep
+REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference method
+
+
+def architecture(name):
+    from pipeline.tiny import BACKBONE_CONFIG
+
+    return dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)[name]
+
+
+def training_shape(name):
+    return (4, 512) if name == "gemma_7b" else (8, 512)
+
+
+def random_lm(arch, lora):
+    import keras
+    import keras_hub
+
+    from pipeline.config import LoraConfig
+    from pipeline.model import enable_lora
+
+    keras.config.set_dtype_policy("bfloat16")
+    causal_lm = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**arch), preprocessor=None)
+    if lora:
+        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
+    return causal_lm
+
+
+def random_batch(batch, length, seed=0):
+    rng = np.random.default_rng(seed)
+    x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"), "padding_mask": np.ones((batch, length), bool)}
+    return x, rng.integers(1, 1000, (batch, length)).astype("int32")
+
+
+def prompts(batch, prompt_length, total_length):
+    token_ids = np.zeros((batch, total_length), "int32")
+    padding_mask = np.zeros((batch, total_length), bool)
+    token_ids[:, :prompt_length] = 5
+    padding_mask[:, :prompt_length] = True
+    return token_ids, padding_mask
+
+
+def timed(run, repeats):
+    """Seconds of one run, after a first (compiling) one."""
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def pipeline_case(name, args):
+    from pipeline import flops
+    from pipeline.config import TrainConfig
+    from pipeline.decoding import GemmaDecoder
+    from pipeline.lora_training import compile_lora_training
+
+    arch = architecture(name)
+    causal_lm = random_lm(arch, lora=True)
+    compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
+    batch, length = training_shape(name)
+    x, y = random_batch(batch, length)
+    seconds = timed(lambda: causal_lm.train_on_batch(x, y), args.steps)
+    tokens_per_second = batch * length / seconds
+    result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second": tokens_per_second,
+                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(arch, length),
+                                            args.peak_tflops, 1)}}
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: every row decodes all its tokens
+    result["decoding"] = {}
+    for rows in args.sweep:
+        token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
+        seconds = timed(lambda: decoder(token_ids, padding_mask, NEW_TOKENS), 1)
+        step = seconds / NEW_TOKENS  # the prefill is counted in: a bound on the step time
+        floor = decoder.step_floor_bytes(rows, PROMPT + NEW_TOKENS) / (args.bandwidth_gbs * 1e9)
+        result["decoding"][rows] = {
+            "new_tokens_per_second": rows * NEW_TOKENS / seconds, "ms_per_step": 1e3 * step,
+            "floor_ms_per_step": 1e3 * floor, "fraction_of_bandwidth_floor": floor / step,
+            "bytes_accessed_ratio": decoder.step_bytes_accessed(rows, PROMPT + NEW_TOKENS)
+            / decoder.step_floor_bytes(rows, PROMPT + NEW_TOKENS),
+        }
+    return result
+
+
+def keras_hub_case(name, args):
+    import keras
+
+    arch = architecture(name)
+    causal_lm = random_lm(arch, lora=True)
+    causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batch, length = training_shape(name)
+    x, y = random_batch(batch, length)
+    fit = lambda: causal_lm.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # noqa: E731
+    result = {"training": {"batch": batch, "sequence_length": length,
+                           "tokens_per_second": batch * length / timed(fit, args.steps)}, "decoding": {}}
+    for rows in args.sweep:
+        token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
+        inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        seconds = timed(lambda: causal_lm.generate(inputs, stop_token_ids=None), 1)
+        result["decoding"][rows] = {"new_tokens_per_second": rows * NEW_TOKENS / seconds}
+    return result
+
+
+def data_case(name, args):
+    """One row per `generate` with max_length=512 (the reference) vs the
+    decoder's batch, both bounded to the same new tokens."""
+    from pipeline.decoding import GemmaDecoder
+
+    causal_lm = random_lm(architecture(name), lora=False)
+    new_tokens = REFERENCE_MAX_LENGTH - REFERENCE_PROMPT
+    one_row = dict(zip(("token_ids", "padding_mask"), prompts(1, REFERENCE_PROMPT, REFERENCE_MAX_LENGTH)))
+    reference_seconds = timed(lambda: causal_lm.generate(one_row, stop_token_ids=None), args.reference_rows)
+    rows = args.data_rows
+    bucket = -(-REFERENCE_PROMPT // 64) * 64  # the data stage's prompt bucket (length_step 64)
+    token_ids, padding_mask = prompts(rows, REFERENCE_PROMPT, bucket + new_tokens)
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])
+    batch_seconds = timed(lambda: decoder(token_ids, padding_mask, new_tokens), 1)
+    reference = {"rows_per_second": 1 / reference_seconds, "new_tokens_per_second": new_tokens / reference_seconds}
+    batched = {"rows": rows, "rows_per_second": rows / batch_seconds, "new_tokens_per_second": rows * new_tokens / batch_seconds}
+    return {"new_tokens_per_row": new_tokens, "reference_one_row_per_generate": reference, "decoder_batch": batched,
+            "rows_per_second_ratio": batched["rows_per_second"] / reference["rows_per_second"],
+            "new_tokens_per_second_ratio": batched["new_tokens_per_second"] / reference["new_tokens_per_second"]}
+
+
+def hf_case(name, args):
+    """The same training and decoding shapes in HF transformers + PEFT."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as e:
+        return {"skipped": f"not installed: {e.name}", "device": None}
+    arch = architecture(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    config = transformers.GemmaConfig(
+        vocab_size=arch["vocabulary_size"], hidden_size=arch["hidden_dim"],
+        intermediate_size=arch["intermediate_dim"] // 2,  # KerasHub counts both gate halves
+        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_query_heads"],
+        num_key_value_heads=arch["num_key_value_heads"], head_dim=arch["head_dim"],
+    )
+    model = transformers.GemmaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch, length = training_shape(name)
+    ids = torch.randint(1, 1000, (batch, length), device=device)
+
+    def train_step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sync()
+
+    result = {"training": {"batch": batch, "sequence_length": length,
+                           "tokens_per_second": batch * length / timed(train_step, args.steps)}, "decoding": {},
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    model.eval()
+    for rows in args.sweep:
+        prompt = torch.full((rows, PROMPT), 5, device=device)
+
+        def generate():
+            with torch.no_grad():
+                model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            sync()
+
+        result["decoding"][rows] = {"new_tokens_per_second": rows * NEW_TOKENS / timed(generate, 1)}
+    return result
+
+
+def versions():
+    found = {}
+    for package in ("jax", "jaxlib", "keras", "keras-hub", "torch", "transformers", "peft"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run_case(arch, case, args):
+    """One case in a fresh process; its result (the last line it prints)."""
+    command = [sys.executable, __file__, "--case", f"{arch}:{case}", "--peak-tflops", str(args.peak_tflops),
+               "--bandwidth-gbs", str(args.bandwidth_gbs)] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        return {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratios(results):
+    """Pipeline vs stock KerasHub and vs HF + PEFT, side by side."""
+    out = {}
+    pipeline = results.get("pipeline", {})
+    for other in ("keras_hub", "hf"):
+        theirs = results.get(other, {})
+        if "training" in pipeline and "training" in theirs:
+            out[f"training_vs_{other}"] = pipeline["training"]["tokens_per_second"] / theirs["training"]["tokens_per_second"]
+        for rows, ours in pipeline.get("decoding", {}).items():
+            if rows in theirs.get("decoding", {}):
+                out[f"decoding_{rows}_rows_vs_{other}"] = (ours["new_tokens_per_second"]
+                                                          / theirs["decoding"][rows]["new_tokens_per_second"])
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architectures", default="gemma_2b,gemma_7b", help="comma-separated: gemma_2b, gemma_7b, tiny")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak of one device (H100/H200: 989)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, batch sweep 8 and 32")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_gpu.json"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # ARCH:CASE, run in this process
+    args = parser.parse_args()
+    args.steps, args.reference_rows = (3, 2) if args.quick else (20, 4)
+    args.sweep = [8, 32] if args.quick else [8, 32, 64, 128]
+    args.data_rows = 32 if args.quick else 64
+
+    from pipeline.config import load_config
+    from pipeline.runtime import setup_environment
+
+    if args.case:
+        setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
+        arch, case = args.case.split(":")
+        result = globals()[f"{case}_case"](arch, args)
+        if "device" not in result:  # the HF case names its own, without starting JAX
+            import jax
+
+            result["device"] = jax.devices()[0].device_kind
+        print(json.dumps(result))
+        return
+    # This process never starts JAX: it would hold the accelerator the cases need.
+    result = {"device": None, "versions": versions(), "quick": args.quick, "peak_tflops": args.peak_tflops,
+              "bandwidth_gbs": args.bandwidth_gbs, "date": time.strftime("%Y-%m-%d")}
+    for arch in args.architectures.split(","):
+        cases = {case: run_case(arch, case, args) for case in args.cases.split(",")}
+        result["device"] = result["device"] or next((c["device"] for c in cases.values() if "device" in c), None)
+        result[arch] = dict(cases, ratios=ratios(cases))
+        print(json.dumps({arch: result[arch]}, indent=2), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
