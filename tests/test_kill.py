@@ -20,7 +20,7 @@ from test_pod import lora_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.kill]
 
-TRIALS = 5
+TRIALS = 3
 FINETUNE = ["data.max_rows=72", "train.epochs=2", "train.checkpoint_every=2"]
 DATA = ["data.rewriter=model", "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=48",
         "data.max_new_tokens=8"]

@@ -53,7 +53,8 @@ def test_finetune_gives_the_same_adapter(runs):
     expected, got = lora_weights(one / "finetune" / "adapter.lora.h5"), lora_weights(pod / "finetune" / "adapter.lora.h5")
     assert expected.keys() == got.keys() and len(expected) > 2
     for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
+        # The cross-process sums run in another order: measured up to 1.3e-5 after 2 epochs.
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=5e-5, err_msg=name)
     one_history = json.loads((one / "finetune" / "history.json").read_text())
     pod_history = json.loads((pod / "finetune" / "history.json").read_text())
     np.testing.assert_allclose(pod_history["step_loss"], one_history["step_loss"], rtol=1e-5)
