@@ -198,8 +198,9 @@ def _heads_first(x, dtype):
 
 
 def _attention(attention, query, key, value, mask, start):
-    """`GemmaAttention._compute_attention` (unfused path: same scaling,
-    soft cap, sliding window and softmax) on heads-first keys and values."""
+    """`GemmaAttention`'s attention as KerasHub computes it unfused (same
+    scaling, soft cap, sliding window and softmax), on heads-first keys and
+    values."""
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[1]
     per_head = attention.head_dim if attention.query_head_dim_normalize else attention.hidden_dim // heads
