@@ -5,8 +5,8 @@ Cases, each run by a fresh `python bench/gpu_throughput.py --case ARCH:WHAT`
 so that nothing one leaves behind (compiled programs, memory, a torch
 allocator) slows the next:
 
-- `pipeline`: the stage's train step (LoRA r4 on q/v, AdamW; tokens/s and
-  MFU) and the decoder over a batch sweep (256-token prompts + 64 new
+- `pipeline`: training as the stage trains (`fit` with its optimizer, loss
+  and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the decoder over a batch sweep (256-token prompts + 64 new
   tokens): new tokens/s, ms per step, and the step's bandwidth floor (the
   bytes it must read, `GemmaDecoder.step_floor_bytes`, over the memory
   bandwidth) as a fraction of the measured step;
@@ -75,10 +75,16 @@ def random_lm(arch, lora):
     return causal_lm
 
 
-def random_batch(batch, length, seed=0):
-    rng = np.random.default_rng(seed)
-    x = {"token_ids": rng.integers(1, 1000, (batch, length)).astype("int32"), "padding_mask": np.ones((batch, length), bool)}
-    return x, rng.integers(1, 1000, (batch, length)).astype("int32")
+def fit_tokens_per_second(causal_lm, batch, length, steps, sample_weight):
+    """Tokens/s of `fit` over `steps` batches of random tokens (the stage's
+    path: `fit`, as finetune calls it), after a first, compiling `fit`."""
+    rng = np.random.default_rng(0)
+    rows = batch * steps
+    x = {"token_ids": rng.integers(1, 1000, (rows, length)).astype("int32"), "padding_mask": np.ones((rows, length), bool)}
+    y = rng.integers(1, 1000, (rows, length)).astype("int32")
+    weight = np.ones((rows, length), "float32") if sample_weight else None
+    fit = lambda: causal_lm.fit(x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # noqa: E731
+    return rows * length / timed(fit, 1)
 
 
 def prompts(batch, prompt_length, total_length):
@@ -108,9 +114,7 @@ def pipeline_case(name, args):
     causal_lm = random_lm(arch, lora=True)
     compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
     batch, length = training_shape(name)
-    x, y = random_batch(batch, length)
-    seconds = timed(lambda: causal_lm.train_on_batch(x, y), args.steps)
-    tokens_per_second = batch * length / seconds
+    tokens_per_second = fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=True)
     result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second": tokens_per_second,
                            "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(arch, length),
                                             args.peak_tflops, 1)}}
@@ -138,10 +142,9 @@ def keras_hub_case(name, args):
     causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-4),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     batch, length = training_shape(name)
-    x, y = random_batch(batch, length)
-    fit = lambda: causal_lm.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # noqa: E731
-    result = {"training": {"batch": batch, "sequence_length": length,
-                           "tokens_per_second": batch * length / timed(fit, args.steps)}, "decoding": {}}
+    result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second":
+                           fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=False)},
+              "decoding": {}}
     for rows in args.sweep:
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
         inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
@@ -261,7 +264,7 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_gpu.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # ARCH:CASE, run in this process
     args = parser.parse_args()
-    args.steps, args.reference_rows = (3, 2) if args.quick else (20, 4)
+    args.steps, args.reference_rows = (4, 2) if args.quick else (20, 4)
     args.sweep = [8, 32] if args.quick else [8, 32, 64, 128]
     args.data_rows = 32 if args.quick else 64
 
