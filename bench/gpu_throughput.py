@@ -39,19 +39,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Gemma 1 architectures (KerasHub preset configs), for random-weight runs.
-GEMMA_ARCHITECTURES = {
-    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
-                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
-    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
-                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
-}
 CASES = ("pipeline", "keras_hub", "data", "hf")
 PROMPT, NEW_TOKENS = 256, 64  # decoding shapes of the sweep
 REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference method
 
 
 def architecture(name):
+    from pipeline.model import GEMMA_ARCHITECTURES
     from pipeline.tiny import BACKBONE_CONFIG
 
     return dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)[name]

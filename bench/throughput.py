@@ -35,11 +35,6 @@ from pipeline.runtime import setup_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Gemma 7B's architecture (KerasHub's preset config), for a random-weight slice.
-GEMMA_7B_WIDTH = dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
-                      hidden_dim=3072, intermediate_dim=49152, head_dim=256)
-
-
 def length_mix(n_rows, seed=0):
     """Rows shaped like the reference data: original texts of 20-256 words
     (chunk tails included), rewrites from a title to a longer retelling,
@@ -206,7 +201,9 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     so bfloat16 here would measure the CPU, not the decoder."""
     import keras_hub
 
-    slice_7b = dict(GEMMA_7B_WIDTH, num_layers=2)
+    from pipeline.model import GEMMA_ARCHITECTURES
+
+    slice_7b = dict(GEMMA_ARCHITECTURES["gemma_7b"], num_layers=2)
     wide = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**slice_7b, dtype="float32"),
                                           preprocessor=None)
     return {"tiny": decode_bytes(tiny_lm, rows, length), "gemma_7b_width_2_layers": decode_bytes(wide, rows, length)}

@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline import hosts, keras_internals
 from pipeline.distribution import data_sharding
+from pipeline.model import PER_HEAD_INPUT, projections
 
 
 class GemmaDecoder:
@@ -224,11 +225,10 @@ def merged_kernels(backbone):
     hidden, head_dim) are laid out hidden first, as the product wants them:
     in their own layout XLA would transpose them at every step."""
     kernels = {}
-    for block in backbone.transformer_layers:
-        attention = block.attention
-        for layer in (attention.query_dense, attention.key_dense, attention.value_dense):
+    for _, name, layer in projections(backbone):
+        if name in PER_HEAD_INPUT:
             kernels[layer] = ("btd,dnh->btnh", jnp.transpose(layer.kernel, (1, 0, 2)))
-        for layer in (attention.output_dense, block.gating_ffw, block.gating_ffw_2, block.ffw_linear):
+        else:
             kernels[layer] = (layer.equation, layer.kernel)
     return kernels
 

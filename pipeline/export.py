@@ -34,20 +34,12 @@ import json
 
 import numpy as np
 
-from pipeline.model import load_adapter, load_gemma
+from pipeline.model import PER_HEAD_INPUT, PROJECTIONS, load_adapter, load_gemma, projections
 from pipeline.run_dir import RunDir
 
-# KerasHub layer name -> the transformers module it becomes.
-HF_MODULES = {
-    "query": "self_attn.q_proj",
-    "key": "self_attn.k_proj",
-    "value": "self_attn.v_proj",
-    "attention_output": "self_attn.o_proj",
-    "ffw_gating": "mlp.gate_proj",
-    "ffw_gating_2": "mlp.up_proj",
-    "ffw_linear": "mlp.down_proj",
-}
-PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
+# KerasHub projection -> the transformers module it becomes.
+HF_MODULES = dict(zip(PROJECTIONS, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
 
 # Known KerasHub presets and the Hugging Face model they were converted from.
 HF_BASE_MODELS = {
@@ -56,17 +48,6 @@ HF_BASE_MODELS = {
     "gemma_7b_en": "google/gemma-7b",
     "gemma_instruct_7b_en": "google/gemma-7b-it",
 }
-
-
-def projections(backbone):
-    """(decoder index, KerasHub name, layer) of every projection."""
-    for i in range(backbone.num_layers):
-        block = backbone.get_layer(f"decoder_block_{i}")
-        attention = block.attention
-        layers = [attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense,
-                  block.gating_ffw, block.gating_ffw_2, block.ffw_linear]
-        for name, layer in zip(HF_MODULES, layers):
-            yield i, name, layer
 
 
 def hf_weight(name, kernel):

@@ -17,6 +17,20 @@ from pathlib import Path
 
 from pipeline.distribution import build_distribution
 
+# Gemma 1 architectures (KerasHub's preset configs), for random-weight runs
+# (benchmarks) and plans that need no download.
+GEMMA_ARCHITECTURES = {
+    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+}
+
+# The projections of a decoder block, by their KerasHub layer names (the
+# names lora.target_layers matches).
+PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
+
 
 def read_backbone_config(preset):
     """The backbone's config.json, fetched without the weights."""
@@ -46,6 +60,17 @@ def load_gemma(cfg, batch_sizes):
         preset, preprocessor=None, dtype=cfg.model.dtype
     )
     return causal_lm, tokenizer
+
+
+def projections(backbone):
+    """(decoder index, name in PROJECTIONS, layer) of every projection."""
+    for i in range(backbone.num_layers):
+        block = backbone.get_layer(f"decoder_block_{i}")
+        attention = block.attention
+        layers = [attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense,
+                  block.gating_ffw, block.gating_ffw_2, block.ffw_linear]
+        for name, layer in zip(PROJECTIONS, layers):
+            yield i, name, layer
 
 
 def enable_lora(causal_lm, lora_cfg):

@@ -12,11 +12,11 @@ import pytest
 from pipeline.export import (
     hf_weight,
     peft_factors,
-    projections,
     run_export_stage,
     write_peft_adapter,
     write_transformers_model,
 )
+from pipeline.model import projections
 
 LOGIT_TOLERANCE = 1e-4  # float32, both sides; measured about 1e-5
 

@@ -13,11 +13,10 @@ from pipeline.memory import (
     lora_parameter_count,
     plan_memory,
 )
-from pipeline.model import enable_lora
+from pipeline.model import GEMMA_ARCHITECTURES, enable_lora
 from pipeline.tiny import BACKBONE_CONFIG
 
-GEMMA_7B = dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
-                hidden_dim=3072, intermediate_dim=49152, head_dim=256)
+GEMMA_7B = GEMMA_ARCHITECTURES["gemma_7b"]
 
 
 def test_lora_count_matches_kaggles_gemma_7b_guide():
