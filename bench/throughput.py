@@ -14,7 +14,8 @@ virtual devices). For accelerators, see bench/gpu_throughput.py.
 - decoding bytes: one decoding step's bytes read and written, by XLA's cost
   analysis of the compiled step, over what it must read (every weight once
   and the KV cache): `decode_bytes_accessed_ratio`, at 32 rows, for the tiny
-  model and a 2-layer slice at Gemma-7B width (compiled, not run).
+  model and 2-layer slices at Gemma-7B and Gemma-2B width (compiled, not
+  run; 2B has one key/value head).
 
 Steady state is timed: every shape is compiled in a warm-up pass first.
 Writes bench/results/throughput.json.
@@ -196,17 +197,20 @@ def decode_bytes(causal_lm, rows, length):
 
 def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     """At the data stage's 7B shapes (a 384-token prompt bucket + 256 new
-    tokens): the tiny model, and a 2-layer slice at Gemma-7B width. Float32:
-    XLA on the CPU widens bfloat16 products to float32, which a GPU does not,
-    so bfloat16 here would measure the CPU, not the decoder."""
+    tokens): the tiny model, and 2-layer slices at Gemma-7B and Gemma-2B
+    width. Float32: XLA on the CPU widens bfloat16 products to float32,
+    which a GPU does not, so bfloat16 here would measure the CPU, not the
+    decoder."""
     import keras_hub
 
     from pipeline.model import GEMMA_ARCHITECTURES
 
-    slice_7b = dict(GEMMA_ARCHITECTURES["gemma_7b"], num_layers=2)
-    wide = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**slice_7b, dtype="float32"),
-                                          preprocessor=None)
-    return {"tiny": decode_bytes(tiny_lm, rows, length), "gemma_7b_width_2_layers": decode_bytes(wide, rows, length)}
+    figures = {"tiny": decode_bytes(tiny_lm, rows, length)}
+    for name in ("gemma_7b", "gemma_2b"):
+        backbone = keras_hub.models.GemmaBackbone(**dict(GEMMA_ARCHITECTURES[name], num_layers=2), dtype="float32")
+        sliced = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+        figures[f"{name}_width_2_layers"] = decode_bytes(sliced, rows, length)
+    return figures
 
 
 def main():
@@ -232,7 +236,8 @@ def main():
     print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
     ratio = result["decode_bytes_accessed_ratio"]
     print(f"decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): tiny {ratio['tiny']:.2f}, "
-          f"2-layer slice at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}")
+          f"2-layer slices at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}, "
+          f"at Gemma-2B width {ratio['gemma_2b_width_2_layers']:.2f}")
 
 
 if __name__ == "__main__":

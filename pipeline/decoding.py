@@ -6,7 +6,8 @@ slices apart and stacks together again, and every step attends over the
 whole padded length. This decoder runs the same layers with the same
 weights (LoRA included) but:
 
-- keeps one key and one value cache per layer, which XLA updates in place;
+- keeps one key and one value cache per layer, which XLA updates in place,
+  laid out as the attention products read them (no copy per step);
 - merges each LoRA adapter into its kernel once per call, not at every
   step (Keras' `EinsumDense` adds A @ B to the kernel each time it runs);
 - decodes in up to `max_spans` spans of positions, each attending only to
@@ -15,9 +16,12 @@ weights (LoRA included) but:
 - ends a row at a stop token or `max_new_tokens` after its own prompt, and
   the batch once every row has ended.
 
-Its tokens are KerasHub's greedy `generate` tokens (pinned by
-tests/test_decoding.py), so the pipeline's outputs do not depend on which one
-runs. Greedy only: every stage of the pipeline decodes greedily.
+Its tokens are KerasHub's greedy `generate` tokens in every test of
+tests/test_decoding.py (float32 and bfloat16, grouped-query, Gemma 2 blocks),
+so the pipeline's outputs do not depend on which one runs. Its attention
+differs from KerasHub's only in rounding: it divides by the softmax's sum
+after the product with the values, as flash attention does. Greedy only:
+every stage of the pipeline decodes greedily.
 
 Example:
 ```python
@@ -93,7 +97,7 @@ class GemmaDecoder:
         # prompt is longer), so a position past a row's prompt is overwritten
         # before it is read, and the rest of a longer prompt is fed on.
         prefill = max(length - max_new_tokens, 1)
-        _, caches = self._forward(kernels, token_ids[:, :prefill], caches, 0, prefill)
+        _, caches = self._forward(kernels, self._embed(token_ids[:, :prefill]), caches, 0, prefill)
         index = jnp.minimum(jnp.min(row_lengths), prefill)  # the first cache position not yet written
         last = jnp.minimum(jnp.max(row_lengths) + max_new_tokens, length)
         done = jnp.zeros((batch,), bool)
@@ -117,7 +121,7 @@ class GemmaDecoder:
         def body(carry):
             token_ids, caches, index, done = carry
             previous = jax.lax.dynamic_slice_in_dim(token_ids, index - 1, 1, axis=1)
-            logits, caches = self._forward(kernels, previous, caches, index - 1, span_end)
+            logits, caches = self._forward(kernels, self._embed(previous), caches, index - 1, span_end)
             generated = jnp.argmax(logits[:, -1, :], axis=-1).astype(token_ids.dtype)
             in_prompt = padding_mask[:, index]
             current = jnp.where(in_prompt, token_ids[:, index], generated)
@@ -130,16 +134,17 @@ class GemmaDecoder:
 
     def _empty_caches(self, batch, length):
         dtype = self.causal_lm.compute_dtype
-        shape = (batch, self.backbone.num_key_value_heads, length, self.backbone.head_dim)
+        shape = (batch * self.backbone.num_key_value_heads, length, self.backbone.head_dim)
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.backbone.transformer_layers]
 
     def step_bytes_accessed(self, batch, length):
         """Bytes one decoding step reads and writes (one new token per row,
         attention over `length` cache positions), by XLA's cost analysis of
         the compiled step; compiles, runs nothing. The step gets the kernels
-        merged, as the decoding loop does. XLA counts the embedding lookup (a
-        gather) as reading the whole table; the rows it reads are counted
-        instead, so the figure is what the hardware must move."""
+        merged, as the decoding loop does. The embedding lookup is left out
+        of the compiled step and its rows counted instead: XLA counts a
+        gather as reading its whole table, or one row, depending on the
+        shapes."""
         lm, backbone = self.causal_lm, self.backbone
         abstract = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
         state = ([abstract(v) for v in lm.trainable_variables], [abstract(v) for v in lm.non_trainable_variables])
@@ -147,22 +152,22 @@ class GemmaDecoder:
         equations = {layer: equation for layer, (equation, _) in merged.items()}
         kernels = [jax.ShapeDtypeStruct(kernel.shape, kernel.dtype) for _, kernel in merged.values()]
 
-        def step(state, kernels, token_ids, caches, start):
+        def step(state, kernels, embedded, caches, start):
             trainable, non_trainable = state
             mapping = list(zip(lm.trainable_variables, trainable)) + list(zip(lm.non_trainable_variables, non_trainable))
             layer_kernels = {layer: (equations[layer], kernel) for layer, kernel in zip(merged, kernels)}
             with keras.StatelessScope(state_mapping=mapping):
-                logits, caches = self._forward(layer_kernels, token_ids, caches, start, length)
+                logits, caches = self._forward(layer_kernels, embedded, caches, start, length)
             return jnp.argmax(logits[:, -1, :], axis=-1), caches
 
         caches = jax.eval_shape(lambda: self._empty_caches(batch, length))
-        token_ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-        start = jax.ShapeDtypeStruct((), jnp.int32)
-        compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, token_ids, caches, start).compile()
         table = backbone.token_embedding.embeddings
-        itemsize = np.dtype(table.dtype).itemsize
-        counted = compiled.cost_analysis()["bytes accessed"]
-        return counted - np.prod(table.shape) * itemsize + batch * backbone.hidden_dim * itemsize
+        embedded = jax.ShapeDtypeStruct((batch, 1, backbone.hidden_dim), table.dtype)
+        start = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
+        # The lookup reads a row of the table per token; the compiled step
+        # reads what it wrote (its input) once more.
+        return compiled.cost_analysis()["bytes accessed"] + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
 
     def step_floor_bytes(self, batch, length):
         """What any decoding step must read at least: every weight once (the
@@ -176,15 +181,18 @@ class GemmaDecoder:
         cache = 2 * backbone.num_layers * batch * length * backbone.num_key_value_heads * backbone.head_dim * itemsize
         return kernels + others + cache
 
-    def _forward(self, kernels, token_ids, caches, start, span_end):
-        """Logits for `token_ids` placed at `start`; keys and values go into
-        the caches, attention reads cache positions [0, span_end)."""
+    def _embed(self, token_ids):
+        return self.backbone.token_embedding(token_ids)
+
+    def _forward(self, kernels, embedded, caches, start, span_end):
+        """Logits for the tokens whose embeddings are `embedded`, placed at
+        `start`; keys and values go into the caches, attention reads cache
+        positions [0, span_end)."""
         backbone = self.backbone
-        x = backbone.token_embedding(token_ids)
-        x = x * keras.ops.cast(keras.ops.sqrt(backbone.hidden_dim), x.dtype)
-        positions = start + jnp.arange(token_ids.shape[1])
+        x = embedded * keras.ops.cast(keras.ops.sqrt(backbone.hidden_dim), embedded.dtype)
+        positions = start + jnp.arange(embedded.shape[1])
         mask = jnp.arange(span_end)[None, :] <= positions[:, None]
-        mask = jnp.broadcast_to(mask[None], (token_ids.shape[0], *mask.shape))
+        mask = jnp.broadcast_to(mask[None], (embedded.shape[0], *mask.shape))
         new_caches = []
         for block, (key_cache, value_cache) in zip(backbone.transformer_layers, caches):
             x, key_cache, value_cache = _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end,
@@ -194,42 +202,72 @@ class GemmaDecoder:
         return logits, new_caches
 
 
-def _heads_first(x, dtype):
-    return jnp.swapaxes(x, 1, 2).astype(dtype)
+def _cache_layout(x, dtype):
+    """(batch, positions, kv heads, head_dim) keys or values as the cache
+    holds them: (batch × kv heads, positions, head_dim)."""
+    batch, length, kv_heads, head_dim = x.shape
+    return jnp.reshape(jnp.swapaxes(x, 1, 2), (batch * kv_heads, length, head_dim)).astype(dtype)
 
 
 def _attention(attention, query, key, value, mask, start):
-    """`GemmaAttention`'s attention as KerasHub computes it unfused (same
-    scaling, soft cap, sliding window and softmax), on heads-first keys and
-    values."""
+    """`GemmaAttention`'s attention (same scaling, soft cap, sliding window
+    and float32 softmax) on keys and values in the cache's layout, with two
+    changes of order that make XLA read the scores fewer times:
+
+    - the softmax's division comes after the product with the values, so
+      the probabilities are never written out (flash attention's order);
+    - no axis of one entry: rows of (batch, key/value head) form one axis,
+      and the query positions of the heads sharing a key/value head another,
+      dropped at a decoding step of a model with as many key/value heads as
+      heads. Kept, such an axis makes XLA copy the scores, or the whole
+      cache (Gemma 2B has one key/value head), at every step.
+    """
     batch, length, heads, head_dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads = key.shape[0] // batch
+    groups = heads // kv_heads
     per_head = attention.head_dim if attention.query_head_dim_normalize else attention.hidden_dim // heads
     query = query * keras.ops.cast(1 / np.sqrt(per_head), query.dtype)
-    query = jnp.reshape(query, (batch, length, kv_heads, heads // kv_heads, head_dim))
-    logits = jnp.einsum("btkgh,bksh->bkgts", query, key)
+    query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
+    rows = jnp.reshape(jnp.transpose(query, (0, 2, 3, 1, 4)), (batch * kv_heads, groups * length, head_dim))
+    if attention.use_sliding_window_attention:
+        mask = keras_internals.sliding_window_mask(attention, mask, start)
+    span = mask.shape[-1]
+    mask = jnp.reshape(jnp.broadcast_to(mask[:, None, None], (batch, kv_heads, groups, length, span)),
+                       (batch * kv_heads, groups * length, span))
+    if groups * length == 1:
+        rows, mask = rows[:, 0], mask[:, 0]
+    logits = jnp.einsum("n...h,nsh->n...s", rows, key)
     cap = attention.logit_soft_cap
     if cap is not None:
         logits = jnp.tanh(logits / cap) * cap
-    if attention.use_sliding_window_attention:
-        mask = keras_internals.sliding_window_mask(attention, mask, start)
-    probabilities = attention.softmax(logits, mask=mask[:, None, None, :, :]).astype(logits.dtype)
-    attended = jnp.einsum("bkgts,bksh->btkgh", probabilities, value)
-    return jnp.reshape(attended, (batch, length, heads, head_dim))
+    # Keras' masked softmax, in float32: masked positions get -1e9, whose
+    # exp is 0 (every row sees at least its own position).
+    logits = jnp.where(mask, logits.astype("float32"), -1e9)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    attended = jnp.einsum("n...s,nsh->n...h", weights.astype(value.dtype), value,
+                          preferred_element_type="float32")
+    attended = (attended / jnp.sum(weights, axis=-1)[..., None]).astype(query.dtype)
+    attended = jnp.reshape(attended, (batch, kv_heads, groups, length, head_dim))
+    return jnp.reshape(jnp.transpose(attended, (0, 3, 1, 2, 4)), (batch, length, heads * head_dim))
 
 
 def merged_kernels(backbone):
     """{layer: (einsum equation, kernel)} of every projection of every
     decoder block, LoRA merged as Keras merges it (kernel + alpha / rank *
     A @ B, in the compute dtype). The query, key and value kernels (heads,
-    hidden, head_dim) are laid out hidden first, as the product wants them:
-    in their own layout XLA would transpose them at every step."""
+    hidden, head_dim) are laid out hidden first and the attention output's
+    (heads, head_dim, hidden) as one (heads × head_dim, hidden) matrix, as
+    the products want them: in their own layouts XLA would transpose them
+    at every step."""
     kernels = {}
     for _, name, layer in projections(backbone):
+        kernel = layer.kernel  # merged here, once
         if name in PER_HEAD_INPUT:
-            kernels[layer] = ("btd,dnh->btnh", jnp.transpose(layer.kernel, (1, 0, 2)))
+            kernels[layer] = ("btd,dnh->btnh", jnp.transpose(kernel, (1, 0, 2)))
+        elif name == "attention_output":
+            kernels[layer] = ("btf,fd->btd", jnp.reshape(kernel, (-1, kernel.shape[-1])))
         else:
-            kernels[layer] = (layer.equation, layer.kernel)
+            kernels[layer] = (layer.equation, kernel)
     return kernels
 
 
@@ -247,11 +285,11 @@ def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, m
     query = keras_internals.apply_rope(attention, _project(attention.query_dense, kernels, normalized), start)
     key = keras_internals.apply_rope(attention, _project(attention.key_dense, kernels, normalized), start)
     value = _project(attention.value_dense, kernels, normalized)
-    # Caches are (batch, kv heads, length, head_dim): the layout both attention
+    # Caches are (batch × kv heads, length, head_dim): the layout both attention
     # products read without transposing (and so copying) the cache.
-    key_cache = jax.lax.dynamic_update_slice(key_cache, _heads_first(key, key_cache.dtype), (0, 0, start, 0))
-    value_cache = jax.lax.dynamic_update_slice(value_cache, _heads_first(value, value_cache.dtype), (0, 0, start, 0))
-    attended = _attention(attention, query, key_cache[:, :, :span_end], value_cache[:, :, :span_end], mask, start)
+    key_cache = jax.lax.dynamic_update_slice(key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0))
+    value_cache = jax.lax.dynamic_update_slice(value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0))
+    attended = _attention(attention, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start)
     attended = _project(attention.output_dense, kernels, attended)
     if block.use_post_attention_norm:
         attended = block.post_attention_norm(attended)
