@@ -70,6 +70,15 @@ class GemmaDecoder:
         """Prompts right-padded in (batch, length) `token_ids`; returns the
         same shape with each row's generated tokens after its prompt. On a
         pod every process passes the whole batch and gets the whole result."""
+        out = self._compiled(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+        return hosts.to_numpy(out)
+
+    def lower(self, token_ids, padding_mask, max_new_tokens):
+        """The decoding program of a call with these arguments, lowered and
+        not run (`.compile().as_text()` shows what a mesh makes it move)."""
+        return self._compiled.lower(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+
+    def _arguments(self, token_ids, padding_mask):
         lm = self.causal_lm
         state = ([v.value for v in lm.trainable_variables], [v.value for v in lm.non_trainable_variables])
         token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
@@ -77,8 +86,7 @@ class GemmaDecoder:
             # Rows over the data axis: each host feeds and decodes its own.
             sharding = data_sharding(token_ids.shape)
             token_ids, padding_mask = hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
-        out = self._compiled(state, token_ids, padding_mask, max_new_tokens=int(max_new_tokens))
-        return hosts.to_numpy(out)
+        return state, token_ids, padding_mask
 
     def _stateless_decode(self, state, token_ids, padding_mask, max_new_tokens):
         trainable, non_trainable = state
@@ -134,7 +142,7 @@ class GemmaDecoder:
 
     def _empty_caches(self, batch, length):
         dtype = self.causal_lm.compute_dtype
-        shape = (batch * self.backbone.num_key_value_heads, length, self.backbone.head_dim)
+        shape = (self.backbone.num_key_value_heads * batch, length, self.backbone.head_dim)
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.backbone.transformer_layers]
 
     def step_bytes_accessed(self, batch, length):
@@ -204,9 +212,11 @@ class GemmaDecoder:
 
 def _cache_layout(x, dtype):
     """(batch, positions, kv heads, head_dim) keys or values as the cache
-    holds them: (batch × kv heads, positions, head_dim)."""
+    holds them: (kv heads × batch, positions, head_dim). Heads first: the
+    model axis shards the heads, so the merged axis is sharded as a block
+    of heads (batch first, it would be resharded at every step)."""
     batch, length, kv_heads, head_dim = x.shape
-    return jnp.reshape(jnp.swapaxes(x, 1, 2), (batch * kv_heads, length, head_dim)).astype(dtype)
+    return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(dtype)
 
 
 def _attention(attention, query, key, value, mask, start):
@@ -216,7 +226,7 @@ def _attention(attention, query, key, value, mask, start):
 
     - the softmax's division comes after the product with the values, so
       the probabilities are never written out (flash attention's order);
-    - no axis of one entry: rows of (batch, key/value head) form one axis,
+    - no axis of one entry: rows of (key/value head, batch) form one axis,
       and the query positions of the heads sharing a key/value head another,
       dropped at a decoding step of a model with as many key/value heads as
       heads. Kept, such an axis makes XLA copy the scores, or the whole
@@ -228,12 +238,12 @@ def _attention(attention, query, key, value, mask, start):
     per_head = attention.head_dim if attention.query_head_dim_normalize else attention.hidden_dim // heads
     query = query * keras.ops.cast(1 / np.sqrt(per_head), query.dtype)
     query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
-    rows = jnp.reshape(jnp.transpose(query, (0, 2, 3, 1, 4)), (batch * kv_heads, groups * length, head_dim))
+    rows = jnp.reshape(jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim))
     if attention.use_sliding_window_attention:
         mask = keras_internals.sliding_window_mask(attention, mask, start)
     span = mask.shape[-1]
-    mask = jnp.reshape(jnp.broadcast_to(mask[:, None, None], (batch, kv_heads, groups, length, span)),
-                       (batch * kv_heads, groups * length, span))
+    mask = jnp.reshape(jnp.broadcast_to(mask[None, :, None], (kv_heads, batch, groups, length, span)),
+                       (kv_heads * batch, groups * length, span))
     if groups * length == 1:
         rows, mask = rows[:, 0], mask[:, 0]
     logits = jnp.einsum("n...h,nsh->n...s", rows, key)
@@ -247,8 +257,8 @@ def _attention(attention, query, key, value, mask, start):
     attended = jnp.einsum("n...s,nsh->n...h", weights.astype(value.dtype), value,
                           preferred_element_type="float32")
     attended = (attended / jnp.sum(weights, axis=-1)[..., None]).astype(query.dtype)
-    attended = jnp.reshape(attended, (batch, kv_heads, groups, length, head_dim))
-    return jnp.reshape(jnp.transpose(attended, (0, 3, 1, 2, 4)), (batch, length, heads * head_dim))
+    attended = jnp.reshape(attended, (kv_heads, batch, groups, length, head_dim))
+    return jnp.reshape(jnp.transpose(attended, (1, 3, 0, 2, 4)), (batch, length, heads * head_dim))
 
 
 def merged_kernels(backbone):
@@ -285,7 +295,7 @@ def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, m
     query = keras_internals.apply_rope(attention, _project(attention.query_dense, kernels, normalized), start)
     key = keras_internals.apply_rope(attention, _project(attention.key_dense, kernels, normalized), start)
     value = _project(attention.value_dense, kernels, normalized)
-    # Caches are (batch × kv heads, length, head_dim): the layout both attention
+    # Caches are (kv heads × batch, length, head_dim): the layout both attention
     # products read without transposing (and so copying) the cache.
     key_cache = jax.lax.dynamic_update_slice(key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0))
     value_cache = jax.lax.dynamic_update_slice(value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0))
