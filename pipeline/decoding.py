@@ -173,8 +173,8 @@ class GemmaDecoder:
         embedded = jax.ShapeDtypeStruct((batch, 1, backbone.hidden_dim), table.dtype)
         start = jax.ShapeDtypeStruct((), jnp.int32)
         compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
-        # The lookup reads a row of the table per token; the compiled step
-        # reads what it wrote (its input) once more.
+        # The lookup reads one row of the table per token (the compiled step
+        # counts reading those rows back, as its input).
         return compiled.cost_analysis()["bytes accessed"] + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
 
     def step_floor_bytes(self, batch, length):
@@ -222,7 +222,7 @@ def _cache_layout(x, dtype):
 def _attention(attention, query, key, value, mask, start):
     """`GemmaAttention`'s attention (same scaling, soft cap, sliding window
     and float32 softmax) on keys and values in the cache's layout, with two
-    changes of order that make XLA read the scores fewer times:
+    changes that make XLA move fewer bytes:
 
     - the softmax's division comes after the product with the values, so
       the probabilities are never written out (flash attention's order);
