@@ -1,7 +1,8 @@
-# Stage by stage:  make data|finetune|mean-prompt|predict|score|compare|export|kaggle-bundle [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
+# Stage by stage:  make data|finetune|mean-prompt|predict|evaluate|score|compare|export|kaggle-bundle [CONFIG=configs/X.yaml] [ARGS="key=value ..."]
 # Everything:      make all CONFIG=configs/kaggle_tpu_v3_8.yaml REQUIREMENTS=requirements-tpu.txt
 # Newcomers:       make demo   (embedded default, CPU)    make test
 # Without CONFIG every target uses configs/cpu_tiny.yaml, the embedded default.
+# VERBOSE=1 shows the native libraries' start-up lines and every traceback.
 
 PYTHON ?= python3
 REQUIREMENTS ?= requirements-cpu.txt
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict score mean-prompt compare export kaggle-bundle memory-plan bench tiny clean
+.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan bench tiny clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +42,7 @@ pod-test: $(STAMP)
 kill-test: $(STAMP)
 	$(PY) -m pytest -m kill tests
 
-data finetune predict score: $(STAMP) $(if $(CONFIG),,tiny)
+data finetune predict evaluate score: $(STAMP) $(if $(CONFIG),,tiny)
 	PYTHONUNBUFFERED=1 $(call RUN,$@)
 
 mean-prompt: $(STAMP) $(if $(CONFIG),,tiny)
@@ -64,8 +65,10 @@ bench: $(STAMP) tiny
 	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py
 	PYTHONUNBUFFERED=1 $(PY) bench/mean_prompt_bench.py
 
+# The stages of a whole run, in order (scripts/tpu_pod.py runs the same list).
+ALL_STAGES := data finetune mean-prompt predict evaluate
 all: $(STAMP) $(if $(CONFIG),,tiny)
-	$(MAKE) data finetune mean-prompt predict score compare CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
+	$(MAKE) $(ALL_STAGES) CONFIG=$(CONFIG) ARGS="$(ARGS)" REQUIREMENTS=$(REQUIREMENTS)
 
 # Cloud TPU slices: make tpu-pod POD="up --name NAME --zone ZONE --data FILE --stage all [--dry-run]"
 tpu-pod:

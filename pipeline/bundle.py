@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.encoder import find_piece_model
 from pipeline.run_dir import RunDir
+from pipeline.errors import InputError, MissingInputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO_ROOT / "requirements-kaggle.txt"
@@ -65,14 +66,14 @@ def run_kaggle_bundle_stage(cfg, log=print):
     run = RunDir(cfg)
     unknown = [part for part in cfg.predict.combine if part not in COMBINABLE]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"predict.combine: the Kaggle bundle combines only {' and '.join(COMBINABLE)}; "
             f"{unknown[0]!r} would need that submission inside the notebook"
         )
     merged = cfg.kaggle.base_model == "export"
     source = run.transformers_model if merged else run.peft_adapter
     if not source.exists():
-        raise FileNotFoundError(f"{source} not found; run the export stage first (make export)")
+        raise MissingInputError(f"{source} not found; run the export stage first (make export)")
     bundle = run.start_stage(cfg, cfg.kaggle.out)
     for leftover in ("transformers", "peft_adapter"):
         shutil.rmtree(bundle / leftover, ignore_errors=True)
@@ -80,7 +81,7 @@ def run_kaggle_bundle_stage(cfg, log=print):
     mean_prompt, piece_model = None, None
     if "mean_prompt" in cfg.predict.combine:
         if not run.mean_prompt.exists():
-            raise FileNotFoundError(f"{run.mean_prompt} not found; run the mean-prompt stage first")
+            raise MissingInputError(f"{run.mean_prompt} not found; run the mean-prompt stage first")
         mean_prompt = run.mean_prompt.read_text().strip()
     if cfg.predict.combine != ["model"]:
         piece_model = "piece_model.model"

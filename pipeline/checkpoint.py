@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import hosts
+from pipeline.errors import InputError
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(InputError):
     """A checkpoint written by a run with other settings."""
 
 

@@ -17,6 +17,7 @@ rows, n_fallback = combine_parts([["Make it rhyme.", ""], ["Improve this text."]
 import pandas as pd
 
 from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table
+from pipeline.errors import MissingInputError
 
 # Cells pandas reads as missing by default, as the competition's scorer reads
 # submissions: such a prediction counts as blank.
@@ -50,7 +51,7 @@ def load_parts(names, ids, mean_prompt_path):
             parts.append(None)
         elif name == "mean_prompt":
             if not mean_prompt_path.exists():
-                raise FileNotFoundError(f"{mean_prompt_path} not found; run the mean-prompt stage first")
+                raise MissingInputError(f"{mean_prompt_path} not found; run the mean-prompt stage first")
             parts.append([mean_prompt_path.read_text().strip()] * len(ids))
         else:
             other = read_table(name, SUBMISSION_COLUMNS, empty="keep").set_index("id")["rewrite_prompt"]

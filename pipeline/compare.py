@@ -33,9 +33,13 @@ VARIANTS = {
 
 def run_compare_stage(cfg, log=print):
     run = RunDir(cfg)
-    stage_dir = run.start_stage(cfg, "compare")
-    if not hosts.is_main_process():
-        return None  # no accelerator work: process 0 does this stage alone
+    stage_dir = run.start_stage(cfg, cfg.compare.out)
+    # No accelerator work: process 0 compares alone, the other hosts wait for it.
+    return hosts.share_from_main(lambda: compare_variants(cfg, run, stage_dir, log))
+
+
+def compare_variants(cfg, run, stage_dir, log):
+    run.check_truth_available()
     rows = run.read_predict_rows(log)
     truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], log=log).set_index("id")
     ids = list(rows["id"])

@@ -26,11 +26,12 @@ from typing import Literal, Optional
 import yaml
 
 from pipeline import templates
+from pipeline.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu_tiny.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override names an unknown key or holds a bad value."""
 
 
@@ -60,6 +61,10 @@ class DistributionConfig:
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    # How long a process that has finished waits for the others at exit
+    # (JAX's shutdown barrier; work that process 0 does alone is waited for
+    # elsewhere, see pipeline/hosts.py).
+    shutdown_timeout_seconds: int = 300
 
 
 @dataclasses.dataclass
@@ -71,6 +76,10 @@ class HardwareConfig:
     peak_tflops_per_device: float = 61.5
     # Memory, for the memory plan (TPU v3 core: 16 GiB).
     device_memory_gib: float = 16.0
+    # GPUs: the share of device memory JAX takes at start-up (set as
+    # XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's own default is 0.75). Unset on
+    # TPUs and CPUs, which JAX does not preallocate.
+    memory_fraction: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -200,6 +209,11 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass
+class CompareConfig:
+    out: str = "compare"
+
+
+@dataclasses.dataclass
 class ExportConfig:
     # "run": this run's fine-tuned adapter; "none": the base model alone; or
     # a path to a .lora.h5 file. The adapter is merged into the weights.
@@ -243,6 +257,7 @@ class Config:
     mean_prompt: MeanPromptConfig = dataclasses.field(default_factory=MeanPromptConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     kaggle: KaggleConfig = dataclasses.field(default_factory=KaggleConfig)
 

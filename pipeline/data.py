@@ -26,16 +26,17 @@ from pipeline import hosts, rules, templates
 from pipeline.run_dir import RunDir
 from pipeline.sources import chunk_texts, read_sources
 from pipeline.tables import TRAIN_COLUMNS, write_table
+from pipeline.errors import InputError, MissingInputError
 
 
 def read_prompt_pool(path):
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data.prompts: {path} not found")
+        raise MissingInputError(f"data.prompts: {path} not found")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise ValueError(f"data.prompts: {path} holds no prompt (one per line)")
+        raise InputError(f"data.prompts: {path} holds no prompt (one per line)")
     return prompts
 
 
@@ -44,7 +45,7 @@ def plan_rows(data_cfg, log=print):
     chunks, dropped = chunk_texts(read_sources(data_cfg.sources), data_cfg.chunk_words, data_cfg.min_chars)
     log(f"data: {len(chunks)} chunks kept, dropped: {dict(dropped) or 'none'}")
     if not chunks:
-        raise ValueError(
+        raise InputError(
             f"data.sources: no text chunk kept (dropped: {dict(dropped) or 'none'}); check that the "
             "files hold texts, and data.min_chars"
         )
@@ -98,12 +99,11 @@ def _rewrite(cfg, plan, todo, log):
     """Yields lists of {'id', 'rewritten_text'} of the rows still to do, as
     batches finish."""
     if cfg.data.rewriter == "rules":
-        if not hosts.is_main_process():
-            return  # no accelerator work: process 0 does it alone
-        rows = [
+        # No accelerator work: process 0 rewrites, the other hosts wait for it.
+        rows = hosts.share_from_main(lambda: [
             {"id": r.id, "rewritten_text": rules.rewrite(r.rewrite_prompt, r.original_text)}
             for r in plan[todo].itertuples()
-        ]
+        ])
         for start in range(0, len(rows), cfg.data.batch_size):
             yield rows[start : start + cfg.data.batch_size]
         return
@@ -143,7 +143,7 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
     ).hexdigest()
     if plan_path.exists() and partial_path.exists():
         if json.loads(plan_path.read_text())["digest"] != digest:
-            raise ValueError(
+            raise InputError(
                 f"{partial_path} was written for another plan or setup (sources, prompts, chunking, "
                 "seed, template, chat format, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
                 "it to start over, or use another run.name"

@@ -15,8 +15,10 @@ keras.distribution.set_distribution(distribution)  # then from_preset(...)
 
 import re
 
+from pipeline.errors import InputError
 
-class DistributionError(ValueError):
+
+class DistributionError(InputError):
     """The mesh does not fit the devices or the model; the message says why."""
 
 

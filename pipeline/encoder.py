@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputError, MissingInputError
+from pipeline.runtime import quiet_native_logs
+
 
 def encoder_folder(handle):
     """The local folder of the encoder: a TF Hub URL (downloaded to TF Hub's
@@ -27,15 +30,13 @@ def encoder_folder(handle):
     if Path(handle).is_dir():
         return Path(handle)
     if handle.startswith(("http://", "https://")):
-        import tensorflow_hub as hub
-
-        return Path(hub.resolve(handle))
+        return Path(_tensorflow_hub().resolve(handle))
     kaggle_handle = handle.removeprefix("kaggle://")
     if kaggle_handle.count("/") >= 3:  # owner/model/framework/variation[/version]
         import kagglehub
 
         return Path(kagglehub.model_download(kaggle_handle))
-    raise ValueError(
+    raise InputError(
         f"score.encoder {handle!r}: not a URL, an existing folder, or a Kaggle Models "
         "handle such as google/sentence-t5/tensorFlow2/st5-base"
     )
@@ -43,10 +44,22 @@ def encoder_folder(handle):
 
 def load_sentence_encoder(handle):
     """A TF Hub URL, a Kaggle Models handle or a local SavedModel folder."""
-    import tensorflow_hub as hub
     import tensorflow_text  # noqa: F401  registers the SentencePiece op
 
-    return hub.load(str(encoder_folder(handle)))
+    hub = _tensorflow_hub()
+    with quiet_native_logs():  # SentencePiece's normalizer notice
+        return hub.load(str(encoder_folder(handle)))
+
+
+def _tensorflow_hub():
+    import warnings
+
+    with warnings.catch_warnings():
+        # tensorflow_hub 0.16 imports the deprecated pkg_resources.
+        warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+        import tensorflow_hub
+
+    return tensorflow_hub
 
 
 def embed(encoder, texts, batch_size=64):
@@ -81,7 +94,7 @@ def find_piece_model(encoder_handle, piece_model=None):
     folder = encoder_folder(encoder_handle)
     found = sorted((folder / "assets").glob("*.model"))
     if not found:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no SentencePiece model in {folder / 'assets'}; set mean_prompt.piece_model "
             "to the encoder's .model file"
         )

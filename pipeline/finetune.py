@@ -30,6 +30,7 @@ from pipeline.recovery import RecoveryFormatter
 from pipeline.run_dir import RunDir
 from pipeline.runtime import set_seed
 from pipeline.tables import TRAIN_COLUMNS, read_table, split_rows
+from pipeline.errors import InputError
 
 TEXT_COLUMNS = ["original_text", "rewrite_prompt", "rewritten_text"]
 
@@ -96,7 +97,7 @@ def run_finetune_stage(cfg, log=print):
     stage_dir = run.start_stage(cfg, tc.out)
     train_df, val_df = hosts.share_from_main(lambda: load_splits(run.train_csv, cfg.split, log))
     if len(train_df) < tc.batch_size:
-        raise ValueError(
+        raise InputError(
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
     causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
@@ -167,9 +168,13 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
     for epoch in range(progress.step // per_epoch, tc.epochs):
         todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
+        feed = local_batches(train_rows, todo, tc.batch_size)
+        if hosts.process_count() > 1 and epoch == progress.step // per_epoch:
+            log(f"finetune: process {hosts.process_index()} feeds {feed.element_spec[1].shape[0]} of the "
+                f"{tc.batch_size} rows of every batch")
         start = time.perf_counter()
         history = causal_lm.fit(
-            local_batches(train_rows, todo, tc.batch_size),
+            feed,
             validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
             initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
         )

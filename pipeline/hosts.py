@@ -20,22 +20,46 @@ import pickle
 
 import numpy as np
 
+# How long the other hosts wait for process 0's work in `share_from_main`
+# (a whole mean-prompt search, say).
+MAIN_WORK_TIMEOUT_SECONDS = 24 * 3600
+_shares = 0
+
 
 def initialize(distribution_cfg):
-    """Joins the pod (`keras.distribution.initialize`) when the config says
+    """Joins the pod (`keras.distribution.initialize`, which also reads
+    Keras' `KERAS_DISTRIBUTION_*` variables) when the config says
     multi_host; a second call does nothing."""
     if not distribution_cfg.multi_host:
         return
     import jax
-    import keras
+
+    from pipeline import keras_internals
 
     if jax.distributed.is_initialized():
         return
-    keras.distribution.initialize(
-        job_addresses=distribution_cfg.coordinator_address,
-        num_processes=distribution_cfg.num_processes,
-        process_id=distribution_cfg.process_id,
+    keras_internals.initialize_distribution(
+        distribution_cfg.coordinator_address,
+        distribution_cfg.num_processes,
+        distribution_cfg.process_id,
+        distribution_cfg.shutdown_timeout_seconds,
     )
+
+
+def leave(code):
+    """Ends the process with `code`. A process of a pod that failed leaves
+    at once, skipping JAX's shutdown barrier: waiting there for hosts that
+    are still at work would hold its error back for the barrier's timeout,
+    and the others learn of its end from the coordination service."""
+    import os
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def process_count():
@@ -44,25 +68,37 @@ def process_count():
     return jax.process_count()
 
 
-def is_main_process():
-    """True on the process that decides and writes (process 0 of a pod)."""
+def process_index():
     import jax
 
-    return jax.process_index() == 0
+    return jax.process_index()
+
+
+def is_main_process():
+    """True on the process that decides and writes (process 0 of a pod)."""
+    return process_index() == 0
 
 
 def share_from_main(compute):
     """Runs `compute()` on process 0 and returns its result on every
-    process. An exception there is raised on every process (with the same
-    message), so no host is left waiting in a collective."""
+    process. The others wait at a barrier of the pod's coordination service
+    while process 0 works, however long that takes (up to
+    MAIN_WORK_TIMEOUT_SECONDS), rather than in a device collective or in
+    JAX's shutdown barrier, which time out. An exception there is raised on
+    every process (with the same message), so no host is left waiting."""
+    global _shares
     if process_count() == 1:
         return compute()
+    from pipeline import keras_internals
+
     outcome = None
     if is_main_process():
         try:
             outcome = ("ok", compute())
         except Exception as error:  # re-raised below, on every host
             outcome = ("error", error)
+    _shares += 1  # every process makes the same calls in the same order
+    keras_internals.wait_at_pod_barrier(f"share_from_main_{_shares}", MAIN_WORK_TIMEOUT_SECONDS)
     kind, value = broadcast_object(outcome)
     if kind == "error":
         raise value

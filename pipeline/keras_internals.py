@@ -1,4 +1,4 @@
-"""Every private Keras and KerasHub name the pipeline uses, behind one door.
+"""Every private Keras, KerasHub and JAX name the pipeline uses, behind one door.
 
 Private names change without notice between releases, so this module checks
 the installed versions when it is imported and refuses others with a
@@ -45,6 +45,32 @@ def reset_seed(seed):
 
     global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
     global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)  # rebuilt from the seed
+
+
+def initialize_distribution(job_addresses, num_processes, process_id, shutdown_timeout_seconds):
+    """`keras.distribution.initialize`, with JAX's shutdown timeout (how
+    long a finished process waits for the others), which Keras does not
+    pass on: JAX's `jax.distributed.initialize` is bound to it while Keras
+    calls it."""
+    import functools
+
+    import jax
+
+    initialize = jax.distributed.initialize
+    jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=shutdown_timeout_seconds)
+    try:
+        keras.distribution.initialize(job_addresses=job_addresses, num_processes=num_processes, process_id=process_id)
+    finally:
+        jax.distributed.initialize = initialize
+
+
+def wait_at_pod_barrier(name, timeout_seconds):
+    """Blocks until every process of the pod reaches the barrier `name`
+    (JAX's coordination service; no device collective, so no collective
+    timeout)."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_seconds * 1000))
 
 
 def read_preset_json(preset):

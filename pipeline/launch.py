@@ -1,30 +1,65 @@
 """Cloud TPU slices from this machine: the gcloud commands of a pod run.
 
 A run on a TPU VM slice is: create the slice, copy the repository and the
-data to every worker, install `requirements-tpu.txt`, start the same stage
-on every worker (each finds the others through `keras.distribution.
-initialize()`), copy the run folder back from worker 0 (the only writer),
-and delete the slice when asked. Each step is one gcloud command, built here
-as an argument list, so that `--dry-run` prints exactly what would run.
+data to every worker, prepare each worker (`scripts/setup_worker.sh`: a
+Python the pinned JAX supports, then `make install`), start the stages on
+every worker detached from the ssh session (`scripts/pod_job.sh`: each
+worker logs to `runs/pod-job/log` and records each stage's exit status), wait
+for them while printing worker 0's progress, copy the run folder back from
+worker 0 (the only writer) and every worker's log, and delete the slice when
+asked, also after a failure. A dropped connection stops only the waiting:
+`status`, `logs`, `wait` and `fetch` pick the run up again.
+
+Each step is one gcloud command, built here as an argument list, so that
+`--dry-run` prints exactly what would run.
 
 Example:
 ```python
-pod = TpuPod(name="prompts", zone="europe-west4-a", accelerator_type="v3-32",
-             runtime_version="tpu-ubuntu2204-base", spot=True)
-for command in pod.up(repo_archive, ["data/test.csv"], "make finetune CONFIG=...", "runs/cloud_tpu_v3_32", "runs"):
+pod = TpuPod(name="prompts", zone="europe-west4-a", accelerator_type="v3-32")
+for command in pod.setup(repo_archive, ["data/test.csv"]):
     print(shlex.join(command))
 ```
 """
 
 import dataclasses
 import io
+import json
 import shlex
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Optional
 
 REMOTE_REPO = "prompt-recovery"  # in each worker's home folder
+JOB_LOG = "runs/pod-job/log"  # each worker's log, in the repository (scripts/pod_job.sh)
+ALL_STAGES = ["data", "finetune", "mean-prompt", "predict", "evaluate"]  # the Makefile's `all`
+
+
+class PodError(RuntimeError):
+    """A step of a pod run failed; the message says which and what to do."""
+
+
+@dataclasses.dataclass
+class WorkerStatus:
+    """One line of `pod_job.sh status`: worker N: STATE [STAGE [CODE]]."""
+
+    worker: str
+    state: str  # none, running, done, failed, stopped
+    stage: str = ""
+    exit_code: Optional[int] = None
+
+    @classmethod
+    def parse(cls, line):
+        name, _, rest = line.partition(":")
+        words = rest.split()
+        if not name.startswith("worker ") or not words:
+            raise PodError(f"unexpected status line from a worker: {line!r}")
+        code = int(words[2]) if len(words) > 2 else None
+        return cls(name.removeprefix("worker "), words[0], words[1] if len(words) > 1 else "", code)
+
+    def __str__(self):
+        return f"worker {self.worker}: {' '.join(str(w) for w in (self.state, self.stage, self.exit_code) if w not in ('', None))}"
 
 
 @dataclasses.dataclass
@@ -45,45 +80,59 @@ class TpuPod:
                                f"--version={self.runtime_version}")
         return command + (["--spot"] if self.spot else [])
 
+    def describe(self):
+        return self._gcloud("describe", self.name, "--format=json")
+
     def ssh(self, remote_command, worker="all"):
         return self._gcloud("ssh", self.name, f"--worker={worker}", f"--command={remote_command}")
 
     def copy_to_workers(self, local_paths, remote_dir):
         return self._gcloud("scp", "--recurse", "--worker=all", *map(str, local_paths), f"{self.name}:{remote_dir}")
 
-    def copy_from_worker_0(self, remote_path, local_dir):
-        return self._gcloud("scp", "--recurse", "--worker=0", f"{self.name}:{remote_path}", str(local_dir))
+    def copy_from_worker(self, remote_path, local_path, worker=0):
+        return self._gcloud("scp", "--recurse", f"--worker={worker}", f"{self.name}:{remote_path}", str(local_path))
 
     def delete(self):
         return self._gcloud("delete", self.name, "--quiet")
 
     def setup(self, repo_archive, data_paths):
         """Repository (an archive from `archive_repository`) and data on every
-        worker, then the TPU requirements installed there."""
+        worker, then each worker prepared (Python, requirements)."""
         unpack = (f"mkdir -p {REMOTE_REPO}/data && tar -xzf {Path(repo_archive).name} -C {REMOTE_REPO} "
                   f"&& rm {Path(repo_archive).name}")
         commands = [self.copy_to_workers([repo_archive], "~/"), self.ssh(unpack)]
         if data_paths:
             commands.append(self.copy_to_workers(data_paths, f"~/{REMOTE_REPO}/data/"))
-        commands.append(self.ssh(f"cd {REMOTE_REPO} && make install REQUIREMENTS=requirements-tpu.txt"))
+        commands.append(self.ssh(f"cd {REMOTE_REPO} && bash scripts/setup_worker.sh"))
         return commands
 
-    def run(self, make_command):
-        return self.ssh(f"cd {REMOTE_REPO} && {make_command}")
+    def start(self, stages, config, overrides):
+        """Starts the stages on every worker, detached; returns at once."""
+        words = ["bash", "scripts/pod_job.sh", "start", config, " ".join(overrides), *stages]
+        return self.ssh(f"cd {REMOTE_REPO} && {shlex.join(words)}")
 
-    def up(self, repo_archive, data_paths, make_command, remote_run_dir, local_dir, delete=False):
-        """Every command of a whole run, in order."""
-        commands = [self.create(), *self.setup(repo_archive, data_paths), self.run(make_command),
-                    self.copy_from_worker_0(f"{REMOTE_REPO}/{remote_run_dir}", local_dir)]
-        return commands + ([self.delete()] if delete else [])
+    def job_status(self, worker):
+        return self.ssh(f"cd {REMOTE_REPO} && bash scripts/pod_job.sh status", worker=worker)
+
+    def job_log(self, worker, lines):
+        return self.ssh(f"cd {REMOTE_REPO} && bash scripts/pod_job.sh logs {int(lines)}", worker=worker)
+
+    def fetch(self, remote_run_dir, local_root, workers):
+        """Worker 0's run folder, and every worker's log beside it
+        (`<run>/pod-logs/worker-<i>.log`)."""
+        run = Path(local_root) / Path(remote_run_dir).name
+        commands = [self.copy_from_worker(f"{REMOTE_REPO}/{remote_run_dir}", local_root)]
+        return commands + [self.copy_from_worker(f"{REMOTE_REPO}/{JOB_LOG}", log_path(run, w), worker=w)
+                           for w in workers]
 
 
-def make_command(target, config, overrides):
-    """The make line every worker runs for a stage (or `all`)."""
-    words = ["make", target, f"CONFIG={config}", "REQUIREMENTS=requirements-tpu.txt"]
-    if overrides:
-        words.append("ARGS=" + " ".join(overrides))
-    return shlex.join(words)
+def log_path(local_run_dir, worker):
+    return Path(local_run_dir) / "pod-logs" / f"worker-{worker}.log"
+
+
+def stages_of(target):
+    """The stages a target runs on the workers (`all`: the Makefile's)."""
+    return list(ALL_STAGES) if target == "all" else [target]
 
 
 def archive_repository(repo_root, archive_path):
@@ -99,10 +148,121 @@ def archive_repository(repo_root, archive_path):
     return archive_path
 
 
-def execute(commands, dry_run=False, log=print):
-    """Runs the commands in order (stops at the first failure); with
-    dry_run, prints them only."""
-    for command in commands:
-        log(("(dry run) " if dry_run else "+ ") + shlex.join(command))
-        if not dry_run:
-            subprocess.run(command, check=True)
+class Launcher:
+    """Runs a pod's gcloud commands; with dry_run, prints them instead (a
+    dry run counts one worker and waits for nothing)."""
+
+    def __init__(self, pod, dry_run=False, log=print):
+        self.pod = pod
+        self.dry_run = dry_run
+        self.log = log
+
+    def execute(self, commands, tolerate=False):
+        """Runs the commands in order; a failure raises PodError (with
+        tolerate: is printed, and the next command runs)."""
+        for command in commands:
+            self.log(("(dry run) " if self.dry_run else "+ ") + shlex.join(command))
+            if not self.dry_run and subprocess.run(command).returncode != 0:
+                if not tolerate:
+                    raise PodError(f"this command failed: {shlex.join(command)}")
+                self.log(f"pod: this command failed, going on: {shlex.join(command)}")
+
+    def output(self, command):
+        if self.dry_run:
+            self.log("(dry run) " + shlex.join(command))
+            return ""
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise PodError(f"{shlex.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        return result.stdout
+
+    def workers(self):
+        """The slice's worker numbers, from `gcloud ... describe`."""
+        described = self.output(self.pod.describe())
+        return list(range(len(json.loads(described).get("networkEndpoints", [])))) if described else [0]
+
+    def statuses(self):
+        found = []
+        for worker in self.workers():
+            lines = [line for line in self.output(self.pod.job_status(worker)).splitlines() if line.startswith("worker ")]
+            found.append(WorkerStatus.parse(lines[-1]) if lines else WorkerStatus(str(worker), "unknown"))
+        return found
+
+    def wait(self, poll_seconds, progress_lines=3):
+        """Polls every worker until the job ends; prints state changes and
+        worker 0's newest log lines. Raises PodError naming the stage and
+        worker of a failure."""
+        seen, last_lines = {}, []
+        while True:
+            statuses = self.statuses()
+            if self.dry_run:
+                self.output(self.pod.job_log(0, progress_lines))
+                return statuses
+            for status in statuses:
+                if seen.get(status.worker) != str(status):
+                    self.log(f"pod: {status}")
+                    seen[status.worker] = str(status)
+            lines = self.output(self.pod.job_log(0, progress_lines)).splitlines()
+            for line in lines[len(_overlap(last_lines, lines)):]:
+                self.log(f"pod: worker 0 | {line}")
+            last_lines = lines
+            broken = [s for s in statuses if s.state not in ("running", "done")]
+            if broken:
+                first = broken[0]
+                if first.state == "failed":
+                    raise PodError(f"stage {first.stage} failed on worker {first.worker} (make exited {first.exit_code})")
+                during = f" during {first.stage}" if first.stage else ""
+                raise PodError(f"the job on worker {first.worker} is {first.state}{during}")
+            if all(s.state == "done" for s in statuses):
+                return statuses
+            time.sleep(poll_seconds)
+
+    def fetch(self, remote_run_dir, local_root, tolerate=False):
+        """Worker 0's run folder and every worker's log."""
+        workers = self.workers()
+        local_run = Path(local_root) / Path(remote_run_dir).name
+        if not self.dry_run:
+            log_path(local_run, 0).parent.mkdir(parents=True, exist_ok=True)
+        self.execute(self.pod.fetch(remote_run_dir, local_root, workers), tolerate=tolerate)
+        return local_run
+
+    def finish(self, remote_run_dir, local_root, poll_seconds):
+        """Waits for the job, then fetches the run folder and the logs; on a
+        failure fetches what there is and raises PodError saying where the
+        logs are."""
+        try:
+            self.wait(poll_seconds)
+        except PodError as error:
+            self.log(f"pod: {error}; fetching what there is")
+            local_run = self.fetch(remote_run_dir, local_root, tolerate=True)
+            raise PodError(f"{error}; the workers' logs are in {log_path(local_run, 'N').parent}/") from None
+        local_run = self.fetch(remote_run_dir, local_root)
+        if not self.dry_run:
+            self.log(f"pod: done; the run folder and the workers' logs are in {local_run}")
+
+    def deleting(self, delete):
+        """A context that deletes the slice on the way out when asked,
+        whatever happened inside (a slice left behind goes on billing)."""
+        return _Deleting(self, delete)
+
+
+class _Deleting:
+    def __init__(self, launcher, delete):
+        self.launcher, self.delete = launcher, delete
+
+    def __enter__(self):
+        return self.launcher
+
+    def __exit__(self, *exc):
+        if self.delete:
+            self.launcher.execute([self.launcher.pod.delete()])
+        return False
+
+
+def _overlap(old, new):
+    """The lines of `new` already printed: the longest tail of `old` that
+    `new` starts with."""
+    for start in range(len(old)):
+        if new[: len(old) - start] == old[start:]:
+            return old[start:]
+    return []

@@ -31,6 +31,7 @@ from pipeline import hosts
 from pipeline.run_dir import RunDir
 from pipeline.encoder import TokenLimit, embed, find_piece_model, load_sentence_encoder
 from pipeline.tables import read_table, split_rows
+from pipeline.errors import InputError
 
 
 class EmbeddingCache:
@@ -127,13 +128,16 @@ def best_constant(cache, candidates, train_targets, holdout_targets):
 
 
 def run_mean_prompt_stage(cfg, log=print):
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, cfg.mean_prompt.out)
+    # No accelerator work: process 0 searches alone, the other hosts wait for it.
+    return hosts.share_from_main(lambda: search_mean_prompt(cfg, run, stage_dir, log))
+
+
+def search_mean_prompt(cfg, run, stage_dir, log):
     from pipeline import plots
 
     mc = cfg.mean_prompt
-    run = RunDir(cfg)
-    stage_dir = run.start_stage(cfg, mc.out)
-    if not hosts.is_main_process():
-        return None  # no accelerator work: process 0 does this stage alone
     df = read_table(run.mean_prompt_targets, ["rewrite_prompt"], ["rewrite_prompt"], empty="keep", log=log)
     train_rows, _, holdout_rows = split_rows(len(df), cfg.split)
     prompts = df["rewrite_prompt"].str.strip()
@@ -149,7 +153,7 @@ def run_mean_prompt_stage(cfg, log=print):
     best, history = beam_search(objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, holdout_score, log)
     elapsed = time.perf_counter() - start
     if not history:
-        raise ValueError(
+        raise InputError(
             f"mean-prompt: no candidate could be scored ({len(vocabulary)} vocabulary items, "
             f"max_tokens={mc.max_tokens}); check mean_prompt.vocabulary, .letters_only and .top_fraction"
         )

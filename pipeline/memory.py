@@ -3,9 +3,13 @@
 From the backbone config (config.json only, no weights) and the mesh:
 frozen weights (sharded as the layout map shards them), LoRA weights with
 their gradients and AdamW moments, training activations kept for the
-backward pass (no rematerialisation) and the logits, and the KV cache of
-generation. Says whether training and generation fit the device and, when
-not, what to change.
+backward pass (no rematerialisation) and the logits; for generation the
+adapter's weights, the copies of the kernels the decoder makes for a call
+(`decoding.merged_kernels`: q/k/v laid out hidden-first, every adapted
+kernel with its LoRA merged) and the KV cache. On a GPU the budget is the
+share of its memory JAX takes (`hardware.memory_fraction`, set in the
+environment as XLA_PYTHON_CLIENT_MEM_FRACTION). Says whether training and
+generation fit the device and, when not, what to change.
 
 Example:
 ```python
@@ -19,6 +23,7 @@ import dataclasses
 import numpy as np
 
 from pipeline.distribution import gemma_layout_axes, gemma_weight_dims, lora_layout_axes, weight_axes
+from pipeline.model import PER_HEAD_INPUT
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -62,6 +67,18 @@ def lora_parameter_count(config, lora_cfg, layout=None, axis_size=None):
     return count * config["num_layers"]
 
 
+def decoder_kernel_copy_bytes(config, layout, axis_size, dtype_bytes, lora_targets):
+    """Kernels the decoder holds a second copy of for a whole call, on one
+    device: the query, key and value kernels (laid out hidden-first) and
+    every kernel an adapter is merged into."""
+    total = 0.0
+    for path, dims in gemma_weight_dims(config).items():
+        name = path.split("/")[-2]
+        if name in PER_HEAD_INPUT or name in lora_targets:
+            total += _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
+    return total * config["num_layers"] * dtype_bytes
+
+
 def activation_bytes_per_row(config, sequence_length, model_axis, dtype_bytes):
     """Tensors one training row keeps for the backward pass, per device."""
     h, heads, kv, dh = (config[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim"))
@@ -75,6 +92,21 @@ def activation_bytes_per_row(config, sequence_length, model_axis, dtype_bytes):
     return sequence_length * (config["num_layers"] * per_token + logits)
 
 
+def prompt_pass_bytes(config, rows, prompt_length, model_axis, dtype_bytes):
+    """What the decoder's pass over the prompts holds at its widest, one
+    layer at a time (nothing is kept for a backward pass): the layer's
+    inputs and projections, its float32 attention scores and the last
+    layer's float32 logits. An upper bound: XLA's memory analysis of the
+    tiny model's decoding program comes to 0.5 to 0.9 of it
+    (tests/test_memory.py)."""
+    h, heads, kv, dh = (config[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim"))
+    ffw = config["intermediate_dim"] // 2
+    per_token = ((4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis) * dtype_bytes
+                 + heads / model_axis * prompt_length * 4)
+    logits = config["vocabulary_size"] / model_axis * 4
+    return rows * prompt_length * (per_token + logits)
+
+
 def kv_cache_bytes(config, batch, length, model_axis, dtype_bytes):
     kv = config["num_key_value_heads"]
     kv_per_device = kv / model_axis if kv % model_axis == 0 else kv
@@ -84,10 +116,14 @@ def kv_cache_bytes(config, batch, length, model_axis, dtype_bytes):
 @dataclasses.dataclass
 class MemoryPlan:
     device_gib: float
+    memory_fraction: float  # the share of a GPU's memory JAX takes (1 elsewhere)
     frozen: float
     lora_state: float
     activations: float
+    adapter: float  # LoRA weights at generation (0 for the base model)
+    kernel_copies: float
     kv_cache: float
+    prompt_pass: float
     train_batch_per_device: int
     activation_per_row: float
     suggestions: list
@@ -98,10 +134,14 @@ class MemoryPlan:
 
     @property
     def generation(self):
-        return self.frozen + self.kv_cache
+        return self.frozen + self.adapter + self.kernel_copies + self.kv_cache + self.prompt_pass
+
+    @property
+    def budget(self):
+        return self.device_gib * GIB * self.memory_fraction * HEADROOM
 
     def fits(self, total):
-        return total <= self.device_gib * GIB * HEADROOM
+        return total <= self.budget
 
     def report(self):
         rows = [
@@ -109,11 +149,16 @@ class MemoryPlan:
             ("LoRA weights, gradients, AdamW moments", self.lora_state),
             (f"training activations ({self.train_batch_per_device} rows/device)", self.activations),
             ("= training", self.training),
+            ("adapter weights (predict)", self.adapter),
+            ("decoder's kernel copies (q/k/v layout, LoRA merged)", self.kernel_copies),
             ("KV cache (predict)", self.kv_cache),
-            ("= generation (frozen weights + KV cache)", self.generation),
+            ("prompt pass (predict)", self.prompt_pass),
+            ("= generation", self.generation),
         ]
-        lines = [f"per-device memory plan (device: {self.device_gib:g} GiB, plan within {HEADROOM:.0%})"]
-        lines += [f"  {name:<45} {size / GIB:9.3f} GiB" for name, size in rows]
+        share = f", JAX takes {self.memory_fraction:.0%} of it" if self.memory_fraction < 1 else ""
+        lines = [f"per-device memory plan (device: {self.device_gib:g} GiB{share}; plan within {HEADROOM:.0%}: "
+                 f"{self.budget / GIB:.2f} GiB)"]
+        lines += [f"  {name:<52} {size / GIB:9.3f} GiB" for name, size in rows]
         for name, total in (("training", self.training), ("generation", self.generation)):
             lines.append(f"  {name}: {'fits' if self.fits(total) else 'does NOT fit'}")
         lines += [f"  suggestion: {s}" for s in self.suggestions]
@@ -129,15 +174,21 @@ def plan_memory(cfg, config, device_gib=None):
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     frozen = frozen_weight_bytes(config, layout, axis_size, dtype_bytes)
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
-    lora_state = 4 * lora_parameter_count(config, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
+    lora_weights = lora_parameter_count(config, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
+    lora_state = 4 * lora_weights
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(config, cfg.train.sequence_length, model_axis, dtype_bytes)
+    adapted = cfg.predict.adapter != "none"
+    copies = decoder_kernel_copy_bytes(config, layout, axis_size, dtype_bytes,
+                                       cfg.lora.target_layers if adapted else [])
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])
     kv = kv_cache_bytes(
         config, predict_rows, cfg.train.sequence_length + cfg.predict.max_new_tokens, model_axis, dtype_bytes
     )
-    plan = MemoryPlan(device_gib, frozen, lora_state, rows * per_row, kv, rows, per_row, [])
-    budget = device_gib * GIB * HEADROOM
+    prompt_pass = prompt_pass_bytes(config, predict_rows, cfg.train.sequence_length, model_axis, dtype_bytes)
+    plan = MemoryPlan(device_gib, cfg.hardware.memory_fraction or 1.0, frozen, lora_state, rows * per_row,
+                      lora_weights if adapted else 0.0, copies, kv, prompt_pass, rows, per_row, [])
+    budget = plan.budget
     if frozen + lora_state > budget:
         smaller_dtype = " or use model.dtype=bfloat16" if dtype_bytes > 2 else ""
         plan.suggestions.append(
@@ -152,7 +203,12 @@ def plan_memory(cfg, config, device_gib=None):
             else:
                 plan.suggestions.append("lower train.sequence_length: one row's activations do not fit")
         if not plan.fits(plan.generation):
-            per_gen_row = kv / predict_rows
-            max_rows = int((budget - frozen) // per_gen_row)
-            plan.suggestions.append(f"predict.batch_size={max(1, max_rows) * mesh_shape[0]}")
+            per_gen_row = (kv + prompt_pass) / predict_rows
+            max_rows = int((budget - plan.generation + kv + prompt_pass) // per_gen_row)
+            if max_rows >= 1:
+                plan.suggestions.append(f"predict.batch_size={max_rows * mesh_shape[0]}")
+            else:
+                plan.suggestions.append(
+                    "the decoder's kernel copies do not fit: adapt fewer kernels (lora.target_layers: "
+                    "query, key, value, attention_output) or shard over more devices")
     return plan

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 from pipeline.distribution import build_distribution
+from pipeline.errors import InputError, MissingInputError
+from pipeline.runtime import quiet_native_logs
 
 # Gemma 1 architectures (KerasHub's preset configs), for random-weight runs
 # (benchmarks) and plans that need no download.
@@ -38,7 +40,7 @@ def read_backbone_config(preset):
 
     config = keras_internals.read_preset_json(preset)
     if config.get("class_name") != "GemmaBackbone":
-        raise ValueError(
+        raise InputError(
             f"model.preset {preset!r} is a {config.get('class_name')}, not a Gemma "
             "model; use a Gemma preset (e.g. gemma_instruct_7b_en)"
         )
@@ -55,7 +57,8 @@ def load_gemma(cfg, batch_sizes):
     distribution = build_distribution(cfg.distribution, backbone_config, batch_sizes)
     keras.distribution.set_distribution(distribution)
     preset = str(cfg.model.preset)
-    tokenizer = keras_hub.models.GemmaTokenizer.from_preset(preset)
+    with quiet_native_logs():  # SentencePiece's normalizer notice
+        tokenizer = keras_hub.models.GemmaTokenizer.from_preset(preset)
     causal_lm = keras_hub.models.GemmaCausalLM.from_preset(
         preset, preprocessor=None, dtype=cfg.model.dtype
     )
@@ -81,7 +84,7 @@ def enable_lora(causal_lm, lora_cfg):
     backbone.enable_lora(lora_cfg.rank, target_layer_names=list(lora_cfg.target_layers))
     enabled = list(keras_internals.lora_layers(backbone).values())
     if not enabled:
-        raise ValueError(
+        raise InputError(
             f"lora.target_layers {lora_cfg.target_layers} matched no layer of the model"
         )
     # Backbone.enable_lora takes no alpha; the layers read it at call time.
@@ -126,7 +129,7 @@ def load_adapter(causal_lm, path):
 
     def read():
         if not Path(path).exists():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"adapter {path} not found; run the finetune stage first or set predict.adapter"
             )
         return json.loads(_adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()

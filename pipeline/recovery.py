@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.batching import EncodedRows
 from pipeline.templates import format_recovery
 from pipeline.tokens import tokenize_batch
+from pipeline.errors import InputError
 
 _MARGIN = 4  # re-tokenising cut text can add a token or two
 
@@ -54,7 +55,7 @@ class RecoveryFormatter:
         overhead = len(tokenize_batch(tokenizer, [format_recovery(template, "", "")], add_bos=True)[0])
         self.text_budget = self.prompt_budget - overhead - _MARGIN
         if self.text_budget < 16:
-            raise ValueError(
+            raise InputError(
                 f"train.sequence_length={sequence_length} leaves {self.text_budget} tokens "
                 "for the texts after the template and the response; raise it"
             )

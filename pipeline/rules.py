@@ -14,6 +14,8 @@ rewrite("Convert this text into all capital letters.", "A cat sat.")
 
 import re
 
+from pipeline.errors import InputError
+
 
 def _sentences(text):
     return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
@@ -61,7 +63,7 @@ def rewrite(prompt, text):
     try:
         rule = RULES[prompt]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"no rewrite rule for prompt {prompt!r}; with data.rewriter=rules the "
             "prompt pool may only hold the prompts in pipeline/rules.py"
         ) from None

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline import hosts
 from pipeline.config import save_config
-from pipeline.tables import TEST_COLUMNS, read_table, split_rows
+from pipeline.errors import InputError
+from pipeline.tables import TEST_COLUMNS, read_header, read_table, split_rows
 
 
 class RunDir:
@@ -129,3 +130,17 @@ class RunDir:
     @property
     def truth(self):
         return Path(self.cfg.score.truth) if self.cfg.score.truth else self.predict_input
+
+    def truth_available(self):
+        """True when the true prompts of predict's rows are known: the truth
+        file (score.truth, else predict's input) has a rewrite_prompt column.
+        The competition's test.csv has none."""
+        return "rewrite_prompt" in read_header(self.truth)
+
+    def check_truth_available(self):
+        if not self.truth_available():
+            raise InputError(
+                f"{self.truth} has no rewrite_prompt column (a test file: there is nothing to score "
+                "against); `make evaluate` scores the adapter on the holdout rows of the training data "
+                "instead, or set score.truth to a CSV with id, rewrite_prompt"
+            )

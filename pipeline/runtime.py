@@ -4,6 +4,12 @@ JAX owns the accelerators. TensorFlow only runs tf.data, tokenisation and the
 TF Hub scorer, on the CPU: if it claimed the TPU or GPU first, JAX could not
 get it (or would share its memory).
 
+The native libraries print start-up notices to the process's stderr that
+are not errors (TensorFlow's CUDA probe on a machine without a GPU, absl's
+"before InitializeLog" banner, SentencePiece's normalizer line). The calls
+that print them run inside `quiet_native_logs`, which drops those lines and
+passes every other one on; `VERBOSE=1` in the environment shows them all.
+
 Example:
 ```python
 cfg = load_config("configs/cpu_tiny.yaml")
@@ -11,14 +17,64 @@ setup_environment(cfg.distribution)  # before `import keras`
 ```
 """
 
+import contextlib
 import os
+import re
 import sys
+import tempfile
+
+# Start-up notices of TensorFlow, absl, CUDA probes, oneDNN and SentencePiece.
+NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|cudart_stub\.cc.*Could not find cuda drivers"
+    r"|cuda_platform\.cc.*failed call to cuInit"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|rebuild TensorFlow with the appropriate compiler flags"
+    r"|TF-TRT Warning"
+    r"|normalizer\.cc.*precompiled_charsmap is empty"
+)
 
 
-def setup_environment(distribution_cfg):
-    """Selects the JAX backend, the virtual CPU device count, and hides
+def verbose():
+    """True when `VERBOSE=1` asks for every native log line and tracebacks."""
+    return os.environ.get("VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Runs the block with file descriptor 2 caught in a temporary file, then
+    writes every caught line that is not a known start-up notice to stderr.
+    Exceptions pass through unchanged (after the replay)."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not NATIVE_NOISE.search(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def setup_environment(distribution_cfg, memory_fraction=None):
+    """Selects the JAX backend, the virtual CPU device count, the share of a
+    GPU's memory JAX takes (`hardware.memory_fraction`), and hides
     accelerators from TensorFlow."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    if memory_fraction:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(memory_fraction))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     count = distribution_cfg.host_device_count
     if count:
@@ -34,7 +90,8 @@ def setup_environment(distribution_cfg):
         if distribution_cfg.multi_host:
             # Collectives between processes on the CPU (a simulated pod).
             os.environ.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
-    hide_accelerators_from_tensorflow()
+    with quiet_native_logs():
+        hide_accelerators_from_tensorflow()
 
 
 def hide_accelerators_from_tensorflow():

@@ -24,8 +24,12 @@ from pipeline.tables import SUBMISSION_COLUMNS, TableError, read_table, split_ro
 def run_score_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.score.out)
-    if not hosts.is_main_process():
-        return None  # no accelerator work: process 0 does this stage alone
+    # No accelerator work: process 0 scores alone, the other hosts wait for it.
+    return hosts.share_from_main(lambda: score_submission(cfg, run, stage_dir, log))
+
+
+def score_submission(cfg, run, stage_dir, log):
+    run.check_truth_available()
     predictions = read_table(run.predictions, SUBMISSION_COLUMNS, ["rewrite_prompt"], empty="error", log=log)
     truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], empty="error", log=log)
     merged = predictions.merge(truth, on="id", how="left", suffixes=("_predicted", "_true"))

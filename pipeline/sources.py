@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.tables import read_table
+from pipeline.errors import InputError, MissingInputError
 
 
 def read_sources(source_cfgs):
@@ -26,20 +27,20 @@ def read_sources(source_cfgs):
     for source in source_cfgs:
         path = Path(source.path)
         if not path.exists():
-            raise FileNotFoundError(f"data.sources: {path} not found")
+            raise MissingInputError(f"data.sources: {path} not found")
         suffix = path.suffix.lower()
         if suffix == ".txt":
             texts += [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
         elif suffix in (".csv", ".jsonl"):
             texts += _read_column(path, source.column, suffix)
         else:
-            raise ValueError(f"data.sources: {path}: use a .txt, .csv or .jsonl file")
+            raise InputError(f"data.sources: {path}: use a .txt, .csv or .jsonl file")
     return [t for t in texts if t]
 
 
 def _read_column(path, column, suffix):
     if not column:
-        raise ValueError(f"data.sources: {path}: set `column` to the text column")
+        raise InputError(f"data.sources: {path}: set `column` to the text column")
     if suffix == ".csv":
         df = read_table(path, [column], empty="keep")
     else:
@@ -49,10 +50,10 @@ def _read_column(path, column, suffix):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {line_no}: not valid JSON: {e.msg}") from None
+                    raise InputError(f"{path}: line {line_no}: not valid JSON: {e.msg}") from None
         df = pd.DataFrame(rows)
     if column not in df.columns:
-        raise ValueError(f"{path}: no column {column!r}; it has {list(df.columns)}")
+        raise InputError(f"{path}: no column {column!r}; it has {list(df.columns)}")
     return [str(t).strip() for t in df[column].fillna("")]
 
 

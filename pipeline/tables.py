@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import InputError
+
 TEST_COLUMNS = ["id", "original_text", "rewritten_text"]
 TRAIN_COLUMNS = ["id", "original_text", "rewrite_prompt", "rewritten_text"]
 SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 
 
-class TableError(ValueError):
+class TableError(InputError):
     """A CSV file cannot be used as it is; the message says where and why."""
 
 
@@ -76,6 +78,14 @@ def _check_shape(text, path, columns):
         raise TableError(f"{path}: the file is empty; it needs a header line ({','.join(columns)}) and rows")
     if len(records) == 1:
         raise TableError(f"{path}: a header ({','.join(records[0])}) and no rows; add rows")
+    header = [name.strip() for name in records[0]]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        # pandas would rename the second one (`name.1`) and use the first silently.
+        raise TableError(
+            f"{path}: line 1 (the header): column {twice[0]!r} appears {header.count(twice[0])} times; "
+            "give each column its own name"
+        )
     for row, record in enumerate(records[1:], 1):
         if len(record) != len(records[0]):
             raise TableError(
@@ -114,6 +124,15 @@ def _handle_empty(df, column, path, empty, log):
         return df[~blank]
     log(f"{path}: {count} row(s) with an empty {column!r} kept as empty text (first: row {row})")
     return df
+
+
+def read_header(path):
+    """The column names of a CSV file's first line."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return [name.strip() for name in next(csv.reader(f), [])]
 
 
 def write_table(df, path):

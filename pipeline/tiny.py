@@ -29,11 +29,13 @@ causal_lm = keras_hub.models.GemmaCausalLM.from_preset(paths.preset)
 import dataclasses
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import rules, templates
+from pipeline.runtime import quiet_native_logs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Where the embedded default (configs/cpu_tiny.yaml) expects the stand-ins.
@@ -89,10 +91,12 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print):
     proto = paths.spm.read_bytes()
     if not (paths.preset / "config.json").exists():
         log(f"tiny: building Gemma preset ({pretrain_steps} pre-training steps) -> {paths.preset}")
-        build_tiny_gemma(proto, pretrain_steps, log).save_to_preset(str(paths.preset))
+        with quiet_native_logs():
+            build_tiny_gemma(proto, pretrain_steps, log).save_to_preset(str(paths.preset))
     if not (paths.encoder / "assets" / "spiece.model").exists():
         log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
-        export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
+        with quiet_native_logs():
+            export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
     return paths
 
 
@@ -165,9 +169,12 @@ def build_tiny_gemma(proto, pretrain_steps, log=print):
         )
         batch_size = 16
         epochs = max(1, pretrain_steps * batch_size // len(windows))
-        history = causal_lm.fit(
-            x=windows, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True
-        )
+        with warnings.catch_warnings():
+            # KerasHub feeds the arrays through tf.data, which it shuffles itself.
+            warnings.filterwarnings("ignore", "`shuffle=True` was passed", UserWarning)
+            history = causal_lm.fit(
+                x=windows, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True
+            )
         log(f"tiny: pre-training loss {history.history['loss'][0]:.2f} -> {history.history['loss'][-1]:.2f}")
     return causal_lm
 

@@ -4,14 +4,20 @@
 
 Reads the config, then prepares the process (JAX backend, virtual devices,
 TensorFlow kept off the accelerators) before any stage module is imported.
+Bad input (`pipeline.errors.InputError`) ends the stage with its one-line
+message; any other error keeps its traceback. `VERBOSE=1` in the
+environment also shows the native libraries' start-up lines and the
+traceback of input errors.
 """
 
 import argparse
 import importlib
 import sys
+import traceback
 
 from pipeline.config import ConfigError, load_config
-from pipeline.runtime import setup_environment
+from pipeline.errors import InputError
+from pipeline.runtime import setup_environment, verbose
 
 
 def parse(description):
@@ -25,19 +31,27 @@ def parse(description):
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    setup_environment(cfg.distribution)
+    setup_environment(cfg.distribution, cfg.hardware.memory_fraction)
     return cfg
 
 
 def main(description, module, function):
-    """Runs `module.function(cfg)` once the process is prepared; bad input
-    ends with its one-line message instead of a traceback."""
+    """Runs `module.function(cfg)` once the process is prepared."""
     cfg = parse(description)
-    exit_on_bad_input(getattr(importlib.import_module(module), function), cfg)
+    run_or_exit(getattr(importlib.import_module(module), function), cfg)
 
 
-def exit_on_bad_input(stage, cfg):
+def run_or_exit(stage, cfg):
+    """Runs `stage(cfg)`; on an error prints its one line (input errors) or
+    its traceback and ends the process with exit code 1, at once on a pod
+    (`hosts.leave`)."""
+    from pipeline import hosts
+
     try:
         stage(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except Exception as error:
+        if isinstance(error, InputError) and not verbose():
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        hosts.leave(1)

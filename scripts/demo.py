@@ -12,4 +12,4 @@ if __name__ == "__main__":
     cfg = _cli.parse(__doc__.splitlines()[0])
     from pipeline.demo import run_demo
 
-    _cli.exit_on_bad_input(run_demo, cfg)
+    _cli.run_or_exit(run_demo, cfg)

@@ -36,6 +36,7 @@ def main():
     args = parser.parse_args()
     if not args.no_install:
         install(BUNDLE)
+    from pipeline.errors import InputError
     from pipeline.transformers_predict import run_transformers_predict
 
     settings = json.loads((BUNDLE / "settings.json").read_text())
@@ -43,7 +44,7 @@ def main():
         settings["base_model"] = args.base_model
     try:
         run_transformers_predict(settings, BUNDLE, args.input or settings["input"], args.output or settings["output"])
-    except (ValueError, FileNotFoundError) as e:
+    except InputError as e:  # bad input: one line; anything else keeps its traceback
         sys.exit(f"error: {e}")
 
 

@@ -5,9 +5,14 @@
         --stage all --delete lora.rank=8
 
 `up` creates the slice, copies the repository (the files git tracks) and the
-data to every worker, installs requirements-tpu.txt there, runs the stage
-(or `all`) on every worker, copies `runs/<run.name>` back from worker 0 and,
-with --delete, deletes the slice. `create`, `setup`, `run`, `fetch` and
+data to every worker, prepares each worker (a Python 3.11, then
+requirements-tpu.txt), starts the stage (or `all`) on every worker detached
+from this connection, waits for it while printing worker 0's progress,
+copies `runs/<run.name>` back from worker 0 with every worker's log
+(`runs/<run.name>/pod-logs/`) and, with --delete, deletes the slice, also
+when a step failed. If this machine's connection drops, the stages go on:
+`status` and `logs` show them, `wait` waits again (and fetches), `fetch`
+copies what there is. `create`, `setup`, `start`, `run` (start + wait) and
 `delete` do one step each. --dry-run prints the gcloud commands only.
 """
 
@@ -16,17 +21,17 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
-from pipeline.launch import REMOTE_REPO, TpuPod, archive_repository, execute, make_command
+from pipeline.launch import REMOTE_REPO, Launcher, PodError, TpuPod, archive_repository, stages_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ["data", "finetune", "mean-prompt", "predict", "score", "compare", "all"]
+STEPS = ["up", "create", "setup", "start", "wait", "run", "status", "logs", "fetch", "delete"]
 ARCHIVE = ROOT / "runs" / "tpu-pod" / "repo.tar.gz"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["up", "create", "setup", "run", "fetch", "delete"])
+    parser.add_argument("step", choices=STEPS)
     parser.add_argument("--name", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True, help="e.g. europe-west4-a (v3 slices)")
     parser.add_argument("--accelerator-type", default="v3-32")
@@ -34,9 +39,13 @@ def main():
     parser.add_argument("--spot", action="store_true", help="a spot (preemptible) slice")
     parser.add_argument("--project", default=None)
     parser.add_argument("--config", default="configs/cloud_tpu_v3_32.yaml")
-    parser.add_argument("--stage", choices=STAGES, default="all")
+    parser.add_argument("--stage", choices=["all", "data", "finetune", "mean-prompt", "predict", "evaluate", "score",
+                                            "compare", "export"], default="all")
     parser.add_argument("--data", action="append", default=[], help="file or folder to copy to data/ on every worker")
-    parser.add_argument("--delete", action="store_true", help="with up: delete the slice at the end")
+    parser.add_argument("--delete", action="store_true", help="with up, run, wait: delete the slice at the end")
+    parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often up/run/wait ask the workers")
+    parser.add_argument("--lines", type=int, default=40, help="with logs: lines of each worker's log")
+    parser.add_argument("--into", default=None, help="local folder for the fetched run folder (default: run.root)")
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args()
@@ -47,20 +56,39 @@ def main():
     if not cfg.distribution.multi_host:
         sys.exit(f"config error: {args.config} does not set distribution.multi_host: true; a pod needs it")
     pod = TpuPod(args.name, args.zone, args.accelerator_type, args.runtime_version, args.spot, args.project)
-    make = make_command(args.stage, args.config, args.overrides)
+    launcher = Launcher(pod, dry_run=args.dry_run)
     run_dir = f"{cfg.run.root}/{cfg.run.name}"
     if args.step in ("up", "setup") and not args.dry_run:
         ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
         archive_repository(ROOT, ARCHIVE)
-    commands = {
-        "up": lambda: pod.up(ARCHIVE, args.data, make, run_dir, cfg.run.root, args.delete),
-        "create": lambda: [pod.create()],
-        "setup": lambda: pod.setup(ARCHIVE, args.data),
-        "run": lambda: [pod.run(make)],
-        "fetch": lambda: [pod.copy_from_worker_0(f"{REMOTE_REPO}/{run_dir}", cfg.run.root)],
-        "delete": lambda: [pod.delete()],
-    }[args.step]()
-    execute(commands, dry_run=args.dry_run)
+    start = pod.start(stages_of(args.stage), args.config, args.overrides)
+    local_root = args.into or cfg.run.root
+    finish = lambda: launcher.finish(run_dir, local_root, args.poll_seconds)  # noqa: E731
+    try:
+        if args.step == "up":
+            launcher.execute([pod.create()])
+            with launcher.deleting(args.delete):
+                launcher.execute([*pod.setup(ARCHIVE, args.data), start])
+                finish()
+        elif args.step in ("run", "wait"):
+            with launcher.deleting(args.delete):
+                if args.step == "run":
+                    launcher.execute([start])
+                finish()
+        elif args.step == "status":
+            for status in launcher.statuses():
+                print(status)
+        elif args.step == "logs":
+            for worker in launcher.workers():
+                print(f"=== worker {worker}: the last {args.lines} lines of ~/{REMOTE_REPO}/runs/pod-job/log")
+                print(launcher.output(pod.job_log(worker, args.lines)), end="")
+        elif args.step == "fetch":
+            launcher.fetch(run_dir, local_root)
+        else:
+            launcher.execute({"create": [pod.create()], "setup": pod.setup(ARCHIVE, args.data), "start": [start],
+                              "delete": [pod.delete()]}[args.step])
+    except PodError as error:
+        sys.exit(f"tpu_pod {args.step}: {error}")
 
 
 if __name__ == "__main__":

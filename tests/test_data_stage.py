@@ -133,3 +133,9 @@ def test_model_rewriter_generates_only_missing_rows(tiny_cfg):
     assert any("generate: 4/4 rows" in line for line in logs)
     second = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     assert list(second["id"]) == list(first["id"])
+    # A batch cut short (5 of its 8 rows written): its other rows are decoded
+    # again, in the same batch, and the CSV is the uninterrupted run's.
+    whole = csv_path.read_bytes()
+    partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:5]))
+    run_data_stage(tiny_cfg, log=logs.append)
+    assert csv_path.read_bytes() == whole

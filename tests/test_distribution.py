@@ -82,6 +82,8 @@ def test_mesh_must_match_device_count():
 def test_batch_must_divide_data_axis():
     with pytest.raises(DistributionError, match="batch size 3 does not divide by the data axis"):
         check_batch_sizes([2, 4], [4, 3])
+    with pytest.raises(DistributionError, match="batch size 3 does not divide by the data axis"):
+        build_distribution(DistributionConfig(mesh_shape=[2, 4]), BACKBONE_CONFIG, [4, 3])
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 import jax
+import numpy as np
 import jax.numpy as jnp
 import keras
 import pytest
@@ -9,7 +10,10 @@ from pipeline.memory import (
     DTYPE_BYTES,
     LORA_DTYPE_BYTES,
     activation_bytes_per_row,
+    decoder_kernel_copy_bytes,
     frozen_weight_bytes,
+    kv_cache_bytes,
+    prompt_pass_bytes,
     lora_parameter_count,
     plan_memory,
 )
@@ -82,6 +86,49 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape, dtype)
     assert 0.5 < activations / stats.temp_size_in_bytes < 2.0
 
 
+@pytest.mark.parametrize("mesh_shape, targets", [([1, 8], "all"), ([2, 4], "attention"), ([1, 8], "none")])
+def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, mesh_shape, targets):
+    """The decoding program of one call, per device: XLA's argument bytes are
+    the weights and the adapter (+ the prompts), its temporaries the
+    decoder's kernel copies and the KV cache."""
+    import keras_hub
+
+    from pipeline.decoding import GemmaDecoder
+
+    lora = LoraConfig(rank=8, target_layers={"all": LoraConfig().target_layers, "none": [],
+                                             "attention": ["query", "key", "value", "attention_output"]}[targets])
+    distribution = build_distribution(DistributionConfig(mesh_shape=mesh_shape), BACKBONE_CONFIG, [8])
+    with distribution.scope():
+        causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None, dtype="float32")
+        if lora.target_layers:
+            enable_lora(causal_lm, lora)
+        batch, length, new_tokens = 8, 320, 64
+        ids, mask = np.ones((batch, length), "int32"), np.ones((batch, length), bool)  # rows over the data axis
+        stats = GemmaDecoder(causal_lm, stop_token_ids=[1]).lower(ids, mask, new_tokens).compile().memory_analysis()
+
+    data_axis, model_axis = mesh_shape
+    layout, axis_size = gemma_layout_axes(), {"batch": data_axis, "model": model_axis}
+    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, axis_size, 4)
+    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, axis_size) * LORA_DTYPE_BYTES
+    prompts = (ids.nbytes + mask.nbytes) / data_axis
+    assert weights + prompts == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
+    copies = decoder_kernel_copy_bytes(BACKBONE_CONFIG, layout, axis_size, 4, lora.target_layers)
+    cache = kv_cache_bytes(BACKBONE_CONFIG, batch // data_axis, length, model_axis, 4)
+    prompt_pass = prompt_pass_bytes(BACKBONE_CONFIG, batch // data_axis, length - new_tokens, model_axis, 4)
+    # The plan is an upper bound, and not a loose one.
+    assert 0.5 < stats.temp_size_in_bytes / (copies + cache + prompt_pass) < 1.0
+
+
+def test_lora_state_is_priced_in_float32_whatever_the_model_dtype():
+    plans = {dtype: plan_memory(load_config("configs/kaggle_tpu_v3_8.yaml", [f"model.dtype={dtype}"]), GEMMA_7B)
+             for dtype in ("bfloat16", "float32")}
+    cfg = load_config("configs/kaggle_tpu_v3_8.yaml")
+    on_one_core = lora_parameter_count(GEMMA_7B, cfg.lora, gemma_layout_axes(), {"batch": 1, "model": 8})
+    # weights, gradients and two AdamW moments, float32 each
+    assert plans["bfloat16"].lora_state == plans["float32"].lora_state == 4 * on_one_core * 4
+    assert plans["float32"].frozen == 2 * plans["bfloat16"].frozen
+
+
 def test_plan_says_when_it_does_not_fit_and_what_to_change():
     cfg = load_config("configs/kaggle_tpu_v3_8.yaml")
     plan = plan_memory(cfg, GEMMA_7B)
@@ -124,5 +171,5 @@ def test_two_gpu_mesh_refused_where_it_cannot_work():
     cfg = load_config("configs/kaggle_gpu_t4x2.yaml")
     with pytest.raises(DistributionError, match=r"needs 2 devices but 1 are visible"):
         check_mesh(cfg.distribution.mesh_shape, cfg.distribution.axis_names, 1)
-    with pytest.raises(DistributionError, match="vocabulary_size=256000 of the model does not divide by the 'model' mesh axis \(3\)"):
+    with pytest.raises(DistributionError, match=r"vocabulary_size=256000 of the model does not divide by the 'model' mesh axis \(3\)"):
         check_shardable(gemma_layout_axes(), GEMMA_7B, [1, 3], ["batch", "model"])

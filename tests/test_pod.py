@@ -3,13 +3,16 @@ configs' multi-host path) gives what one process with 8 devices gives on
 the same [2, 4] mesh. `make pod-test` runs these alone."""
 
 import json
+import shutil
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
-from processes import run_stage
+from processes import run_stage, start_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
@@ -59,6 +62,48 @@ def test_finetune_gives_the_same_adapter(runs):
     pod_history = json.loads((pod / "finetune" / "history.json").read_text())
     np.testing.assert_allclose(pod_history["step_loss"], one_history["step_loss"], rtol=1e-5)
     assert all("finetune: epoch 2/2 done" in output for output in logs["finetune"])
+    # Each host feeds only the rows its devices hold: half of every global batch.
+    for process, output in enumerate(logs["finetune"]):
+        assert f"finetune: process {process} feeds 4 of the 8 rows of every batch" in output
+
+
+def test_killed_pod_finetune_resumes_to_the_uninterrupted_adapter(runs, tmp_path):
+    """Both hosts are killed (SIGKILL) after a checkpoint; the rerun on two
+    processes resumes there and ends with the uninterrupted pod's adapter."""
+    _, pod, _ = runs
+    root = tmp_path / "killed"
+    shutil.copytree(pod / "data", root / "cpu_tiny" / "data")
+    overrides = SETTINGS + [f"run.root={root}"]
+    started = start_stage("finetune", overrides, processes=2, log_dir=tmp_path)
+    deadline = time.time() + 600
+    # checkpoint_every=3: the step-4 line comes after the step-3 checkpoint.
+    while "finetune: step 4/" not in Path(started[0].log_path).read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in started), Path(started[0].log_path).read_text()
+        time.sleep(0.05)
+    for process in started:
+        process.kill()
+        process.wait()
+    outputs = run_stage("finetune", overrides, processes=2, log_dir=tmp_path)
+    assert all("finetune: resuming from" in output for output in outputs)
+    expected = lora_weights(pod / "finetune" / "adapter.lora.h5")
+    got = lora_weights(root / "cpu_tiny" / "finetune" / "adapter.lora.h5")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=5e-5, err_msg=name)
+
+
+def test_no_host_is_stranded_while_process_0_works_alone(runs, tmp_path):
+    """Process 0 searches for the mean prompt alone for longer than JAX's
+    shutdown barrier waits; the other host waits for it and both end well."""
+    _, pod, _ = runs
+    timeout = 1
+    overrides = SETTINGS + [f"run.root={pod.parent}", f"distribution.shutdown_timeout_seconds={timeout}",
+                            "mean_prompt.out=mean_prompt_long", "mean_prompt.vocabulary=pieces",
+                            "mean_prompt.top_fraction=1.0", "mean_prompt.steps=8", "mean_prompt.beam_width=20",
+                            "mean_prompt.moves=edit"]
+    run_stage("mean_prompt", overrides, processes=2, log_dir=tmp_path)
+    search = json.loads((pod / "mean_prompt_long" / "search.json").read_text())
+    assert search["seconds"] > 3 * timeout  # longer than the barrier's timeout, or the test shows nothing
 
 
 def test_predict_mean_prompt_and_score_agree(runs):

@@ -84,8 +84,10 @@ def test_split_is_contiguous_and_complete():
         ("1,some text,its rewrite\n2,more,again\n", r"t.csv: missing column 'id'; .* \(its first line must be the header\)"),
         ("id,original_text,rewritten_text\n1,a,b,c,d\n", r"t.csv: row 1: 5 fields under a header of 3 .*; quote texts"),
         ("id,original_text,rewritten_text\n1,a,b\n2,a,b,c\n", r"t.csv: row 2: 4 fields under a header of 3"),
+        ("id,original_text,rewritten_text,original_text\n1,a,b,c\n",
+         r"t.csv: line 1 \(the header\): column 'original_text' appears 2 times; give each column its own name"),
     ],
-    ids=["empty", "header-only", "no-header", "extra-fields-first-row", "extra-fields-later"],
+    ids=["empty", "header-only", "no-header", "extra-fields-first-row", "extra-fields-later", "column-twice"],
 )
 def test_malformed_files_stop_with_file_row_and_what_to_do(tmp_path, text, message):
     with pytest.raises(TableError, match=message):
