@@ -73,7 +73,8 @@ def run_kaggle_bundle_stage(cfg, log=print):
     merged = cfg.kaggle.base_model == "export"
     source = run.transformers_model if merged else run.peft_adapter
     if not source.exists():
-        raise MissingInputError(f"{source} not found; run the export stage first (make export)")
+        merged_off = " with export.merged=true" if merged and not cfg.export.merged else ""
+        raise MissingInputError(f"{source} not found; run the export stage first (make export{merged_off})")
     bundle = run.start_stage(cfg, cfg.kaggle.out)
     for leftover in ("transformers", "peft_adapter"):
         shutil.rmtree(bundle / leftover, ignore_errors=True)

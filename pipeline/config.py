@@ -39,6 +39,10 @@ class ConfigError(InputError):
 class RunConfig:
     root: str = "runs"  # every run writes under <root>/<name>/
     name: str = "default"
+    # The most a run may write under root (a target's limit, e.g. Kaggle's
+    # 20 GB working folder), checked by finetune before it trains; unset: the
+    # free space alone is checked.
+    disk_limit_gib: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -220,6 +224,10 @@ class ExportConfig:
     adapter: str = "run"
     # Also write the adapter alone in PEFT's format (peft_adapter/).
     peft: bool = True
+    # Write the merged model in transformers format (transformers/; 17 GB for
+    # Gemma 7B). Not needed when the Kaggle bundle ships the PEFT adapter for
+    # Kaggle's own base model.
+    merged: bool = True
     out: str = "export"
 
 

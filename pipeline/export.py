@@ -35,6 +35,7 @@ import json
 import numpy as np
 
 from pipeline.model import PER_HEAD_INPUT, PROJECTIONS, load_adapter, load_gemma, projections
+from pipeline.errors import InputError
 from pipeline.run_dir import RunDir
 
 # KerasHub projection -> the transformers module it becomes.
@@ -76,17 +77,24 @@ def peft_factors(name, kernel_a, kernel_b):
 
 
 def run_export_stage(cfg, log=print):
-    """Writes `<run>/export/transformers/` (the merged model) and, with
-    `export.peft`, `<run>/export/peft_adapter/`. Returns their paths."""
+    """Writes `<run>/export/transformers/` (the merged model; with
+    `export.merged`) and `<run>/export/peft_adapter/` (with `export.peft`).
+    Returns their paths."""
     run = RunDir(cfg)
+    if not cfg.export.merged and not (cfg.export.peft and run.export_adapter):
+        raise InputError("export.merged is false and there is no PEFT adapter to write (export.peft false, or "
+                         "export.adapter none): nothing to export")
     stage_dir = run.start_stage(cfg, cfg.export.out)
     causal_lm, tokenizer = load_gemma(cfg, [cfg.distribution.mesh_shape[0]])
     adapter = run.export_adapter
     if adapter:
         load_adapter(causal_lm, adapter)
     log(f"export: {cfg.model.preset} + adapter {adapter or 'none (base model)'}")
-    write_transformers_model(causal_lm, tokenizer, run.transformers_model, cfg.model.dtype)
-    paths = {"transformers": str(run.transformers_model)}
+    paths = {}
+    if cfg.export.merged:
+        write_transformers_model(causal_lm, tokenizer, run.transformers_model, cfg.model.dtype)
+        paths["transformers"] = str(run.transformers_model)
+        log(f"export: transformers model -> {run.transformers_model}")
     if adapter and cfg.export.peft:
         base = HF_BASE_MODELS.get(str(cfg.model.preset), str(cfg.model.preset))
         ranks = write_peft_adapter(causal_lm.backbone, run.peft_adapter, base)
@@ -94,7 +102,6 @@ def run_export_stage(cfg, log=print):
         log(f"export: PEFT adapter, ranks {ranks} -> {run.peft_adapter}")
     (stage_dir / "export.json").write_text(json.dumps({**paths, "adapter": str(adapter) if adapter else None,
                                                        "preset": str(cfg.model.preset)}, indent=2))
-    log(f"export: transformers model -> {run.transformers_model}")
     return paths
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from pipeline import flops, hosts, plots
 from pipeline.batching import TrainingBatches, evaluation_batches
 from pipeline.checkpoint import CheckpointStore, Progress
+from pipeline.disk import check_disk, plan_disk
 from pipeline.distribution import data_sharding
 from pipeline.lora_training import compile_lora_training
 from pipeline.model import enable_lora, load_gemma, read_backbone_config, save_adapter
@@ -100,6 +101,9 @@ def run_finetune_stage(cfg, log=print):
         raise InputError(
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
+    # Before any weight is loaded: will what the run writes fit?
+    plan = plan_disk(cfg, read_backbone_config(cfg.model.preset))
+    hosts.share_from_main(lambda: check_disk(plan, run.root, log))
     causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
     set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)

@@ -1,4 +1,4 @@
-"""Memory plan: per-device memory of a config's training and generation, and whether it fits.
+"""Memory and disk plans: per-device memory of a config's training and generation, and what its run writes; whether each fits.
 
 Reads only the model's config.json (no weights, no devices needed).
 """
@@ -7,7 +7,10 @@ import _cli
 
 if __name__ == "__main__":
     cfg = _cli.parse(__doc__.splitlines()[0])
+    from pipeline.disk import plan_disk
     from pipeline.memory import plan_memory
     from pipeline.model import read_backbone_config
 
-    print(plan_memory(cfg, read_backbone_config(cfg.model.preset)).report())
+    backbone_config = read_backbone_config(cfg.model.preset)
+    print(plan_memory(cfg, backbone_config).report())
+    print(plan_disk(cfg, backbone_config).report())

@@ -1,8 +1,14 @@
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipeline.runtime import set_seed
+from processes import ROOT
 
 
 def test_set_seed_makes_keras_initialisers_repeat():
@@ -45,3 +51,40 @@ def test_no_module_but_the_door_touches_private_keras_names():
     for path in sorted(Path(__file__).resolve().parent.parent.joinpath("pipeline").glob("*.py")):
         if path.name != "keras_internals.py":
             assert not private.search(path.read_text()), path.name
+
+
+NOISY_CHILD = """
+import os, sys
+from pipeline.runtime import quiet_native_logs
+with quiet_native_logs():
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+    os.write(2, b"E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")
+    os.write(2, b"normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\\n")
+    os.write(2, b"F0000 real trouble: a check failed\\n")
+    print("python says hi", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("verbose", ["", "1"])
+def test_native_start_up_notices_are_dropped_and_other_lines_kept(verbose):
+    env = {k: v for k, v in os.environ.items() if k != "VERBOSE"}
+    env["VERBOSE"] = verbose
+    result = subprocess.run([sys.executable, "-c", NOISY_CHILD], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "real trouble: a check failed" in result.stderr and "python says hi" in result.stderr
+    notices = ("absl::InitializeLog", "cuInit", "precompiled_charsmap")
+    assert all((word in result.stderr) == bool(verbose) for word in notices), result.stderr
+
+
+def test_input_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,rewrite_prompt\n")
+    one_line = subprocess.run([sys.executable, "scripts/score.py", f"score.predictions={bad}", f"score.truth={bad}",
+                               f"run.root={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert one_line.returncode == 1
+    assert one_line.stderr.strip().splitlines() == [f"error: {bad}: a header (id,rewrite_prompt) and no rows; add rows"]
+    crash = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'scripts'); import _cli\n"
+                            "def stage(cfg): raise ValueError('deep inside a library')\n"
+                            "_cli.run_or_exit(stage, None)"], cwd=ROOT, capture_output=True, text=True)
+    assert crash.returncode == 1
+    assert "Traceback (most recent call last)" in crash.stderr and "ValueError: deep inside a library" in crash.stderr
