@@ -23,7 +23,6 @@ best, history = beam_search(objective, ["make", "it", "rhyme"], beam_width=4, st
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
