@@ -21,6 +21,7 @@ for command in pod.setup(repo_archive, ["data/test.csv"]):
 ```
 """
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -42,12 +43,13 @@ class PodError(RuntimeError):
 
 @dataclasses.dataclass
 class WorkerStatus:
-    """One line of `pod_job.sh status`: worker N: STATE [STAGE [CODE]]."""
+    """One line of `pod_job.sh status`: worker N: STATE [STAGE [CODE TIME]]."""
 
     worker: str
     state: str  # none, running, done, failed, stopped
     stage: str = ""
     exit_code: Optional[int] = None
+    failed_at: Optional[float] = None  # seconds since 1970
 
     @classmethod
     def parse(cls, line):
@@ -56,7 +58,8 @@ class WorkerStatus:
         if not name.startswith("worker ") or not words:
             raise PodError(f"unexpected status line from a worker: {line!r}")
         code = int(words[2]) if len(words) > 2 else None
-        return cls(name.removeprefix("worker "), words[0], words[1] if len(words) > 1 else "", code)
+        failed_at = float(words[3]) if len(words) > 3 else None
+        return cls(name.removeprefix("worker "), words[0], words[1] if len(words) > 1 else "", code, failed_at)
 
     def __str__(self):
         return f"worker {self.worker}: {' '.join(str(w) for w in (self.state, self.stage, self.exit_code) if w not in ('', None))}"
@@ -181,9 +184,9 @@ class Launcher:
         described = self.output(self.pod.describe())
         return list(range(len(json.loads(described).get("networkEndpoints", [])))) if described else [0]
 
-    def statuses(self):
+    def statuses(self, workers=None):
         found = []
-        for worker in self.workers():
+        for worker in self.workers() if workers is None else workers:
             lines = [line for line in self.output(self.pod.job_status(worker)).splitlines() if line.startswith("worker ")]
             found.append(WorkerStatus.parse(lines[-1]) if lines else WorkerStatus(str(worker), "unknown"))
         return found
@@ -192,9 +195,9 @@ class Launcher:
         """Polls every worker until the job ends; prints state changes and
         worker 0's newest log lines. Raises PodError naming the stage and
         worker of a failure."""
-        seen, last_lines = {}, []
+        seen, last_lines, workers = {}, [], self.workers()
         while True:
-            statuses = self.statuses()
+            statuses = self.statuses(workers)
             if self.dry_run:
                 self.output(self.pod.job_log(0, progress_lines))
                 return statuses
@@ -208,7 +211,8 @@ class Launcher:
             last_lines = lines
             broken = [s for s in statuses if s.state not in ("running", "done")]
             if broken:
-                first = broken[0]
+                # The first to fail: the others may have failed because it did.
+                first = min(broken, key=lambda s: s.failed_at if s.failed_at is not None else float("inf"))
                 if first.state == "failed":
                     raise PodError(f"stage {first.stage} failed on worker {first.worker} (make exited {first.exit_code})")
                 during = f" during {first.stage}" if first.stage else ""
@@ -240,23 +244,15 @@ class Launcher:
         if not self.dry_run:
             self.log(f"pod: done; the run folder and the workers' logs are in {local_run}")
 
+    @contextlib.contextmanager
     def deleting(self, delete):
-        """A context that deletes the slice on the way out when asked,
-        whatever happened inside (a slice left behind goes on billing)."""
-        return _Deleting(self, delete)
-
-
-class _Deleting:
-    def __init__(self, launcher, delete):
-        self.launcher, self.delete = launcher, delete
-
-    def __enter__(self):
-        return self.launcher
-
-    def __exit__(self, *exc):
-        if self.delete:
-            self.launcher.execute([self.launcher.pod.delete()])
-        return False
+        """Deletes the slice on the way out when asked, whatever happened
+        inside (a slice left behind goes on billing)."""
+        try:
+            yield self
+        finally:
+            if delete:
+                self.execute([self.pod.delete()])
 
 
 def _overlap(old, new):

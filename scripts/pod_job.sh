@@ -3,10 +3,11 @@
 # starts it (scripts/tpu_pod.py runs this on every worker):
 #
 #   bash scripts/pod_job.sh start CONFIG "OVERRIDES" STAGE...  start the stages, return at once
-#   bash scripts/pod_job.sh status                             one line: worker N: STATE [STAGE [CODE]]
+#   bash scripts/pod_job.sh status                             one line: worker N: STATE [STAGE [CODE TIME]]
 #   bash scripts/pod_job.sh logs [LINES]                       the end of this worker's log
 #
-# STATE is running, done, failed (a stage exited non-zero: STAGE CODE),
+# STATE is running, done, failed (a stage exited non-zero: STAGE CODE, and
+# the TIME it ended, in seconds since 1970, to tell which worker failed first),
 # stopped (the job died without an exit code: killed, out of memory,
 # preempted) or none. Everything the stages print goes to runs/pod-job/log,
 # which a dropped ssh connection does not end.
@@ -24,7 +25,7 @@ case "${1:-}" in
     shift
     if running; then echo "worker $worker: a job is running already ($(cat $JOB/stage))"; exit 1; fi
     mkdir -p $JOB
-    rm -f $JOB/exit_code $JOB/failed_stage $JOB/stage
+    rm -f $JOB/exit_code $JOB/failed_stage $JOB/failed_at $JOB/stage
     setsid nohup bash scripts/pod_job.sh run "$@" >> $JOB/log 2>&1 < /dev/null &
     echo $! > $JOB/pid
     echo "worker $worker: started ${*:3}"
@@ -38,6 +39,7 @@ case "${1:-}" in
       code=$?
       if [ $code -ne 0 ]; then
         echo "$stage" > $JOB/failed_stage
+        date +%s.%N > $JOB/failed_at
         echo "=== $(date -u +%FT%TZ) worker $worker: $stage failed (exit $code)"
         echo $code > $JOB/exit_code
         exit $code
@@ -51,7 +53,7 @@ case "${1:-}" in
     elif running; then echo "worker $worker: running $(cat $JOB/stage 2>/dev/null)"
     elif [ ! -f $JOB/exit_code ]; then echo "worker $worker: stopped $(cat $JOB/stage 2>/dev/null)"
     elif [ "$(cat $JOB/exit_code)" = 0 ]; then echo "worker $worker: done"
-    else echo "worker $worker: failed $(cat $JOB/failed_stage) $(cat $JOB/exit_code)"
+    else echo "worker $worker: failed $(cat $JOB/failed_stage) $(cat $JOB/exit_code) $(cat $JOB/failed_at)"
     fi
     ;;
   logs)
