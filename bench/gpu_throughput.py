@@ -8,7 +8,7 @@ allocator) slows the next:
 - `pipeline`: training as the stage trains (`fit` with its optimizer, loss
   and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the decoder over a batch sweep (256-token prompts + 64 new
   tokens): new tokens/s, ms per step, and the step's bandwidth floor (the
-  bytes it must read, `GemmaDecoder.step_floor_bytes`, over the memory
+  bytes it must read, `decoding_cost.step_floor_bytes`, over the memory
   bandwidth) as a fraction of the measured step;
 - `keras_hub`: stock KerasHub on the same shapes: `fit` for training,
   `generate` over the same sweep;
@@ -45,8 +45,8 @@ REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference 
 
 
 def architecture(name):
-    from pipeline.model import GEMMA_ARCHITECTURES
-    from pipeline.tiny import BACKBONE_CONFIG
+    from pipeline.models.model import GEMMA_ARCHITECTURES
+    from pipeline.models.tiny import BACKBONE_CONFIG
 
     return dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)[name]
 
@@ -59,8 +59,8 @@ def random_lm(arch, lora):
     import keras
     import keras_hub
 
-    from pipeline.config import LoraConfig
-    from pipeline.model import enable_lora
+    from pipeline.run.config import LoraConfig
+    from pipeline.models.model import enable_lora
 
     keras.config.set_dtype_policy("bfloat16")
     causal_lm = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**arch), preprocessor=None)
@@ -99,10 +99,11 @@ def timed(run, repeats):
 
 
 def pipeline_case(name, args):
-    from pipeline import flops
-    from pipeline.config import TrainConfig
-    from pipeline.decoding import GemmaDecoder
-    from pipeline.lora_training import compile_lora_training
+    from pipeline.models import flops
+    from pipeline.run.config import TrainConfig
+    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
+    from pipeline.models.lora_training import compile_lora_training
 
     arch = architecture(name)
     causal_lm = random_lm(arch, lora=True)
@@ -118,12 +119,12 @@ def pipeline_case(name, args):
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
         seconds = timed(lambda: decoder(token_ids, padding_mask, NEW_TOKENS), 1)
         step = seconds / NEW_TOKENS  # the prefill is counted in: a bound on the step time
-        floor = decoder.step_floor_bytes(rows, PROMPT + NEW_TOKENS) / (args.bandwidth_gbs * 1e9)
+        floor = step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS) / (args.bandwidth_gbs * 1e9)
         result["decoding"][rows] = {
             "new_tokens_per_second": rows * NEW_TOKENS / seconds, "ms_per_step": 1e3 * step,
             "floor_ms_per_step": 1e3 * floor, "fraction_of_bandwidth_floor": floor / step,
-            "bytes_accessed_ratio": decoder.step_bytes_accessed(rows, PROMPT + NEW_TOKENS)
-            / decoder.step_floor_bytes(rows, PROMPT + NEW_TOKENS),
+            "bytes_accessed_ratio": step_bytes_accessed(decoder, rows, PROMPT + NEW_TOKENS)
+            / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS),
         }
     return result
 
@@ -150,7 +151,7 @@ def keras_hub_case(name, args):
 def data_case(name, args):
     """One row per `generate` with max_length=512 (the reference) vs the
     decoder's batch, both bounded to the same new tokens."""
-    from pipeline.decoding import GemmaDecoder
+    from pipeline.models.decoding import GemmaDecoder
 
     causal_lm = random_lm(architecture(name), lora=False)
     new_tokens = REFERENCE_MAX_LENGTH - REFERENCE_PROMPT
@@ -262,8 +263,8 @@ def main():
     args.sweep = [8, 32] if args.quick else [8, 32, 64, 128]
     args.data_rows = 32 if args.quick else 64
 
-    from pipeline.config import load_config
-    from pipeline.runtime import setup_environment
+    from pipeline.run.config import load_config
+    from pipeline.parallel.runtime import setup_environment
 
     if args.case:
         setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)

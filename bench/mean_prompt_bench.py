@@ -11,16 +11,17 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.config import DistributionConfig
-from pipeline.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
+from pipeline.parallel.runtime import setup_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 setup_environment(DistributionConfig())
 
-from pipeline.encoder import TokenLimit, load_sentence_encoder  # noqa: E402
-from pipeline.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
-from pipeline.tiny import TINY_DIR, build_tiny_artifacts  # noqa: E402
+from pipeline.text.encoder import load_sentence_encoder  # noqa: E402
+from pipeline.text.token_limit import TokenLimit  # noqa: E402
+from pipeline.stages.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
+from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts  # noqa: E402
 
 
 def main():

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_config
-from pipeline.runtime import setup_environment
+from pipeline.run.config import load_config
+from pipeline.parallel.runtime import setup_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def length_mix(n_rows, seed=0):
 
 def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens, decode=None):
     """The data stage's generation; a first pass compiles every bucket."""
-    from pipeline.generation import BatchedGenerator
+    from pipeline.models.generation import BatchedGenerator
 
     generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None, decode=decode)
     for _ in generator.generate(prompts):
@@ -85,7 +85,7 @@ def time_reference_generation(causal_lm, tokenizer, texts):
     tokens are at most 512 minus the prompt's (an upper bound on its tokens/s)."""
     import keras_hub
 
-    from pipeline.tokens import tokenize_batch
+    from pipeline.text.tokens import tokenize_batch
 
     reference = keras_hub.models.GemmaCausalLM(
         backbone=causal_lm.backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
@@ -103,9 +103,9 @@ def time_reference_generation(causal_lm, tokenizer, texts):
 def time_training(causal_lm, formatter, df, batch_size, length_step):
     """Real tokens/s of the pipeline's train step over one epoch of the
     stage's batch plan; a first pass over the same batches compiles every shape."""
-    from pipeline.batching import TrainingBatches
-    from pipeline.config import TrainConfig
-    from pipeline.lora_training import compile_lora_training
+    from pipeline.text.batching import TrainingBatches
+    from pipeline.run.config import TrainConfig
+    from pipeline.models.lora_training import compile_lora_training
 
     rows, _ = formatter.encode(df)
     plan = TrainingBatches(rows, batch_size, formatter.sequence_length, length_step, seed=0)
@@ -125,12 +125,12 @@ def time_training(causal_lm, formatter, df, batch_size, length_step):
 def cpu_benchmark(args):
     import pandas as pd
 
-    from pipeline.data import plan_rows
-    from pipeline.tokens import stop_token_ids, tokenize_batch
-    from pipeline.model import enable_lora, load_gemma
-    from pipeline.recovery import RecoveryFormatter
-    from pipeline.templates import format_rewrite_request
-    from pipeline.tiny import BACKBONE_CONFIG, TINY_DIR, build_tiny_artifacts
+    from pipeline.stages.data import plan_rows
+    from pipeline.text.tokens import stop_token_ids, tokenize_batch
+    from pipeline.models.model import enable_lora, load_gemma
+    from pipeline.text.recovery import RecoveryFormatter
+    from pipeline.text.templates import format_rewrite_request
+    from pipeline.models.tiny import BACKBONE_CONFIG, TINY_DIR, build_tiny_artifacts
 
     import keras_hub
 
@@ -187,10 +187,11 @@ def cpu_benchmark(args):
 
 def decode_bytes(causal_lm, rows, length):
     """One decoding step's bytes (XLA's cost analysis) against the floor."""
-    from pipeline.decoding import GemmaDecoder
+    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
 
     decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
-    accessed, floor = decoder.step_bytes_accessed(rows, length), decoder.step_floor_bytes(rows, length)
+    accessed, floor = step_bytes_accessed(decoder, rows, length), step_floor_bytes(decoder, rows, length)
     return {"rows": rows, "cache_length": length, "bytes_accessed": int(accessed), "floor_bytes": int(floor),
             "ratio": accessed / floor}
 
@@ -204,7 +205,7 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     import keras
     import keras_hub
 
-    from pipeline.model import GEMMA_ARCHITECTURES
+    from pipeline.models.model import GEMMA_ARCHITECTURES
 
     figures = {"tiny": decode_bytes(tiny_lm, rows, length)}
     # The figures need shapes only; no mesh, which 2B's one key/value head

@@ -4,15 +4,21 @@ Private names change without notice between releases, so this module checks
 the installed versions when it is imported and refuses others with a
 message naming the supported ones (the pins in requirements-*.txt). Nothing
 else in `pipeline/` touches a `_private` Keras name or a `keras.src` /
-`keras_hub.src` module. Import it after `runtime.setup_environment`.
+`keras_hub.src` module, or reads an attribute of a layer that KerasHub does
+not export (its decoder blocks and attention layers: `gemma_blocks` reads
+them here). Import it after `runtime.setup_environment`.
 
 Example:
 ```python
 from pipeline import keras_internals
 keras_internals.reset_seed(0)
 config = keras_internals.read_preset_json("gemma_instruct_7b_en")
+for block in keras_internals.gemma_blocks(causal_lm.backbone):
+    block.query, block.logit_soft_cap  # the query projection, the attention's soft cap
 ```
 """
+
+import dataclasses
 
 import keras
 import keras_hub
@@ -106,6 +112,61 @@ def lora_rank(backbone):
     return backbone._lora_rank
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmaBlock:
+    """The parts of a KerasHub `GemmaDecoderBlock` that a decoder runs, and
+    the settings of its attention: its layers' attributes are KerasHub's
+    internals, read here only. The projections carry the names of
+    `model.PROJECTIONS` (the names `lora.target_layers` matches)."""
+
+    attention: object  # the attention layer, for `apply_rope` and `sliding_window_mask`
+    pre_attention_norm: object
+    query: object
+    key: object
+    value: object
+    attention_output: object
+    post_attention_norm: object  # None where the block has none (Gemma 1)
+    pre_ffw_norm: object
+    ffw_gating: object
+    ffw_gating_2: object
+    ffw_linear: object
+    post_ffw_norm: object  # None where the block has none (Gemma 1)
+    query_scale_dim: int  # queries are scaled by 1 / sqrt(query_scale_dim)
+    logit_soft_cap: object  # float, or None for no cap
+    sliding_window: bool
+
+
+def gemma_blocks(backbone):
+    """The `GemmaBlock` of every decoder block of a `GemmaBackbone`, in order."""
+    blocks = []
+    for block in backbone.transformer_layers:
+        attention = block.attention
+        blocks.append(GemmaBlock(
+            attention=attention,
+            pre_attention_norm=block.pre_attention_norm,
+            query=attention.query_dense,
+            key=attention.key_dense,
+            value=attention.value_dense,
+            attention_output=attention.output_dense,
+            post_attention_norm=block.post_attention_norm if block.use_post_attention_norm else None,
+            pre_ffw_norm=block.pre_ffw_norm,
+            ffw_gating=block.gating_ffw,
+            ffw_gating_2=block.gating_ffw_2,
+            ffw_linear=block.ffw_linear,
+            post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
+            query_scale_dim=(attention.head_dim if attention.query_head_dim_normalize
+                             else attention.hidden_dim // attention.num_query_heads),
+            logit_soft_cap=attention.logit_soft_cap,
+            sliding_window=attention.use_sliding_window_attention,
+        ))
+    return blocks
+
+
+def gemma_final_norm(backbone):
+    """The `GemmaBackbone`'s norm after its last block."""
+    return backbone.layer_norm
+
+
 def apply_rope(attention, x, start_index):
     """`GemmaAttention`'s rotary embedding of `x` at positions from `start_index`."""
     return attention._apply_rope(x, start_index)
@@ -119,7 +180,7 @@ def sliding_window_mask(attention, mask, start_index):
 def gemma_transformers_exporter():
     """KerasHub's Gemma exporter for Hugging Face transformers, in parts:
     (config of a backbone, {HF name: weight} of a backbone, tokenizer writer).
-    `pipeline.export` replaces the weights KerasHub 0.32 maps wrongly."""
+    `pipeline.stages.export` replaces the weights KerasHub 0.32 maps wrongly."""
     from keras_hub.src.utils.transformers.export import gemma, hf_exporter
 
     return gemma.get_gemma_config, gemma.get_gemma_weights_map, hf_exporter.export_tokenizer

@@ -15,9 +15,9 @@ import importlib
 import sys
 import traceback
 
-from pipeline.config import ConfigError, load_config
+from pipeline.run.config import ConfigError, load_config
 from pipeline.errors import InputError
-from pipeline.runtime import setup_environment, verbose
+from pipeline.parallel.runtime import setup_environment, verbose
 
 
 def parse(description):
@@ -45,7 +45,7 @@ def run_or_exit(stage, cfg):
     """Runs `stage(cfg)`; on an error prints its one line (input errors) or
     its traceback and ends the process with exit code 1, at once on a pod
     (`hosts.leave`)."""
-    from pipeline import hosts
+    from pipeline.parallel import hosts
 
     try:
         stage(cfg)

@@ -7,9 +7,9 @@ the sentence-t5 call signature. Deterministic: fixed seeds.
 
 import argparse
 
-from pipeline.config import DistributionConfig
-from pipeline.runtime import setup_environment
-from pipeline.tiny import TINY_DIR
+from pipeline.run.config import DistributionConfig
+from pipeline.parallel.runtime import setup_environment
+from pipeline.models.tiny import TINY_DIR
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -17,6 +17,6 @@ if __name__ == "__main__":
     parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args()
     setup_environment(DistributionConfig(host_device_count=0))
-    from pipeline.tiny import build_tiny_artifacts
+    from pipeline.models.tiny import build_tiny_artifacts
 
     build_tiny_artifacts(args.out, pretrain_steps=args.pretrain_steps)

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.compare", "run_compare_stage")
+    _cli.main(__doc__, "pipeline.stages.compare", "run_compare_stage")

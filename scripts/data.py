@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.data", "run_data_stage")
+    _cli.main(__doc__, "pipeline.stages.data", "run_data_stage")

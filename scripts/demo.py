@@ -10,6 +10,6 @@ import _cli
 
 if __name__ == "__main__":
     cfg = _cli.parse(__doc__.splitlines()[0])
-    from pipeline.demo import run_demo
+    from pipeline.workflows.demo import run_demo
 
     _cli.run_or_exit(run_demo, cfg)

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.evaluate", "run_evaluate_stage")
+    _cli.main(__doc__, "pipeline.workflows.evaluate", "run_evaluate_stage")

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.export", "run_export_stage")
+    _cli.main(__doc__, "pipeline.stages.export", "run_export_stage")

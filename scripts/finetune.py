@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.finetune", "run_finetune_stage")
+    _cli.main(__doc__, "pipeline.stages.finetune", "run_finetune_stage")

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.bundle", "run_kaggle_bundle_stage")
+    _cli.main(__doc__, "pipeline.stages.bundle", "run_kaggle_bundle_stage")

@@ -37,7 +37,7 @@ def main():
     if not args.no_install:
         install(BUNDLE)
     from pipeline.errors import InputError
-    from pipeline.transformers_predict import run_transformers_predict
+    from pipeline.kaggle.transformers_predict import run_transformers_predict
 
     settings = json.loads((BUNDLE / "settings.json").read_text())
     if args.base_model:

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.mean_prompt", "run_mean_prompt_stage")
+    _cli.main(__doc__, "pipeline.stages.mean_prompt", "run_mean_prompt_stage")

@@ -7,9 +7,9 @@ import _cli
 
 if __name__ == "__main__":
     cfg = _cli.parse(__doc__.splitlines()[0])
-    from pipeline.disk import plan_disk
-    from pipeline.memory import plan_memory
-    from pipeline.model import read_backbone_config
+    from pipeline.models.disk import plan_disk
+    from pipeline.models.memory import plan_memory
+    from pipeline.models.model import read_backbone_config
 
     backbone_config = read_backbone_config(cfg.model.preset)
     print(plan_memory(cfg, backbone_config).report())

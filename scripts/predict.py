@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.predict", "run_predict_stage")
+    _cli.main(__doc__, "pipeline.stages.predict", "run_predict_stage")

@@ -3,4 +3,4 @@
 import _cli
 
 if __name__ == "__main__":
-    _cli.main(__doc__, "pipeline.score", "run_score_stage")
+    _cli.main(__doc__, "pipeline.stages.score", "run_score_stage")

@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.launch import REMOTE_REPO, Launcher, PodError, TpuPod, archive_repository, stages_of
+from pipeline.run.config import ConfigError, load_config
+from pipeline.parallel.launch import REMOTE_REPO, Launcher, PodError, TpuPod, archive_repository, stages_of
 
 ROOT = Path(__file__).resolve().parent.parent
 

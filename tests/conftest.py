@@ -4,8 +4,8 @@ stand-in artifacts built once per session (skipped when already built)."""
 import os
 from pathlib import Path
 
-from pipeline.config import DistributionConfig
-from pipeline.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
+from pipeline.parallel.runtime import setup_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    from pipeline.tiny import TINY_DIR, build_tiny_artifacts
+    from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts
 
     return build_tiny_artifacts(ROOT / TINY_DIR, log=lambda *_: None)
 
@@ -24,7 +24,7 @@ def tiny():
 @pytest.fixture
 def tiny_cfg(tiny, tmp_path):
     """The embedded default, writing into a temporary run root."""
-    from pipeline.config import load_config
+    from pipeline.run.config import load_config
 
     os.chdir(ROOT)  # config paths are relative to the repository root
     return load_config(None, [f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"])
@@ -33,8 +33,8 @@ def tiny_cfg(tiny, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tiny):
     """(GemmaCausalLM without preprocessor, tokenizer) on the (1, 8) mesh."""
-    from pipeline.config import load_config
-    from pipeline.model import load_gemma
+    from pipeline.run.config import load_config
+    from pipeline.models.model import load_gemma
 
     cfg = load_config(None, [f"model.preset={tiny.preset}"])
     return load_gemma(cfg, [8])
@@ -44,8 +44,8 @@ def tiny_model(tiny):
 def demo_run(tiny, tmp_path_factory):
     """The demo (every stage, base and fine-tuned) run once per session:
     (config, scores). Tests of what comes after training share it."""
-    from pipeline.config import load_config
-    from pipeline.demo import run_demo
+    from pipeline.run.config import load_config
+    from pipeline.workflows.demo import run_demo
 
     os.chdir(ROOT)
     root = tmp_path_factory.mktemp("demo")

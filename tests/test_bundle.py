@@ -11,12 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.bundle import run_kaggle_bundle_stage
-from pipeline.combine import combine_parts
-from pipeline.encoder import TokenLimit, find_piece_model
-from pipeline.export import run_export_stage
-from pipeline.run_dir import RunDir
-from pipeline.tables import write_table
+from pipeline.stages.bundle import run_kaggle_bundle_stage
+from pipeline.text.combine import combine_parts
+from pipeline.text.encoder import find_piece_model
+from pipeline.text.token_limit import TokenLimit
+from pipeline.stages.export import run_export_stage
+from pipeline.run.run_dir import RunDir
+from pipeline.text.tables import write_table
 
 
 def with_changes(cfg, **sections):

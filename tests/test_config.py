@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, save_config
+from pipeline.run.config import ConfigError, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -108,7 +108,7 @@ def _leaves(raw, prefix=""):
 def test_configs_hold_only_what_their_target_changes(path):
     import dataclasses
 
-    from pipeline.config import Config
+    from pipeline.run.config import Config
 
     base = dataclasses.asdict(Config())
     for key, value in _leaves(yaml.safe_load(path.read_text())):

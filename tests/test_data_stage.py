@@ -3,11 +3,11 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.config import SourceConfig
-from pipeline.data import plan_rows, run_data_stage
-from pipeline.rules import RULES, rewrite
-from pipeline.sources import chunk_texts, read_sources
-from pipeline.tables import TRAIN_COLUMNS
+from pipeline.run.config import SourceConfig
+from pipeline.stages.data import plan_rows, run_data_stage
+from pipeline.text.rules import RULES, rewrite
+from pipeline.text.sources import chunk_texts, read_sources
+from pipeline.text.tables import TRAIN_COLUMNS
 
 
 def test_chunking_filters_like_the_reference():
@@ -96,7 +96,7 @@ def test_resume_refuses_a_changed_model_setup(tiny_cfg):
 
 
 def test_reference_format_sends_the_bare_template_and_stops_at_eos_only(tiny_cfg, monkeypatch):
-    from pipeline import generation
+    from pipeline.models import generation
 
     seen = {}
     real_generate = generation.BatchedGenerator.generate

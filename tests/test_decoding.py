@@ -3,9 +3,9 @@ import keras_hub
 import numpy as np
 import pytest
 
-from pipeline.decoding import GemmaDecoder
-from pipeline.runtime import set_seed
-from pipeline.tiny import BACKBONE_CONFIG
+from pipeline.models.decoding import GemmaDecoder
+from pipeline.parallel.runtime import set_seed
+from pipeline.models.tiny import BACKBONE_CONFIG
 
 LENGTH = 96
 
@@ -169,39 +169,3 @@ def test_lora_is_merged_into_each_kernel_once_per_call_not_per_step(sharded_lora
     GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, 8)
     backbone = sharded_lora_lm.backbone
     assert len(reads) == 7 * backbone.num_layers and len(set(map(id, reads))) == len(reads)
-
-
-@pytest.mark.parametrize("kv_heads, head_dim", [(8, 64), (1, 256)])
-def test_a_decoding_step_reads_the_cache_once(kv_heads, head_dim):
-    """The bytes of a step grow with the cache length as the cache does: the
-    attention reads the cache in place (a transposed copy would triple it).
-    With one key/value head (Gemma 2B's shape, head_dim as 2B's) a cache
-    axis of one entry once made XLA copy the whole cache at every step."""
-    with data_parallel():
-        decoder = GemmaDecoder(random_lm(0, head_dim=head_dim, num_key_value_heads=kv_heads), stop_token_ids=[1])
-    growth = decoder.step_bytes_accessed(32, 1280) - decoder.step_bytes_accessed(32, 640)
-    floor_growth = decoder.step_floor_bytes(32, 1280) - decoder.step_floor_bytes(32, 640)
-    # layers x (key, value) x rows x positions x kv heads x dims x bytes
-    assert floor_growth == 2 * 2 * 32 * 640 * kv_heads * head_dim * 4
-    assert floor_growth <= growth < 1.2 * floor_growth
-
-
-def test_a_decoding_step_at_one_row_reads_the_weights_once(tiny_model):
-    """One row, a short cache: the weights dominate, and a step reads each
-    once: the kernels in the layouts the products want (no copy of the
-    attention output's), the table once for the logits and one row of it
-    for the lookup (XLA may count a gather as its whole table, so
-    `step_bytes_accessed` counts the rows itself)."""
-    causal_lm, _ = tiny_model
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
-    assert 0.99 < decoder.step_bytes_accessed(1, 16) / decoder.step_floor_bytes(1, 16) < 1.05
-
-
-def test_a_decoding_step_of_the_tiny_model_stays_within_1_3_of_the_floor(tiny_model):
-    """The figure `make bench` reports: 32 rows, 640 positions. Its 16-wide
-    heads make the attention scores 1/32 of the cache they are computed
-    from, so each pass over the scores counts; the softmax's division after
-    the value product saves one."""
-    causal_lm, _ = tiny_model
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
-    assert decoder.step_bytes_accessed(32, 640) / decoder.step_floor_bytes(32, 640) < 1.3

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.disk import check_disk, plan_disk
+from pipeline.run.config import load_config
+from pipeline.models.disk import check_disk, plan_disk
 from pipeline.errors import InputError
-from pipeline.memory import GIB
-from pipeline.model import GEMMA_ARCHITECTURES
-from pipeline.tiny import BACKBONE_CONFIG
+from pipeline.models.memory import GIB
+from pipeline.models.model import GEMMA_ARCHITECTURES
+from pipeline.models.tiny import BACKBONE_CONFIG
 
 GEMMA_7B = GEMMA_ARCHITECTURES["gemma_7b"]
 
@@ -59,7 +59,7 @@ def test_peft_export_stores_the_block_diagonal_b_dense():
 def test_finetune_refuses_a_run_that_will_not_fit_before_it_loads_the_model(tiny_cfg):
     import pandas as pd
 
-    from pipeline.finetune import run_finetune_stage
+    from pipeline.stages.finetune import run_finetune_stage
 
     train_csv = Path(tiny_cfg.run.root) / "train.csv"
     pd.DataFrame({"id": [f"r{i}" for i in range(40)], "original_text": ["a text"] * 40,

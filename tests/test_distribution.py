@@ -2,8 +2,8 @@ import keras
 import keras_hub
 import pytest
 
-from pipeline.config import DistributionConfig, LoraConfig
-from pipeline.distribution import (
+from pipeline.run.config import DistributionConfig, LoraConfig
+from pipeline.parallel.distribution import (
     DistributionError,
     build_distribution,
     check_batch_sizes,
@@ -11,8 +11,8 @@ from pipeline.distribution import (
     check_shardable,
     gemma_layout_axes,
 )
-from pipeline.model import enable_lora
-from pipeline.tiny import BACKBONE_CONFIG
+from pipeline.models.model import enable_lora
+from pipeline.models.tiny import BACKBONE_CONFIG
 
 # Expected PartitionSpec of every Gemma weight on the (1, 8) ("batch",
 # "model") mesh; LoRA factors are sharded like the kernel they adapt.

@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.export import (
+from pipeline.stages.export import (
     hf_weight,
     peft_factors,
     run_export_stage,
     write_peft_adapter,
     write_transformers_model,
 )
-from pipeline.model import projections
+from pipeline.models.model import projections
 
 LOGIT_TOLERANCE = 1e-4  # float32, both sides; measured about 1e-5
 
@@ -127,10 +127,10 @@ def test_export_of_the_demo_adapter_predicts_the_pipelines_tokens(demo_run):
     predict stage's own (model_outputs.csv)."""
     import transformers
 
-    from pipeline.model import load_adapter, load_gemma
-    from pipeline.recovery import RecoveryFormatter
-    from pipeline.run_dir import RunDir
-    from pipeline.transformers_predict import TransformersTokenizer, generate
+    from pipeline.models.model import load_adapter, load_gemma
+    from pipeline.text.recovery import RecoveryFormatter
+    from pipeline.run.run_dir import RunDir
+    from pipeline.kaggle.transformers_predict import TransformersTokenizer, generate
 
     cfg, _, _ = demo_run
     paths = run_export(cfg)

@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.batching import Batch
-from pipeline.config import TrainConfig, load_config
-from pipeline.data import run_data_stage
-from pipeline.finetune import run_finetune_stage
-from pipeline.lora_training import compile_lora_training
-from pipeline.mean_prompt import run_mean_prompt_stage
-from pipeline.predict import run_predict_stage
-from pipeline.recovery import RecoveryFormatter
-from pipeline.templates import RECOVERY_TEMPLATE
+from pipeline.text.batching import Batch
+from pipeline.run.config import TrainConfig, load_config
+from pipeline.stages.data import run_data_stage
+from pipeline.stages.finetune import run_finetune_stage
+from pipeline.models.lora_training import compile_lora_training
+from pipeline.stages.mean_prompt import run_mean_prompt_stage
+from pipeline.stages.predict import run_predict_stage
+from pipeline.text.recovery import RecoveryFormatter
+from pipeline.text.templates import RECOVERY_TEMPLATE
 from processes import run_stage
 from test_pod import lora_weights
 

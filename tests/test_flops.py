@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import flops
-from pipeline.tiny import BACKBONE_CONFIG
+from pipeline.models import flops
+from pipeline.models.tiny import BACKBONE_CONFIG
 
 
 def test_parameter_count_matches_the_built_backbone(tiny_model):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from pipeline.generation import BatchedGenerator, bucket_length
-from pipeline.tokens import stop_token_ids, strip_generated, tokenize_batch
+from pipeline.models.generation import BatchedGenerator, bucket_length
+from pipeline.text.tokens import stop_token_ids, strip_generated, tokenize_batch
 
 
 def test_strip_generated_drops_prompt_and_stops_at_first_stop():

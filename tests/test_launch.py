@@ -3,7 +3,7 @@ import subprocess
 import sys
 import tarfile
 
-from pipeline.launch import archive_repository
+from pipeline.parallel.launch import archive_repository
 from processes import ROOT
 
 
@@ -43,7 +43,7 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
 
 
 def test_all_runs_the_makefiles_stages():
-    from pipeline.launch import stages_of
+    from pipeline.parallel.launch import stages_of
 
     makefile = (ROOT / "Makefile").read_text()
     (line,) = [line for line in makefile.splitlines() if line.startswith("ALL_STAGES :=")]
@@ -62,5 +62,5 @@ def test_archive_holds_the_tracked_files(tmp_path):
     archive = archive_repository(ROOT, tmp_path / "repo.tar.gz")
     with tarfile.open(archive) as f:
         names = set(f.getnames())
-    assert {"Makefile", "pipeline/config.py", "requirements-tpu.txt"} <= names
+    assert {"Makefile", "pipeline/run/config.py", "requirements-tpu.txt"} <= names
     assert not any(n.startswith((".venv/", "artifacts/", "runs/")) for n in names)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.combine import combine_parts
-from pipeline.encoder import TokenLimit
-from pipeline.mean_prompt import EmbeddingCache, MeanScore, beam_search, best_constant, candidate_moves
+from pipeline.text.combine import combine_parts
+from pipeline.text.token_limit import TokenLimit
+from pipeline.stages.mean_prompt import EmbeddingCache, MeanScore, beam_search, best_constant, candidate_moves
 
 
 class _AxisEncoder:
@@ -104,7 +104,7 @@ def test_combination_skips_empty_parts_and_is_never_empty():
 def test_stage_refuses_to_write_an_empty_mean_prompt(tiny_cfg, tmp_path):
     import pandas as pd
 
-    from pipeline.mean_prompt import run_mean_prompt_stage
+    from pipeline.stages.mean_prompt import run_mean_prompt_stage
 
     pd.DataFrame({"rewrite_prompt": ["1 2 3."] * 20}).to_csv(tmp_path / "t.csv", index=False)
     tiny_cfg.mean_prompt.targets = str(tmp_path / "t.csv")  # no word is letters only

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import keras
 import pytest
 
-from pipeline.config import DistributionConfig, LoraConfig, load_config
-from pipeline.distribution import build_distribution, gemma_layout_axes
-from pipeline.memory import (
+from pipeline.run.config import DistributionConfig, LoraConfig, load_config
+from pipeline.parallel.distribution import build_distribution, gemma_layout_axes
+from pipeline.models.memory import (
     DTYPE_BYTES,
     LORA_DTYPE_BYTES,
     activation_bytes_per_row,
@@ -17,8 +17,8 @@ from pipeline.memory import (
     lora_parameter_count,
     plan_memory,
 )
-from pipeline.model import GEMMA_ARCHITECTURES, enable_lora
-from pipeline.tiny import BACKBONE_CONFIG
+from pipeline.models.model import GEMMA_ARCHITECTURES, enable_lora
+from pipeline.models.tiny import BACKBONE_CONFIG
 
 GEMMA_7B = GEMMA_ARCHITECTURES["gemma_7b"]
 
@@ -93,7 +93,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
     decoder's kernel copies and the KV cache."""
     import keras_hub
 
-    from pipeline.decoding import GemmaDecoder
+    from pipeline.models.decoding import GemmaDecoder
 
     lora = LoraConfig(rank=8, target_layers={"all": LoraConfig().target_layers, "none": [],
                                              "attention": ["query", "key", "value", "attention_output"]}[targets])
@@ -146,7 +146,7 @@ def test_plan_says_when_it_does_not_fit_and_what_to_change():
 
 @pytest.mark.parametrize("name", ["kaggle_gpu_t4x2", "kaggle_tpu_v5e_8", "kaggle_tpu_v6e_8"])
 def test_kaggle_targets_hold_gemma_7b_and_pass_the_distribution_checks(name):
-    from pipeline.distribution import check_batch_sizes, check_shardable
+    from pipeline.parallel.distribution import check_batch_sizes, check_shardable
 
     cfg = load_config(f"configs/{name}.yaml")
     plan = plan_memory(cfg, GEMMA_7B)
@@ -166,7 +166,7 @@ def test_one_16_gb_gpu_cannot_hold_gemma_7b_in_16_bits():
 
 
 def test_two_gpu_mesh_refused_where_it_cannot_work():
-    from pipeline.distribution import DistributionError, check_mesh, check_shardable
+    from pipeline.parallel.distribution import DistributionError, check_mesh, check_shardable
 
     cfg = load_config("configs/kaggle_gpu_t4x2.yaml")
     with pytest.raises(DistributionError, match=r"needs 2 devices but 1 are visible"):

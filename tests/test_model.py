@@ -3,8 +3,8 @@ import json
 import keras_hub
 import numpy as np
 
-from pipeline.config import LoraConfig
-from pipeline.model import enable_lora, load_adapter, save_adapter
+from pipeline.run.config import LoraConfig
+from pipeline.models.model import enable_lora, load_adapter, save_adapter
 
 
 def _random_lora(causal_lm, seed):

@@ -3,9 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline import generation
-from pipeline.predict import run_predict_stage
-from pipeline.tables import TableError
+from pipeline.models import generation
+from pipeline.stages.predict import run_predict_stage
+from pipeline.text.tables import TableError
 
 
 def _test_csv(tmp_path, n=5):
@@ -82,7 +82,7 @@ def test_bad_input_csv_stops_before_loading_the_model(tiny_cfg, tmp_path):
 
 def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, monkeypatch):
     _test_csv(tmp_path, n=2)
-    import pipeline.predict as predict
+    import pipeline.stages.predict as predict
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load when a combine part is missing")
@@ -95,7 +95,8 @@ def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, mo
 
 
 def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, monkeypatch):
-    from pipeline.encoder import TokenLimit, find_piece_model
+    from pipeline.text.encoder import find_piece_model
+    from pipeline.text.token_limit import TokenLimit
 
     _test_csv(tmp_path, n=2)
 

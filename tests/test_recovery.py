@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.batching import Batch, TrainingBatches, evaluation_batches
-from pipeline.recovery import RecoveryFormatter, share_budget
-from pipeline.templates import (
+from pipeline.text.batching import Batch, TrainingBatches, evaluation_batches
+from pipeline.text.recovery import RecoveryFormatter, share_budget
+from pipeline.text.templates import (
     CHAT_TURN,
     RECOVERY_TEMPLATE,
     REWRITE_TEMPLATE,

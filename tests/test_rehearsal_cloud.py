@@ -17,7 +17,7 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline import rules
+from pipeline.text import rules
 from processes import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]

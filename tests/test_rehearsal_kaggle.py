@@ -15,7 +15,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from pipeline import rules
+from pipeline.text import rules
 from processes import ROOT
 
 pytestmark = pytest.mark.slow

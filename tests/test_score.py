@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.encoder import embed, load_sentence_encoder, sharpened_cosine
-from pipeline.score import run_score_stage
-from pipeline.tables import TableError
+from pipeline.text.encoder import embed, load_sentence_encoder, sharpened_cosine
+from pipeline.stages.score import run_score_stage
+from pipeline.text.tables import TableError
 from processes import ROOT
 
 
@@ -42,8 +42,8 @@ def test_every_config_finds_its_encoders_piece_model(tiny, config, monkeypatch):
     import kagglehub
     import tensorflow_hub as hub
 
-    from pipeline.config import load_config
-    from pipeline.encoder import find_piece_model
+    from pipeline.run.config import load_config
+    from pipeline.text.encoder import find_piece_model
 
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository
     asked = []

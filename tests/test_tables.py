@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import SplitConfig
-from pipeline.tables import TEST_COLUMNS, TableError, read_table, split_rows, write_table
+from pipeline.run.config import SplitConfig
+from pipeline.text.tables import TEST_COLUMNS, TableError, read_table, split_rows, write_table
 
 TEXTS = ["original_text", "rewritten_text"]
 

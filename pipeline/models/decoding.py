@@ -1,0 +1,284 @@
+"""Greedy cached decoding for a KerasHub `GemmaCausalLM`, built for speed.
+
+`GemmaCausalLM.generate` keeps the key/value cache of every layer in one
+(batch, layers, 2, length, heads, head_dim) tensor that each decoding step
+slices apart and stacks together again, and every step attends over the
+whole padded length. This decoder runs the same layers with the same
+weights (LoRA included) but:
+
+- keeps one key and one value cache per layer, which XLA updates in place,
+  laid out as the attention products read them (no copy per step);
+- merges each LoRA adapter into its kernel once per call, not at every
+  step (Keras' `EinsumDense` adds A @ B to the kernel each time it runs);
+- decodes in up to `max_spans` spans of positions, each attending only to
+  the part of the cache that can hold tokens so far, not to the whole padded
+  length (each span is one more loop body for XLA to compile, hence few);
+- ends a row at a stop token or `max_new_tokens` after its own prompt, and
+  the batch once every row has ended.
+
+Its tokens are KerasHub's greedy `generate` tokens in every test of
+tests/test_decoding.py (float32 and bfloat16, grouped-query, Gemma 2 blocks),
+so the pipeline's outputs do not depend on which one runs. Its attention
+differs from KerasHub's only in rounding: it divides by the softmax's sum
+after the product with the values, as flash attention does. Greedy only:
+every stage of the pipeline decodes greedily.
+
+Example:
+```python
+decode = GemmaDecoder(causal_lm, stop_token_ids=[1, 107])
+token_ids = decode(token_ids, padding_mask, max_new_tokens=64)  # numpy in, numpy out
+```
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from pipeline import keras_internals
+from pipeline.parallel import hosts
+from pipeline.parallel.distribution import data_sharding
+from pipeline.models.model import PER_HEAD_INPUT, projections
+
+
+class GemmaDecoder:
+    """Greedy decoding with a per-layer KV cache, compiled once per shape.
+
+    Args:
+        causal_lm: a KerasHub `GemmaCausalLM` (LoRA enabled or not); its
+            current weights are read at every call.
+        stop_token_ids: ids that end a row (`<eos>`, `<end_of_turn>`).
+        max_spans: how many spans the positions after the prompts are
+            decoded in (each attends only to the cache filled so far, and
+            is one more loop body to compile).
+
+    Example:
+    ```python
+    decode = GemmaDecoder(causal_lm, stop_token_ids=[1, 107])
+    out = decode(token_ids, padding_mask, max_new_tokens=64)
+    ```
+    """
+
+    def __init__(self, causal_lm, stop_token_ids, max_spans=4):
+        self.causal_lm = causal_lm
+        self.backbone = causal_lm.backbone
+        self.stop_token_ids = jnp.asarray(stop_token_ids, "int32")
+        self.max_spans = max_spans
+        self.blocks = keras_internals.gemma_blocks(self.backbone)
+        self.final_norm = keras_internals.gemma_final_norm(self.backbone)
+        # max_new_tokens is fixed per stage, so making it static adds no programs.
+        self._compiled = jax.jit(self._stateless_decode, static_argnames="max_new_tokens")
+
+    def __call__(self, token_ids, padding_mask, max_new_tokens):
+        """Prompts right-padded in (batch, length) `token_ids`; returns the
+        same shape with each row's generated tokens after its prompt. On a
+        pod every process passes the whole batch and gets the whole result."""
+        out = self._compiled(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+        return hosts.to_numpy(out)
+
+    def lower(self, token_ids, padding_mask, max_new_tokens):
+        """The decoding program of a call with these arguments, lowered and
+        not run (`.compile().as_text()` shows what a mesh makes it move)."""
+        return self._compiled.lower(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+
+    def _arguments(self, token_ids, padding_mask):
+        state = model_state(self.causal_lm)
+        token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
+        if keras.distribution.distribution() is not None:
+            # Rows over the data axis: each host feeds and decodes its own.
+            sharding = data_sharding(token_ids.shape)
+            token_ids, padding_mask = hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
+        return state, token_ids, padding_mask
+
+    def _stateless_decode(self, state, token_ids, padding_mask, max_new_tokens):
+        with state_scope(self.causal_lm, state):
+            return self._decode(token_ids, padding_mask, max_new_tokens)
+
+    def _decode(self, token_ids, padding_mask, max_new_tokens):
+        batch, length = token_ids.shape
+        row_lengths = padding_mask.sum(axis=-1).astype("int32")
+        caches = self.empty_caches(batch, length)
+        kernels = merged_kernels(self.backbone)  # once per call, read by every step
+        # One pass over the prompt region seeds the cache. Decoding restarts
+        # at the shortest prompt (or at the end of that region, if every
+        # prompt is longer), so a position past a row's prompt is overwritten
+        # before it is read, and the rest of a longer prompt is fed on.
+        prefill = max(length - max_new_tokens, 1)
+        _, caches = self.forward(kernels, self._embed(token_ids[:, :prefill]), caches, 0, prefill)
+        index = jnp.minimum(jnp.min(row_lengths), prefill)  # the first cache position not yet written
+        last = jnp.minimum(jnp.max(row_lengths) + max_new_tokens, length)
+        done = jnp.zeros((batch,), bool)
+        carry = (token_ids, caches, index, done)
+        # Spans split the region after the prompts: the first also covers
+        # the teacher-forced ends of prompts longer than the shortest.
+        span = max(1, -(-(length - prefill) // self.max_spans))
+        for span_end in range(prefill + span, length + span, span):
+            carry = self._decode_span(kernels, carry, padding_mask, row_lengths + max_new_tokens, last,
+                                      min(span_end, length))
+        return carry[0]
+
+    def _decode_span(self, kernels, carry, padding_mask, row_ends, last, span_end):
+        """Generates positions up to `span_end` (static), reading the cache
+        only up to there."""
+
+        def cond(carry):
+            _, _, index, done = carry
+            return (index < jnp.minimum(last, span_end)) & ~jnp.all(done)
+
+        def body(carry):
+            token_ids, caches, index, done = carry
+            previous = jax.lax.dynamic_slice_in_dim(token_ids, index - 1, 1, axis=1)
+            logits, caches = self.forward(kernels, self._embed(previous), caches, index - 1, span_end)
+            generated = jnp.argmax(logits[:, -1, :], axis=-1).astype(token_ids.dtype)
+            in_prompt = padding_mask[:, index]
+            current = jnp.where(in_prompt, token_ids[:, index], generated)
+            token_ids = jax.lax.dynamic_update_slice(token_ids, current[:, None], (0, index))
+            stopped = jnp.isin(current, self.stop_token_ids) & ~in_prompt
+            done = done | stopped | (index + 1 >= row_ends)
+            return token_ids, caches, index + 1, done
+
+        return jax.lax.while_loop(cond, body, carry)
+
+    def empty_caches(self, batch, length):
+        """The (key, value) cache of every layer, zeros, for `batch` rows of
+        `length` positions."""
+        dtype = self.causal_lm.compute_dtype
+        shape = (self.backbone.num_key_value_heads * batch, length, self.backbone.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.backbone.num_layers)]
+
+    def _embed(self, token_ids):
+        return self.backbone.token_embedding(token_ids)
+
+    def forward(self, kernels, embedded, caches, start, span_end):
+        """Logits for the tokens whose embeddings are `embedded`, placed at
+        `start`; keys and values go into the caches, attention reads cache
+        positions [0, span_end). `kernels` is `merged_kernels(backbone)`; run
+        it in `state_scope`."""
+        backbone = self.backbone
+        x = embedded * keras.ops.cast(keras.ops.sqrt(backbone.hidden_dim), embedded.dtype)
+        positions = start + jnp.arange(embedded.shape[1])
+        mask = jnp.arange(span_end)[None, :] <= positions[:, None]
+        mask = jnp.broadcast_to(mask[None], (embedded.shape[0], *mask.shape))
+        new_caches = []
+        for block, (key_cache, value_cache) in zip(self.blocks, caches):
+            x, key_cache, value_cache = _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end,
+                                                       mask)
+            new_caches.append((key_cache, value_cache))
+        logits = backbone.token_embedding(self.final_norm(x), reverse=True)
+        return logits, new_caches
+
+
+def _cache_layout(x, dtype):
+    """(batch, positions, kv heads, head_dim) keys or values as the cache
+    holds them: (kv heads × batch, positions, head_dim). Heads first: the
+    model axis shards the heads, so the merged axis is sharded as a block
+    of heads (batch first, it would be resharded at every step)."""
+    batch, length, kv_heads, head_dim = x.shape
+    return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(dtype)
+
+
+def model_state(causal_lm, read=lambda variable: variable.value):
+    """(trainable, non-trainable) values of the model's variables, as the
+    compiled programs take them (`read` maps each variable)."""
+    return ([read(v) for v in causal_lm.trainable_variables], [read(v) for v in causal_lm.non_trainable_variables])
+
+
+def state_scope(causal_lm, state):
+    """A `keras.StatelessScope` in which the model's variables hold `state`
+    (as `model_state` gives it), so a traced program reads its arguments."""
+    trainable, non_trainable = state
+    mapping = [*zip(causal_lm.trainable_variables, trainable), *zip(causal_lm.non_trainable_variables, non_trainable)]
+    return keras.StatelessScope(state_mapping=mapping)
+
+
+def _attention(block, query, key, value, mask, start):
+    """`GemmaAttention`'s attention (same scaling, soft cap, sliding window
+    and float32 softmax) on keys and values in the cache's layout, with two
+    changes that make XLA move fewer bytes:
+
+    - the softmax's division comes after the product with the values, so
+      the probabilities are never written out (flash attention's order);
+    - no axis of one entry: rows of (key/value head, batch) form one axis,
+      and the query positions of the heads sharing a key/value head another,
+      dropped at a decoding step of a model with as many key/value heads as
+      heads. Kept, such an axis makes XLA copy the scores, or the whole
+      cache (Gemma 2B has one key/value head), at every step.
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[0] // batch
+    groups = heads // kv_heads
+    query = query * keras.ops.cast(1 / np.sqrt(block.query_scale_dim), query.dtype)
+    query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
+    rows = jnp.reshape(jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim))
+    if block.sliding_window:
+        mask = keras_internals.sliding_window_mask(block.attention, mask, start)
+    span = mask.shape[-1]
+    mask = jnp.reshape(jnp.broadcast_to(mask[None, :, None], (kv_heads, batch, groups, length, span)),
+                       (kv_heads * batch, groups * length, span))
+    if groups * length == 1:
+        rows, mask = rows[:, 0], mask[:, 0]
+    logits = jnp.einsum("n...h,nsh->n...s", rows, key)
+    cap = block.logit_soft_cap
+    if cap is not None:
+        logits = jnp.tanh(logits / cap) * cap
+    # Keras' masked softmax, in float32: masked positions get -1e9, whose
+    # exp is 0 (every row sees at least its own position).
+    logits = jnp.where(mask, logits.astype("float32"), -1e9)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    attended = jnp.einsum("n...s,nsh->n...h", weights.astype(value.dtype), value,
+                          preferred_element_type="float32")
+    attended = (attended / jnp.sum(weights, axis=-1)[..., None]).astype(query.dtype)
+    attended = jnp.reshape(attended, (kv_heads, batch, groups, length, head_dim))
+    return jnp.reshape(jnp.transpose(attended, (1, 3, 0, 2, 4)), (batch, length, heads * head_dim))
+
+
+def merged_kernels(backbone):
+    """{layer: (einsum equation, kernel)} of every projection of every
+    decoder block, LoRA merged as Keras merges it (kernel + alpha / rank *
+    A @ B, in the compute dtype). The query, key and value kernels (heads,
+    hidden, head_dim) are laid out hidden first and the attention output's
+    (heads, head_dim, hidden) as one (heads × head_dim, hidden) matrix, as
+    the products want them: in their own layouts XLA would transpose them
+    at every step."""
+    kernels = {}
+    for _, name, layer in projections(backbone):
+        kernel = layer.kernel  # merged here, once
+        if name in PER_HEAD_INPUT:
+            kernels[layer] = ("btd,dnh->btnh", jnp.transpose(kernel, (1, 0, 2)))
+        elif name == "attention_output":
+            kernels[layer] = ("btf,fd->btd", jnp.reshape(kernel, (-1, kernel.shape[-1])))
+        else:
+            kernels[layer] = (layer.equation, kernel)
+    return kernels
+
+
+def _project(layer, kernels, x):
+    """`EinsumDense.call` with a kernel merged beforehand (Gemma's have no
+    bias and no activation)."""
+    equation, kernel = kernels[layer]
+    return jnp.einsum(equation, x, kernel)
+
+
+def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, mask):
+    """`GemmaDecoderBlock.call` with a cache, its key and value apart
+    (`block`: a `keras_internals.GemmaBlock`)."""
+    normalized = block.pre_attention_norm(x)
+    query = keras_internals.apply_rope(block.attention, _project(block.query, kernels, normalized), start)
+    key = keras_internals.apply_rope(block.attention, _project(block.key, kernels, normalized), start)
+    value = _project(block.value, kernels, normalized)
+    # Caches are (kv heads × batch, length, head_dim): the layout both attention
+    # products read without transposing (and so copying) the cache.
+    key_cache = jax.lax.dynamic_update_slice(key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0))
+    value_cache = jax.lax.dynamic_update_slice(value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0))
+    attended = _attention(block, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start)
+    attended = _project(block.attention_output, kernels, attended)
+    if block.post_attention_norm is not None:
+        attended = block.post_attention_norm(attended)
+    attention_x = x + attended
+    normalized = block.pre_ffw_norm(attention_x)
+    gate = _project(block.ffw_gating, kernels, normalized)
+    hidden = keras.activations.gelu(gate, approximate=True) * _project(block.ffw_gating_2, kernels, normalized)
+    out = _project(block.ffw_linear, kernels, hidden)
+    if block.post_ffw_norm is not None:
+        out = block.post_ffw_norm(out)
+    return out + attention_x, key_cache, value_cache

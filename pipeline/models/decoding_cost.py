@@ -1,0 +1,60 @@
+"""What one step of `GemmaDecoder` moves through memory: XLA's count of the
+compiled step, and the floor any decoder must read. The benchmarks divide
+one by the other (tests/test_decoding.py pins the ratio); decoding itself
+never calls these.
+
+Example:
+```python
+decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+ratio = step_bytes_accessed(decoder, 32, 640) / step_floor_bytes(decoder, 32, 640)
+```
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.models.decoding import merged_kernels, model_state, state_scope
+
+
+def step_bytes_accessed(decoder, batch, length):
+    """Bytes one decoding step reads and writes (one new token per row,
+    attention over `length` cache positions), by XLA's cost analysis of the
+    compiled step; compiles, runs nothing. The step gets the kernels merged,
+    as the decoding loop does. The embedding lookup is left out of the
+    compiled step and its rows counted instead: XLA counts a gather as
+    reading its whole table, or one row, depending on the shapes."""
+    lm, backbone = decoder.causal_lm, decoder.backbone
+    abstract = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+    state = model_state(lm, read=abstract)
+    merged = merged_kernels(backbone)
+    equations = {layer: equation for layer, (equation, _) in merged.items()}
+    kernels = [abstract(kernel) for _, kernel in merged.values()]
+
+    def step(state, kernels, embedded, caches, start):
+        layer_kernels = {layer: (equations[layer], kernel) for layer, kernel in zip(merged, kernels)}
+        with state_scope(lm, state):
+            logits, caches = decoder.forward(layer_kernels, embedded, caches, start, length)
+        return jnp.argmax(logits[:, -1, :], axis=-1), caches
+
+    caches = jax.eval_shape(lambda: decoder.empty_caches(batch, length))
+    table = backbone.token_embedding.embeddings
+    embedded = jax.ShapeDtypeStruct((batch, 1, backbone.hidden_dim), table.dtype)
+    start = jax.ShapeDtypeStruct((), jnp.int32)
+    compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
+    # The lookup reads one row of the table per token (the compiled step
+    # counts reading those rows back, as its input).
+    return compiled.cost_analysis()["bytes accessed"] + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
+
+
+def step_floor_bytes(decoder, batch, length):
+    """What any decoding step must read at least: every weight once (the
+    tied embedding table, the norms, the kernels with LoRA merged) and the
+    key/value cache of `length` positions of every row and layer."""
+    backbone = decoder.backbone
+    itemsize = np.dtype(decoder.causal_lm.compute_dtype).itemsize
+    kernels = sum(np.prod(kernel.shape) for _, kernel in merged_kernels(backbone).values()) * itemsize
+    others = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in backbone.weights
+                 if w.path.endswith(("embeddings", "scale")))
+    cache = 2 * backbone.num_layers * batch * length * backbone.num_key_value_heads * backbone.head_dim * itemsize
+    return kernels + others + cache

@@ -1,0 +1,145 @@
+"""Loading Gemma under the run's distribution, and its LoRA adapter.
+
+The model is used with `preprocessor=None`: the pipeline tokenises itself
+(see `recovery.py` and `generation.py`) so that training and generation see
+exactly the same prompt tokens.
+
+Example:
+```python
+causal_lm, tokenizer = load_gemma(cfg, batch_sizes=[cfg.predict.batch_size])
+enable_lora(causal_lm, cfg.lora)
+save_adapter(causal_lm, cfg.lora, "runs/x/finetune/adapter.lora.h5")
+```
+"""
+
+import json
+from pathlib import Path
+
+from pipeline.parallel.distribution import build_distribution
+from pipeline.errors import InputError, MissingInputError
+from pipeline.parallel.runtime import quiet_native_logs
+
+# Gemma 1 architectures (KerasHub's preset configs), for random-weight runs
+# (benchmarks) and plans that need no download.
+GEMMA_ARCHITECTURES = {
+    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+}
+
+# The projections of a decoder block, by their KerasHub layer names (the
+# names lora.target_layers matches).
+PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
+
+
+def read_backbone_config(preset):
+    """The backbone's config.json, fetched without the weights."""
+    from pipeline import keras_internals
+
+    config = keras_internals.read_preset_json(preset)
+    if config.get("class_name") != "GemmaBackbone":
+        raise InputError(
+            f"model.preset {preset!r} is a {config.get('class_name')}, not a Gemma "
+            "model; use a Gemma preset (e.g. gemma_instruct_7b_en)"
+        )
+    return config["config"]
+
+
+def load_gemma(cfg, batch_sizes):
+    """Checks the mesh against the preset, sets the distribution, loads the
+    weights sharded. Returns (GemmaCausalLM without preprocessor, tokenizer)."""
+    import keras
+    import keras_hub
+
+    backbone_config = read_backbone_config(cfg.model.preset)
+    distribution = build_distribution(cfg.distribution, backbone_config, batch_sizes)
+    keras.distribution.set_distribution(distribution)
+    preset = str(cfg.model.preset)
+    with quiet_native_logs():  # SentencePiece's normalizer notice
+        tokenizer = keras_hub.models.GemmaTokenizer.from_preset(preset)
+    causal_lm = keras_hub.models.GemmaCausalLM.from_preset(
+        preset, preprocessor=None, dtype=cfg.model.dtype
+    )
+    return causal_lm, tokenizer
+
+
+def projections(backbone):
+    """(decoder index, name in PROJECTIONS, layer) of every projection."""
+    from pipeline import keras_internals
+
+    for i, block in enumerate(keras_internals.gemma_blocks(backbone)):
+        for name in PROJECTIONS:
+            yield i, name, getattr(block, name)
+
+
+def enable_lora(causal_lm, lora_cfg):
+    """LoRA on the configured layers, scaled by alpha / rank."""
+    from pipeline import keras_internals
+
+    backbone = causal_lm.backbone
+    backbone.enable_lora(lora_cfg.rank, target_layer_names=list(lora_cfg.target_layers))
+    enabled = list(keras_internals.lora_layers(backbone).values())
+    if not enabled:
+        raise InputError(
+            f"lora.target_layers {lora_cfg.target_layers} matched no layer of the model"
+        )
+    # Backbone.enable_lora takes no alpha; the layers read it at call time.
+    for layer in enabled:
+        layer.lora_alpha = lora_cfg.alpha
+    return enabled
+
+
+def save_adapter(causal_lm, lora_cfg, path):
+    """Writes the LoRA weights (`.lora.h5`, the file KerasHub's
+    `load_lora_weights` reads) and, beside them, the settings needed to load
+    them again. Every process calls it: LoRA factors sharded over several
+    hosts are gathered first; process 0 writes."""
+    from pipeline import keras_internals
+    from pipeline.parallel import hosts
+
+    backbone = causal_lm.backbone
+    # Backbone.save_lora_weights reads values that one host of a pod does
+    # not hold: gather them first.
+    factors = {
+        index: (hosts.to_numpy(layer.lora_kernel_a.value), hosts.to_numpy(layer.lora_kernel_b.value))
+        for index, layer in keras_internals.lora_layers(backbone).items()
+    }
+    if not hosts.is_main_process():
+        return
+    path = Path(path)
+    keras_internals.write_lora_file(path, keras_internals.lora_rank(backbone), factors)
+    _adapter_settings_path(path).write_text(
+        json.dumps(
+            {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},
+            indent=2,
+        )
+    )
+
+
+def load_adapter(causal_lm, path):
+    """Enables LoRA as the adapter was trained and loads its weights. On a
+    pod process 0 reads the files and sends them to the others."""
+    import tempfile
+
+    from pipeline.parallel import hosts
+    from pipeline.run.config import LoraConfig
+
+    def read():
+        if not Path(path).exists():
+            raise MissingInputError(
+                f"adapter {path} not found; run the finetune stage first or set predict.adapter"
+            )
+        return json.loads(_adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()
+
+    settings, weights = hosts.share_from_main(read)
+    enable_lora(causal_lm, LoraConfig(**settings))
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "adapter.lora.h5"
+        copy.write_bytes(weights)
+        causal_lm.backbone.load_lora_weights(str(copy))
+
+
+def _adapter_settings_path(path):
+    return path.with_name(path.name.removesuffix(".lora.h5") + ".json")

@@ -1,0 +1,371 @@
+"""Typed run configuration: YAML files validated into dataclasses.
+
+The dataclass defaults are the base config (the reference notebooks'
+hyperparameters for Gemma 7B on a TPU v3-8); a YAML file in `configs/` holds
+only what its target machine changes, and `key=value` overrides change one
+field more. Unknown keys and wrong types raise `ConfigError` naming the key
+and the file.
+
+Example:
+```python
+cfg = load_config("configs/cpu_tiny.yaml", ["lora.rank=8", "train.epochs=2"])
+cfg.lora.rank  # 8
+save_config(cfg, "runs/demo/finetune/config.yaml")
+```
+
+This module imports neither JAX nor Keras: scripts read the config before
+the environment (device count, backend) is set up.
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from pipeline.text import templates
+from pipeline.errors import InputError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu_tiny.yaml"
+
+
+class ConfigError(InputError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    root: str = "runs"  # every run writes under <root>/<name>/
+    name: str = "default"
+    # The most a run may write under root (a target's limit, e.g. Kaggle's
+    # 20 GB working folder), checked by finetune before it trains; unset: the
+    # free space alone is checked.
+    disk_limit_gib: Optional[float] = None
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A KerasHub preset name, a kaggle:// handle, or a local preset directory.
+    preset: str = "gemma_instruct_7b_en"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+@dataclasses.dataclass
+class DistributionConfig:
+    mesh_shape: list[int] = dataclasses.field(default_factory=lambda: [1, 8])
+    axis_names: list[str] = dataclasses.field(default_factory=lambda: ["batch", "model"])
+    # > 0: run on that many virtual CPU devices (XLA_FLAGS), e.g. 8 to
+    # reproduce the TPU v3-8 mesh on a laptop.
+    host_device_count: int = 0
+    # Multi-host TPU slices: calls keras.distribution.initialize(). On Cloud
+    # TPU the three fields below are inferred; set them to run elsewhere.
+    multi_host: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    # How long a process that has finished waits for the others at exit
+    # (JAX's shutdown barrier; work that process 0 does alone is waited for
+    # elsewhere, see pipeline/parallel/hosts.py).
+    shutdown_timeout_seconds: int = 300
+
+
+@dataclasses.dataclass
+class HardwareConfig:
+    """Facts about one device of the target machine (not choices)."""
+
+    # bf16 peak, for the MFU estimate in the training log (TPU v3 core:
+    # 61.5; 0 leaves MFU out).
+    peak_tflops_per_device: float = 61.5
+    # Memory, for the memory plan (TPU v3 core: 16 GiB).
+    device_memory_gib: float = 16.0
+    # GPUs: the share of device memory JAX takes at start-up (set as
+    # XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's own default is 0.75). Unset on
+    # TPUs and CPUs, which JAX does not preallocate.
+    memory_fraction: Optional[float] = None
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    path: str  # .txt (blank-line separated), .csv or .jsonl
+    column: Optional[str] = None  # text column for .csv / .jsonl
+
+
+@dataclasses.dataclass
+class DataConfig:
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    prompts: str = "prompts/rewrite_prompts.txt"  # the prompt pool, one per line
+    chunk_words: int = 256
+    min_chars: int = 50
+    max_rows: int = 5000
+    prompts_per_chunk: int = 1
+    seed: int = 0
+    # "model": the instruct model rewrites (the reference method);
+    # "rules": deterministic rule-based rewrites (the offline demo).
+    rewriter: Literal["model", "rules"] = "model"
+    template: str = templates.REWRITE_TEMPLATE
+    # true: the request is one user turn in Gemma's chat format and a rewrite
+    # stops at <end_of_turn> or <eos>; false: the reference's bare template,
+    # stopping at <eos> only.
+    chat_format: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    out: str = "data"
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 64
+    alpha: float = 16.0
+    target_layers: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+            "ffw_gating",
+            "ffw_gating_2",
+            "ffw_linear",
+        ]
+    )
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    # Contiguous fractions of the data CSV, in this order: train, validation,
+    # holdout (the reference used rows 0-4200 / 4200-4400 / 4400-5000).
+    validation: float = 0.04
+    holdout: float = 0.12
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: Optional[str] = None  # defaults to this run's data stage output
+    template: str = templates.RECOVERY_TEMPLATE
+    sequence_length: int = 512
+    # Room kept for the answer (prompt tokens + <eos>); the texts are cut to
+    # fit the rest. Predict builds its prompts with the same budget.
+    max_response_tokens: int = 64
+    # Pad each batch to the next multiple of this many tokens, batching rows
+    # of similar length together (0: pad every row to sequence_length).
+    length_step: int = 64
+    batch_size: int = 2
+    epochs: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    seed: int = 0
+    # Save a checkpoint every this many steps (and at every epoch end; 0:
+    # epoch ends only). A rerun resumes from the last one.
+    checkpoint_every: int = 200
+    out: str = "finetune"
+
+
+@dataclasses.dataclass
+class MeanPromptConfig:
+    # Target prompts: the rewrite_prompt column of this CSV (default: this
+    # run's data CSV); the search uses its training rows, and reports the
+    # holdout rows' score beside.
+    targets: Optional[str] = None
+    # "words": words of the target prompts; "pieces": the encoder's own
+    # SentencePiece pieces (how the `lucrarea` effect was found).
+    vocabulary: Literal["words", "pieces"] = "words"
+    letters_only: bool = True
+    top_fraction: float = 0.2  # keep the best words by single-word score
+    beam_width: int = 100
+    steps: int = 50
+    moves: Literal["append", "edit"] = "append"  # edit: also insert and replace
+    # The encoder's SentencePiece model, to count tokens (and list pieces);
+    # default: the *.model file in the encoder's assets/ folder.
+    piece_model: Optional[str] = None
+    max_tokens: int = 128  # sentence-t5 sees no more
+    batch_size: int = 512
+    out: str = "mean_prompt"
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    input: Optional[str] = None  # defaults to this run's data stage output
+    rows: Literal["all", "holdout"] = "all"
+    # "run": this run's fine-tuned adapter; "none": the base model; or a
+    # path to a .lora.h5 file.
+    adapter: str = "run"
+    batch_size: int = 8
+    max_new_tokens: int = 35
+    fallback: str = "Improve the text to this."
+    # The final prompt, joined from parts in this order: "model" (this
+    # model's output), "mean_prompt" (the run's mean prompt) or the path of
+    # another submission CSV (e.g. another adapter's). Empty parts are
+    # skipped; the result is cut to the encoder's token limit.
+    combine: list[str] = dataclasses.field(default_factory=lambda: ["model"])
+    separator: str = " "
+    out: str = "predict"
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    # A TF Hub URL, a Kaggle Models handle, or a local SavedModel directory.
+    encoder: str = "https://tfhub.dev/google/sentence-t5/st5-base/1"
+    predictions: Optional[str] = None  # defaults to this run's submission.csv
+    truth: Optional[str] = None  # defaults to the predict stage's input
+    batch_size: int = 64
+    out: str = "score"
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    out: str = "compare"
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    # "run": this run's fine-tuned adapter; "none": the base model alone; or
+    # a path to a .lora.h5 file. The adapter is merged into the weights.
+    adapter: str = "run"
+    # Also write the adapter alone in PEFT's format (peft_adapter/).
+    peft: bool = True
+    # Write the merged model in transformers format (transformers/; 17 GB for
+    # Gemma 7B). Not needed when the Kaggle bundle ships the PEFT adapter for
+    # Kaggle's own base model.
+    merged: bool = True
+    out: str = "export"
+
+
+@dataclasses.dataclass
+class KaggleConfig:
+    """The offline submission bundle (`make kaggle-bundle`) and the notebook
+    that runs it with the internet off."""
+
+    # The base model in transformers format as the notebook sees it: a
+    # Kaggle Models input (Gemma 7B instruct), or "export" to ship this
+    # run's merged export inside the bundle instead (small models only).
+    base_model: str = "/kaggle/input/gemma/transformers/7b-it/3"
+    input: str = "/kaggle/input/llm-prompt-recovery/test.csv"
+    output: str = "/kaggle/working/submission.csv"
+    # T4 and P100 have no fast bfloat16; float16 runs on their tensor cores.
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    # The wheels are fetched for the notebook's Python and platforms.
+    python_version: str = "3.11"
+    platforms: list[str] = dataclasses.field(
+        default_factory=lambda: ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux_2_12_x86_64"]
+    )
+    out: str = "kaggle_bundle"
+
+
+@dataclasses.dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mean_prompt: MeanPromptConfig = dataclasses.field(default_factory=MeanPromptConfig)
+    predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    kaggle: KaggleConfig = dataclasses.field(default_factory=KaggleConfig)
+
+
+def load_config(path=None, overrides=()):
+    """Reads `path` (the embedded default when None), applies `key=value`
+    overrides and returns a validated `Config`."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a config names at least its run (run: name: ...)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "", str(path))
+
+
+def save_config(cfg, path):
+    """Writes the resolved config as YAML (saved beside each stage's outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _apply_override(raw, item):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. lora.rank=8")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(cls, data, where, source):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(
+            f"{source}: unknown key {key!r}; known keys here: {', '.join(fields)}"
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key {_join(where, missing[0])!r}")
+    values = {
+        name: _convert(hints[name], value, _join(where, name), source)
+        for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def _convert(hint, value, where, source):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{source}: {where} must be one of {', '.join(map(str, args))}; got {value!r}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        type(value) is hint or (hint is float and isinstance(value, float))
+    ):
+        return value
+    raise ConfigError(
+        f"{source}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _join(where, name):
+    return f"{where}.{name}" if where else name

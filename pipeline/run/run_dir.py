@@ -1,0 +1,146 @@
+"""Where a run's stages read and write.
+
+Every run lives in `<run.root>/<run.name>/`; each stage writes into its own
+folder there (named by the stage's `out` key) and saves the resolved config
+beside its outputs. On a pod only process 0 writes. A stage's inputs default to the previous stage's outputs
+in the same run.
+
+Example:
+```python
+run = RunDir(cfg)
+stage_dir = run.start_stage(cfg, cfg.predict.out)  # mkdir + config.yaml
+run.submission  # runs/<name>/predict/submission.csv
+```
+"""
+
+from pathlib import Path
+
+from pipeline.parallel import hosts
+from pipeline.run.config import save_config
+from pipeline.errors import InputError
+from pipeline.text.tables import TEST_COLUMNS, read_header, read_table, split_rows
+
+
+class RunDir:
+    """The paths of one run (`<run.root>/<run.name>/`), from its config.
+
+    Args:
+        cfg: the run's `Config`.
+
+    Example:
+    ```python
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, cfg.train.out)
+    run.adapter  # runs/<name>/finetune/adapter.lora.h5
+    ```
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.root = Path(cfg.run.root) / cfg.run.name
+
+    def start_stage(self, cfg, out):
+        """Joins the pod if the config says multi_host (every stage starts
+        here); process 0 makes the stage folder and saves the config."""
+        hosts.initialize(cfg.distribution)
+        stage_dir = self.root / out
+        if hosts.is_main_process():
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, stage_dir / "config.yaml")
+        return stage_dir
+
+    @property
+    def data_csv(self):
+        return self.root / self.cfg.data.out / "rewrites.csv"
+
+    @property
+    def train_csv(self):
+        return Path(self.cfg.train.data) if self.cfg.train.data else self.data_csv
+
+    @property
+    def adapter(self):
+        return self.root / self.cfg.train.out / "adapter.lora.h5"
+
+    @property
+    def predict_input(self):
+        return Path(self.cfg.predict.input) if self.cfg.predict.input else self.data_csv
+
+    def read_predict_rows(self, log=print):
+        """The rows predict predicts (and compare scores): `predict.input`,
+        or its holdout part when `predict.rows` is holdout."""
+        df = read_table(
+            self.predict_input, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
+        )
+        if self.cfg.predict.rows == "holdout":
+            _, _, holdout = split_rows(len(df), self.cfg.split)
+            df = df.iloc[list(holdout)].reset_index(drop=True)
+        return df
+
+    @property
+    def predict_adapter(self):
+        """The adapter path for predict, or None for the base model."""
+        return self._chosen_adapter(self.cfg.predict.adapter)
+
+    @property
+    def export_adapter(self):
+        """The adapter merged by the export, or None for the base model."""
+        return self._chosen_adapter(self.cfg.export.adapter)
+
+    def _chosen_adapter(self, choice):
+        if choice == "none":
+            return None
+        return self.adapter if choice == "run" else Path(choice)
+
+    @property
+    def transformers_model(self):
+        """The merged model in Hugging Face transformers format."""
+        return self.root / self.cfg.export.out / "transformers"
+
+    @property
+    def peft_adapter(self):
+        """The adapter alone, in PEFT's format."""
+        return self.root / self.cfg.export.out / "peft_adapter"
+
+    @property
+    def kaggle_bundle(self):
+        return self.root / self.cfg.kaggle.out
+
+    @property
+    def mean_prompt_targets(self):
+        targets = self.cfg.mean_prompt.targets
+        return Path(targets) if targets else self.data_csv
+
+    @property
+    def mean_prompt(self):
+        return self.root / self.cfg.mean_prompt.out / "mean_prompt.txt"
+
+    @property
+    def raw_outputs(self):
+        """The model's own outputs, before combination."""
+        return self.root / self.cfg.predict.out / "model_outputs.csv"
+
+    @property
+    def submission(self):
+        return self.root / self.cfg.predict.out / "submission.csv"
+
+    @property
+    def predictions(self):
+        return Path(self.cfg.score.predictions) if self.cfg.score.predictions else self.submission
+
+    @property
+    def truth(self):
+        return Path(self.cfg.score.truth) if self.cfg.score.truth else self.predict_input
+
+    def truth_available(self):
+        """True when the true prompts of predict's rows are known: the truth
+        file (score.truth, else predict's input) has a rewrite_prompt column.
+        The competition's test.csv has none."""
+        return "rewrite_prompt" in read_header(self.truth)
+
+    def check_truth_available(self):
+        if not self.truth_available():
+            raise InputError(
+                f"{self.truth} has no rewrite_prompt column (a test file: there is nothing to score "
+                "against); `make evaluate` scores the adapter on the holdout rows of the training data "
+                "instead, or set score.truth to a CSV with id, rewrite_prompt"
+            )

@@ -1,0 +1,287 @@
+"""The finetune stage: LoRA on Gemma for prompt recovery.
+
+Reads the data CSV, splits it (train / validation / holdout, contiguous),
+trains LoRA weights with the loss on response tokens only, and writes into
+the run's finetune folder: `adapter.lora.h5` (+ `adapter.json`),
+`history.json`, `loss_curve.png` and TensorBoard logs (`tensorboard/`).
+
+Example:
+```python
+cfg = load_config("configs/cpu_tiny.yaml", ["train.epochs=2"])
+adapter_path = run_finetune_stage(cfg)
+```
+"""
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import keras
+import numpy as np
+
+from pipeline.models import flops
+from pipeline.parallel import hosts
+from pipeline.run import plots
+from pipeline.text.batching import TrainingBatches, evaluation_batches
+from pipeline.parallel.checkpoint import CheckpointStore, Progress
+from pipeline.models.disk import check_disk, plan_disk
+from pipeline.parallel.distribution import data_sharding
+from pipeline.models.lora_training import compile_lora_training
+from pipeline.models.model import enable_lora, load_gemma, read_backbone_config, save_adapter
+from pipeline.text.recovery import RecoveryFormatter
+from pipeline.run.run_dir import RunDir
+from pipeline.parallel.runtime import set_seed
+from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
+from pipeline.errors import InputError
+
+TEXT_COLUMNS = ["original_text", "rewrite_prompt", "rewritten_text"]
+
+
+def load_splits(csv_path, split_cfg, log=print):
+    """(train, validation) rows; empty texts dropped after the split, so
+    the holdout rows stay the same whatever the other parts hold."""
+    df = read_table(csv_path, TRAIN_COLUMNS, TEXT_COLUMNS, empty="keep", log=log)
+    train_rows, val_rows, _ = split_rows(len(df), split_cfg)
+    parts = []
+    for name, rows in (("train", train_rows), ("validation", val_rows)):
+        part = df.iloc[list(rows)]
+        blank = (part[TEXT_COLUMNS].apply(lambda c: c.str.strip() == "")).any(axis=1)
+        if blank.any():
+            log(f"finetune: dropped {int(blank.sum())} {name} row(s) with an empty text")
+        parts.append(part[~blank].reset_index(drop=True))
+    return parts
+
+
+def checkpoint_settings(cfg, rows):
+    """Everything that shapes the training trajectory (a checkpoint resumes
+    only under the same); the number of epochs is not among them, so a
+    finished run can be trained on for more."""
+    tc = cfg.train
+    digest = hashlib.sha256(b"".join(ids.tobytes() + b"|" for ids in rows.ids)).hexdigest()
+    return {
+        "training tokens (data, template, cuts)": digest,
+        "model.preset": str(cfg.model.preset),
+        "model.dtype": cfg.model.dtype,
+        "lora": dataclasses.asdict(cfg.lora),
+        "train.batch_size": tc.batch_size,
+        "train.sequence_length": tc.sequence_length,
+        "train.length_step": tc.length_step,
+        "train.learning_rate": tc.learning_rate,
+        "train.weight_decay": tc.weight_decay,
+        "train.seed": tc.seed,
+        "distribution.mesh_shape": list(cfg.distribution.mesh_shape),
+    }
+
+
+def local_batches(rows, batches, batch_size):
+    """tf.data of (x, y, sample_weight) of each batch, in order: the rows of
+    the global batch that this process's devices hold (all of them in one
+    process)."""
+    import tensorflow as tf
+
+    local = hosts.local_rows(data_sharding((batch_size, 1)), (batch_size, 1))
+    n = local.stop - local.start
+
+    def generate():
+        for batch in batches:
+            x, y, weight = rows.arrays(batch)
+            yield {key: value[local] for key, value in x.items()}, y[local], weight[local]
+
+    spec = lambda dtype: tf.TensorSpec((n, None), dtype)  # noqa: E731
+    signature = ({"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}, spec(tf.int32), spec(tf.float32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
+
+
+def run_finetune_stage(cfg, log=print):
+    tc = cfg.train
+    run = RunDir(cfg)
+    stage_dir = run.start_stage(cfg, tc.out)
+    train_df, val_df = hosts.share_from_main(lambda: load_splits(run.train_csv, cfg.split, log))
+    if len(train_df) < tc.batch_size:
+        raise InputError(
+            f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
+        )
+    # Before any weight is loaded: will what the run writes fit?
+    plan = plan_disk(cfg, read_backbone_config(cfg.model.preset))
+    hosts.share_from_main(lambda: check_disk(plan, run.root, log))
+    causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
+    set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
+    enabled = enable_lora(causal_lm, cfg.lora)
+    trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
+    log(f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable weights")
+    train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
+    batches = TrainingBatches(train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed)
+    log(
+        f"finetune: {batches.steps_per_epoch} steps per epoch, {batches.real_tokens:,} real of "
+        f"{batches.computed_tokens:,} computed tokens ({batches.real_tokens / batches.computed_tokens:.1%} "
+        f"real, length_step={tc.length_step})"
+    )
+    compile_lora_training(causal_lm, tc)
+    store = CheckpointStore(stage_dir / "checkpoint.npz", checkpoint_settings(cfg, train_rows))
+    progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
+    train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log)
+    save_adapter(causal_lm, cfg.lora, run.adapter)
+    if hosts.is_main_process():
+        write_history(stage_dir, progress, batches)
+    log(f"finetune: adapter -> {run.adapter}")
+    return run.adapter
+
+
+def encode_splits(tokenizer, train_cfg, train_df, val_df, log):
+    """Training and validation rows as tokens, texts cut to fit (counted)."""
+    tc = train_cfg
+    formatter = RecoveryFormatter(tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens)
+    train_df, cut_train = formatter.fit_texts(train_df)
+    val_df, cut_val = formatter.fit_texts(val_df)
+    train_rows, responses_cut = formatter.encode(train_df)
+    val_rows, _ = formatter.encode(val_df)
+    log(
+        f"finetune: {len(train_df)} train / {len(val_df)} validation rows; texts cut to fit "
+        f"sequence_length={tc.sequence_length}: {cut_train} train, {cut_val} validation; "
+        f"{responses_cut} training response(s) cut to max_response_tokens={tc.max_response_tokens}"
+    )
+    return train_rows, val_rows
+
+
+def resume(store, causal_lm, total_steps, log):
+    """The checkpoint's progress, loaded into the model (or a fresh start)."""
+    progress = store.restore(causal_lm) or Progress()
+    if progress.step >= total_steps:
+        log(f"finetune: {store.path} is at step {progress.step}/{total_steps}: training is complete "
+            "(delete it to train again)")
+    elif progress.step:
+        log(f"finetune: resuming from {store.path} at step {progress.step}/{total_steps}")
+    return progress
+
+
+def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log):
+    """Trains from `progress.step` to the last epoch's end: one `fit` per
+    epoch (the first one from where the checkpoint left off), validation and
+    a checkpoint after each."""
+    tc = cfg.train
+    per_epoch = batches.steps_per_epoch
+    val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
+    throughput = Throughput(
+        flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
+        cfg.hardware.peak_tflops_per_device,
+        len(keras.distribution.list_devices()),
+    )
+    step_log = StepLog(progress, per_epoch * tc.epochs, log)
+    callbacks = [step_log, Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
+    if hosts.is_main_process():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
+    for epoch in range(progress.step // per_epoch, tc.epochs):
+        todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
+        feed = local_batches(train_rows, todo, tc.batch_size)
+        if hosts.process_count() > 1 and epoch == progress.step // per_epoch:
+            log(f"finetune: process {hosts.process_index()} feeds {feed.element_spec[1].shape[0]} of the "
+                f"{tc.batch_size} rows of every batch")
+        start = time.perf_counter()
+        history = causal_lm.fit(
+            feed,
+            validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
+            initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
+        )
+        real_tokens = sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0)
+        measured = throughput.of(real_tokens, step_log.last_step_end - start)
+        progress.epoch_throughput.append(measured)
+        logs = {key: float(values[-1]) for key, values in history.history.items()}
+        # The epoch's loss from its steps: whole even if the epoch was resumed.
+        logs["loss"] = float(np.mean(progress.step_losses[epoch * per_epoch : (epoch + 1) * per_epoch]))
+        for key, value in logs.items():
+            progress.epochs.setdefault(key, []).append(value)
+        store.save(causal_lm, progress)
+        _log_epoch(log, epoch, tc.epochs, logs, measured)
+
+
+def write_history(stage_dir, progress, batches):
+    (stage_dir / "history.json").write_text(
+        json.dumps(
+            {
+                "step_loss": progress.step_losses,
+                "epochs": progress.epochs,
+                "real_token_fraction": batches.real_tokens / batches.computed_tokens,
+                "epoch_throughput": progress.epoch_throughput,
+            },
+            indent=2,
+        )
+    )
+    plots.loss_curve(
+        progress.step_losses, progress.epochs.get("val_loss", []), batches.steps_per_epoch, stage_dir / "loss_curve.png"
+    )
+
+
+def _log_epoch(log, epoch, epochs, logs, measured):
+    val = f", validation loss {logs['val_loss']:.4f}" if "val_loss" in logs else ""
+    mfu = f", MFU {measured['mfu']:.3f}" if measured["mfu"] is not None else ""
+    log(
+        f"finetune: epoch {epoch + 1}/{epochs} done, loss {logs['loss']:.4f}{val}; "
+        f"{measured['real_tokens_per_second']:,.0f} real tokens/s{mfu}"
+    )
+
+
+class Throughput:
+    """Real (non-padding) tokens per second and the MFU they mean."""
+
+    def __init__(self, flops_per_token, peak_tflops_per_device, n_devices):
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops_per_device
+        self.n_devices = n_devices
+
+    def of(self, real_tokens, seconds):
+        tokens_per_second = real_tokens / seconds
+        return {
+            "seconds": round(seconds, 2),
+            "real_tokens_per_second": round(tokens_per_second, 1),
+            "mfu": flops.mfu(tokens_per_second, self.flops_per_token, self.peak, self.n_devices),
+        }
+
+
+class StepLog(keras.callbacks.Callback):
+    """Records each step's own loss in `progress.step_losses` (Keras
+    reports the running mean since the start of `fit`, from which each
+    step's loss follows) and prints progress now and then."""
+
+    def __init__(self, progress, total_steps, log, lines=20):
+        super().__init__()
+        self.progress = progress
+        self.total_steps = total_steps
+        self.log = log
+        self.every = max(1, total_steps // lines)
+
+    def on_train_begin(self, logs=None):
+        self.start = self.last_step_end = time.perf_counter()
+        self.steps_in_fit, self.running_mean = 0, 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last_step_end = time.perf_counter()
+        mean = float(logs["loss"])
+        self.steps_in_fit += 1
+        loss = self.steps_in_fit * mean - (self.steps_in_fit - 1) * self.running_mean
+        self.running_mean = mean
+        self.progress.step_losses.append(loss)
+        self.progress.step += 1
+        step = self.progress.step
+        if step % self.every == 0:
+            rate = self.steps_in_fit / (self.last_step_end - self.start)
+            self.log(f"finetune: step {step}/{self.total_steps}, loss {loss:.4f}, {rate:.2f} steps/s")
+
+
+class Checkpointing(keras.callbacks.Callback):
+    """Saves a checkpoint every `every` steps (0: only at epoch ends, which
+    the stage saves itself, after validation)."""
+
+    def __init__(self, store, progress, every, steps_per_epoch):
+        super().__init__()
+        self.store = store
+        self.progress = progress
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.progress.step
+        if self.every and step % self.every == 0 and step % self.steps_per_epoch:
+            self.model.jax_state_sync()  # fit keeps the newest values to itself
+            self.store.save(self.model, self.progress)

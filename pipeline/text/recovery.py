@@ -1,0 +1,120 @@
+"""Token-level format of the recovery task, shared by finetune and predict.
+
+A training example is `<bos> prompt response <eos>`; `pipeline.text.batching`
+pads it and shifts it by one for next-token prediction. The sample weight is
+1 on the response tokens (and `<eos>`) only: the prompt and the padding
+teach nothing. Texts too long for `sequence_length` are cut
+(original and rewritten text share the room left by the template and the
+response budget), and counted. Predict builds its prompts with the same
+code, so the model sees at inference exactly the tokens it was trained on.
+
+Example:
+```python
+formatter = RecoveryFormatter(tokenizer, RECOVERY_TEMPLATE, 512, 64)
+df, n_cut = formatter.fit_texts(df)
+rows, n_responses_cut = formatter.encode(df)  # for pipeline.text.batching
+```
+"""
+
+import numpy as np
+
+from pipeline.text.batching import EncodedRows
+from pipeline.text.templates import format_recovery
+from pipeline.text.tokens import tokenize_batch
+from pipeline.errors import InputError
+
+_MARGIN = 4  # re-tokenising cut text can add a token or two
+
+
+class RecoveryFormatter:
+    """Turns (original, rewritten, prompt) rows into the model's tokens.
+
+    Args:
+        tokenizer: the Gemma tokenizer (`GemmaTokenizer`).
+        template: the recovery template, with `{original_text}` and
+            `{rewritten_text}`; the answer follows it directly.
+        sequence_length: tokens per training example, answer included.
+        max_response_tokens: room kept for the answer and `<eos>`; the
+            texts share the rest.
+
+    Example:
+    ```python
+    formatter = RecoveryFormatter(tokenizer, RECOVERY_TEMPLATE, 512, 64)
+    df, n_cut = formatter.fit_texts(df)
+    rows, n_responses_cut = formatter.encode(df)  # training
+    prompt_ids = formatter.prompt_ids(df)  # generation
+    ```
+    """
+
+    def __init__(self, tokenizer, template, sequence_length, max_response_tokens):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.sequence_length = sequence_length
+        self.max_response_tokens = max_response_tokens
+        self.prompt_budget = sequence_length - max_response_tokens
+        overhead = len(tokenize_batch(tokenizer, [format_recovery(template, "", "")], add_bos=True)[0])
+        self.text_budget = self.prompt_budget - overhead - _MARGIN
+        if self.text_budget < 16:
+            raise InputError(
+                f"train.sequence_length={sequence_length} leaves {self.text_budget} tokens "
+                "for the texts after the template and the response; raise it"
+            )
+
+    def fit_texts(self, df):
+        """Cuts original/rewritten texts to fit; returns (df, rows cut)."""
+        originals = tokenize_batch(self.tokenizer, df["original_text"])
+        rewrites = tokenize_batch(self.tokenizer, df["rewritten_text"])
+        df = df.copy()
+        cut = 0
+        for row, (o, r) in enumerate(zip(originals, rewrites)):
+            if len(o) + len(r) <= self.text_budget:
+                continue
+            keep_o, keep_r = share_budget(len(o), len(r), self.text_budget)
+            df.iloc[row, df.columns.get_loc("original_text")] = _detok(self.tokenizer, o[:keep_o])
+            df.iloc[row, df.columns.get_loc("rewritten_text")] = _detok(self.tokenizer, r[:keep_r])
+            cut += 1
+        return df, cut
+
+    def prompt_texts(self, df):
+        return [
+            format_recovery(self.template, o, r)
+            for o, r in zip(df["original_text"], df["rewritten_text"])
+        ]
+
+    def prompt_ids(self, df):
+        """`<bos>` + prompt tokens of each row, for generation."""
+        ids = tokenize_batch(self.tokenizer, self.prompt_texts(df))
+        bos = self.tokenizer.start_token_id
+        return [[bos] + row[-(self.prompt_budget - 1) :] for row in ids]
+
+    def encode(self, df):
+        """`<bos> prompt response <eos>` token ids of every row, for training
+        (`pipeline.text.batching`). Prompts keep their last `prompt_budget - 1`
+        tokens, as in `prompt_ids`; responses longer than
+        `max_response_tokens - 1` are cut, and counted."""
+        prompts = tokenize_batch(self.tokenizer, self.prompt_texts(df))
+        responses = tokenize_batch(self.tokenizer, df["rewrite_prompt"])
+        tok = self.tokenizer
+        ids, prompt_lengths, cut = [], [], 0
+        for prompt, response in zip(prompts, responses):
+            prompt = [tok.start_token_id] + prompt[-(self.prompt_budget - 1) :]
+            cut += len(response) > self.max_response_tokens - 1
+            response = response[: self.max_response_tokens - 1] + [tok.end_token_id]
+            ids.append(np.asarray(prompt + response, np.int32))
+            prompt_lengths.append(len(prompt))
+        return EncodedRows(ids, prompt_lengths, tok.pad_token_id), cut
+
+
+def share_budget(n_original, n_rewritten, budget):
+    """Tokens kept of each text: the shorter keeps all it can, up to half."""
+    half = budget // 2
+    if n_original <= half:
+        return n_original, budget - n_original
+    if n_rewritten <= half:
+        return budget - n_rewritten, n_rewritten
+    return half, budget - half
+
+
+def _detok(tokenizer, ids):
+    text = tokenizer.detokenize(np.asarray([ids], dtype="int32"))[0]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)

@@ -1,0 +1,44 @@
+"""The bytes a decoding step moves (XLA's count) against the floor any
+decoder must read: the figures `make bench` reports."""
+
+import pytest
+
+from pipeline.models.decoding import GemmaDecoder
+from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
+from test_decoding import data_parallel, random_lm
+
+
+@pytest.mark.parametrize("kv_heads, head_dim", [(8, 64), (1, 256)])
+def test_a_decoding_step_reads_the_cache_once(kv_heads, head_dim):
+    """The bytes of a step grow with the cache length as the cache does: the
+    attention reads the cache in place (a transposed copy would triple it).
+    With one key/value head (Gemma 2B's shape, head_dim as 2B's) a cache
+    axis of one entry once made XLA copy the whole cache at every step."""
+    with data_parallel():
+        decoder = GemmaDecoder(random_lm(0, head_dim=head_dim, num_key_value_heads=kv_heads), stop_token_ids=[1])
+    growth = step_bytes_accessed(decoder, 32, 1280) - step_bytes_accessed(decoder, 32, 640)
+    floor_growth = step_floor_bytes(decoder, 32, 1280) - step_floor_bytes(decoder, 32, 640)
+    # layers x (key, value) x rows x positions x kv heads x dims x bytes
+    assert floor_growth == 2 * 2 * 32 * 640 * kv_heads * head_dim * 4
+    assert floor_growth <= growth < 1.2 * floor_growth
+
+
+def test_a_decoding_step_at_one_row_reads_the_weights_once(tiny_model):
+    """One row, a short cache: the weights dominate, and a step reads each
+    once: the kernels in the layouts the products want (no copy of the
+    attention output's), the table once for the logits and one row of it
+    for the lookup (XLA may count a gather as its whole table, so
+    `step_bytes_accessed` counts the rows itself)."""
+    causal_lm, _ = tiny_model
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    assert 0.99 < step_bytes_accessed(decoder, 1, 16) / step_floor_bytes(decoder, 1, 16) < 1.05
+
+
+def test_a_decoding_step_of_the_tiny_model_stays_within_1_3_of_the_floor(tiny_model):
+    """The figure `make bench` reports: 32 rows, 640 positions. Its 16-wide
+    heads make the attention scores 1/32 of the cache they are computed
+    from, so each pass over the scores counts; the softmax's division after
+    the value product saves one."""
+    causal_lm, _ = tiny_model
+    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    assert step_bytes_accessed(decoder, 32, 640) / step_floor_bytes(decoder, 32, 640) < 1.3
