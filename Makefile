@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan bench tiny clean
+.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan model-table bench tiny clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ kaggle-bundle: $(STAMP) $(if $(CONFIG),,tiny)
 
 memory-plan: $(STAMP) $(if $(CONFIG),,tiny)
 	$(call RUN,memory_plan)
+
+model-table: $(STAMP)
+	$(PY) scripts/model_table.py
 
 bench: $(STAMP) tiny
 	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py

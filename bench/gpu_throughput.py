@@ -45,10 +45,10 @@ REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference 
 
 
 def architecture(name):
-    from pipeline.models.model import GEMMA_ARCHITECTURES
+    from pipeline.models.families import gemma
     from pipeline.models.tiny import BACKBONE_CONFIG
 
-    return dict(GEMMA_ARCHITECTURES, tiny=BACKBONE_CONFIG)[name]
+    return dict(gemma.FAMILY.architectures, tiny=BACKBONE_CONFIG)[name]
 
 
 def training_shape(name):
@@ -100,6 +100,8 @@ def timed(run, repeats):
 
 def pipeline_case(name, args):
     from pipeline.models import flops
+    from pipeline.models.families import gemma
+    from pipeline.models.families.family import ModelSpec
     from pipeline.run.config import TrainConfig
     from pipeline.models.decoding import GemmaDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
@@ -111,7 +113,7 @@ def pipeline_case(name, args):
     batch, length = training_shape(name)
     tokens_per_second = fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=True)
     result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second": tokens_per_second,
-                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(arch, length),
+                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(ModelSpec(gemma.FAMILY, arch), length),
                                             args.peak_tflops, 1)}}
     decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: every row decodes all its tokens
     result["decoding"] = {}

@@ -127,8 +127,9 @@ def cpu_benchmark(args):
 
     from pipeline.stages.data import plan_rows
     from pipeline.text.tokens import stop_token_ids, tokenize_batch
-    from pipeline.models.model import enable_lora, load_gemma
+    from pipeline.models.model import enable_lora, load_model
     from pipeline.text.recovery import RecoveryFormatter
+    from pipeline.models.families import gemma
     from pipeline.text.templates import format_rewrite_request
     from pipeline.models.tiny import BACKBONE_CONFIG, TINY_DIR, build_tiny_artifacts
 
@@ -138,7 +139,7 @@ def cpu_benchmark(args):
     cfg = load_config(None)
     batch_size = args.generation_batch or cfg.data.batch_size
     max_new_tokens = args.max_new_tokens or cfg.data.max_new_tokens
-    causal_lm, tokenizer = load_gemma(cfg, [batch_size, cfg.train.batch_size])
+    causal_lm, tokenizer = load_model(cfg, [batch_size, cfg.train.batch_size])
 
     # The pre-trained tiny model ends after a few tokens; an instruct model
     # writes rewrites of hundreds. Random weights of the same architecture
@@ -147,12 +148,13 @@ def cpu_benchmark(args):
         backbone=keras_hub.models.GemmaBackbone(**BACKBONE_CONFIG), preprocessor=None
     )
     plan = plan_rows(cfg.data, log=lambda *_: None).head(args.generation_rows)
-    requests = [format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text) for r in plan.itertuples()]
+    requests = [format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, gemma.CHAT_TURN)
+                for r in plan.itertuples()]
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
     reference = time_reference_generation(writer, tokenizer, requests[: args.reference_rows])
     pipeline = time_generation(writer, tokenizer, prompts, batch_size, max_new_tokens)
     keras_hub_batched = time_generation(
-        writer, tokenizer, prompts, batch_size, max_new_tokens, decode=keras_hub_decode(writer, stop_token_ids(tokenizer))
+        writer, tokenizer, prompts, batch_size, max_new_tokens, decode=keras_hub_decode(writer, stop_token_ids(tokenizer, gemma.END_OF_TURN))
     )
 
     decode_bytes = decode_bytes_benchmark(writer)
@@ -205,7 +207,7 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     import keras
     import keras_hub
 
-    from pipeline.models.model import GEMMA_ARCHITECTURES
+    from pipeline.models.families import gemma
 
     figures = {"tiny": decode_bytes(tiny_lm, rows, length)}
     # The figures need shapes only; no mesh, which 2B's one key/value head
@@ -214,7 +216,7 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     keras.distribution.set_distribution(None)
     try:
         for name in ("gemma_7b", "gemma_2b"):
-            config = dict(GEMMA_ARCHITECTURES[name], num_layers=2)
+            config = dict(gemma.FAMILY.architectures[name], num_layers=2)
             backbone = keras_hub.models.GemmaBackbone(**config, dtype="float32")
             sliced = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
             figures[f"{name}_width_2_layers"] = decode_bytes(sliced, rows, length)

@@ -1,8 +1,10 @@
 """Builds the embedded default's stand-ins under artifacts/tiny/ (skips what exists).
 
 A tiny Gemma preset (SentencePiece tokenizer trained on demo/texts.txt,
-pre-trained briefly on it) and a stand-in sentence encoder SavedModel with
-the sentence-t5 call signature. Deterministic: fixed seeds.
+pre-trained briefly on it), one of every other model family
+(`<family>_tiny/`, a tokenizer of the family's kind) and a stand-in sentence
+encoder SavedModel with the sentence-t5 call signature. Deterministic:
+fixed seeds.
 """
 
 import argparse
@@ -19,4 +21,4 @@ if __name__ == "__main__":
     setup_environment(DistributionConfig(host_device_count=0))
     from pipeline.models.tiny import build_tiny_artifacts
 
-    build_tiny_artifacts(args.out, pretrain_steps=args.pretrain_steps)
+    build_tiny_artifacts(args.out, pretrain_steps=args.pretrain_steps, other_families=True)

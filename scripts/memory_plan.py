@@ -9,8 +9,9 @@ if __name__ == "__main__":
     cfg = _cli.parse(__doc__.splitlines()[0])
     from pipeline.models.disk import plan_disk
     from pipeline.models.memory import plan_memory
-    from pipeline.models.model import read_backbone_config
+    from pipeline.models.model import read_model_spec
 
-    backbone_config = read_backbone_config(cfg.model.preset)
-    print(plan_memory(cfg, backbone_config).report())
-    print(plan_disk(cfg, backbone_config).report())
+    spec = read_model_spec(cfg.model.preset)
+    print(f"model: {cfg.model.preset} ({spec.family.name})")
+    print(plan_memory(cfg, spec).report())
+    print(plan_disk(cfg, spec).report())

@@ -34,10 +34,10 @@ def tiny_cfg(tiny, tmp_path):
 def tiny_model(tiny):
     """(GemmaCausalLM without preprocessor, tokenizer) on the (1, 8) mesh."""
     from pipeline.run.config import load_config
-    from pipeline.models.model import load_gemma
+    from pipeline.models.model import load_model
 
     cfg = load_config(None, [f"model.preset={tiny.preset}"])
-    return load_gemma(cfg, [8])
+    return load_model(cfg, [8])
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,7 @@ from pipeline.run.config import load_config
 from pipeline.models.disk import check_disk, plan_disk
 from pipeline.errors import InputError
 from pipeline.models.memory import GIB
-from pipeline.models.model import GEMMA_ARCHITECTURES
-from pipeline.models.tiny import BACKBONE_CONFIG
-
-GEMMA_7B = GEMMA_ARCHITECTURES["gemma_7b"]
+from specs import GEMMA_7B, GEMMA_TINY
 
 
 @pytest.mark.slow
@@ -20,7 +17,7 @@ def test_plan_matches_the_files_the_demo_run_writes(demo_run):
     from test_export import run_export
 
     cfg, _, _ = demo_run
-    plan = plan_disk(cfg, BACKBONE_CONFIG)
+    plan = plan_disk(cfg, GEMMA_TINY)
     paths = run_export(cfg)
     run = cfg.run.root + "/" + cfg.run.name
     written = {

@@ -3,16 +3,12 @@ import keras_hub
 import pytest
 
 from pipeline.run.config import DistributionConfig, LoraConfig
-from pipeline.parallel.distribution import (
-    DistributionError,
-    build_distribution,
-    check_batch_sizes,
-    check_mesh,
-    check_shardable,
-    gemma_layout_axes,
-)
-from pipeline.models.model import enable_lora
+from pipeline.models.families import gemma
+from pipeline.models.families.gemma import gemma_layout_axes
+from pipeline.models.model import enable_lora, model_distribution
 from pipeline.models.tiny import BACKBONE_CONFIG
+from pipeline.parallel.distribution import DistributionError, check_batch_sizes, check_mesh, check_shardable
+from specs import GEMMA_7B, GEMMA_TINY
 
 # Expected PartitionSpec of every Gemma weight on the (1, 8) ("batch",
 # "model") mesh; LoRA factors are sharded like the kernel they adapt.
@@ -48,7 +44,7 @@ def _expected(path):
 
 
 def test_every_weight_sharded_as_on_tpu_v3_8(tiny):
-    distribution = build_distribution(DistributionConfig(**V38), BACKBONE_CONFIG, [8])
+    distribution = model_distribution(DistributionConfig(**V38), GEMMA_TINY, [8])
     assert isinstance(distribution, keras.distribution.ModelParallel)
     with distribution.scope():
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
@@ -67,8 +63,8 @@ def test_every_weight_sharded_as_on_tpu_v3_8(tiny):
 
 
 def test_model_axis_of_one_is_data_parallel():
-    distribution = build_distribution(
-        DistributionConfig(mesh_shape=[8, 1], axis_names=["batch", "model"]), BACKBONE_CONFIG, [8]
+    distribution = model_distribution(
+        DistributionConfig(mesh_shape=[8, 1], axis_names=["batch", "model"]), GEMMA_TINY, [8]
     )
     assert isinstance(distribution, keras.distribution.DataParallel)
 
@@ -83,7 +79,7 @@ def test_batch_must_divide_data_axis():
     with pytest.raises(DistributionError, match="batch size 3 does not divide by the data axis"):
         check_batch_sizes([2, 4], [4, 3])
     with pytest.raises(DistributionError, match="batch size 3 does not divide by the data axis"):
-        build_distribution(DistributionConfig(mesh_shape=[2, 4]), BACKBONE_CONFIG, [4, 3])
+        model_distribution(DistributionConfig(mesh_shape=[2, 4]), GEMMA_TINY, [4, 3])
 
 
 @pytest.mark.parametrize(
@@ -93,23 +89,20 @@ def test_batch_must_divide_data_axis():
 def test_unshardable_dimension_named_before_loading(field, value):
     config = dict(BACKBONE_CONFIG, **{field: value})
     with pytest.raises(DistributionError, match=rf"{field.split('_dim')[0]}.*does not divide by the 'model' mesh axis \(8\)"):
-        check_shardable(LAYOUT, config, [1, 8], ["batch", "model"])
+        check_shardable(LAYOUT, gemma.gemma_weight_dims(config), [1, 8], ["batch", "model"])
 
 
 def test_hidden_dim_checked_against_the_data_axis():
     config = dict(BACKBONE_CONFIG, hidden_dim=130)
     with pytest.raises(DistributionError, match="hidden_dim=130 .* 'batch' mesh axis"):
-        check_shardable(LAYOUT, config, [4, 2], ["batch", "model"])
+        check_shardable(LAYOUT, gemma.gemma_weight_dims(config), [4, 2], ["batch", "model"])
 
 
 def test_gemma_2b_kv_heads_cannot_be_split_on_v3_8():
-    gemma_2b = dict(vocabulary_size=256000, num_query_heads=8, num_key_value_heads=1,
-                    hidden_dim=2048, intermediate_dim=32768, head_dim=256)
+    gemma_2b = gemma.FAMILY.architectures["gemma_2b"]
     with pytest.raises(DistributionError, match="num_key_value_heads=1"):
-        check_shardable(LAYOUT, gemma_2b, [1, 8], ["batch", "model"])
-    gemma_7b = dict(vocabulary_size=256000, num_query_heads=16, num_key_value_heads=16,
-                    hidden_dim=3072, intermediate_dim=49152, head_dim=256)
-    check_shardable(LAYOUT, gemma_7b, [1, 8], ["batch", "model"])
+        check_shardable(LAYOUT, gemma.gemma_weight_dims(gemma_2b), [1, 8], ["batch", "model"])
+    check_shardable(LAYOUT, GEMMA_7B.weight_dims(), [1, 8], ["batch", "model"])
 
 
 def test_layout_as_data_is_kerashubs(tiny):

@@ -127,7 +127,7 @@ def test_export_of_the_demo_adapter_predicts_the_pipelines_tokens(demo_run):
     predict stage's own (model_outputs.csv)."""
     import transformers
 
-    from pipeline.models.model import load_adapter, load_gemma
+    from pipeline.models.model import load_adapter, load_model
     from pipeline.text.recovery import RecoveryFormatter
     from pipeline.run.run_dir import RunDir
     from pipeline.kaggle.transformers_predict import TransformersTokenizer, generate
@@ -135,7 +135,7 @@ def test_export_of_the_demo_adapter_predicts_the_pipelines_tokens(demo_run):
     cfg, _, _ = demo_run
     paths = run_export(cfg)
     run = RunDir(cfg)
-    causal_lm, tokenizer = load_gemma(cfg, [cfg.predict.batch_size])
+    causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
     load_adapter(causal_lm, run.adapter)
     formatter = RecoveryFormatter(tokenizer, cfg.train.template, cfg.train.sequence_length,
                                   cfg.train.max_response_tokens)
@@ -151,7 +151,7 @@ def test_export_of_the_demo_adapter_predicts_the_pipelines_tokens(demo_run):
         hf_tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     ).prompt_ids(rows)
     outputs = generate(model, hf_tokenizer, prompts, cfg.predict.batch_size, cfg.predict.max_new_tokens,
-                       log=lambda *_: None)
+                       "<end_of_turn>", log=lambda *_: None)
     expected = pd.read_csv(run.raw_outputs, dtype=str, keep_default_na=False)
     assert list(expected["id"]) == list(rows["id"])
     assert [text.strip() for text in hf_tokenizer.detokenize(outputs)] == list(expected["rewrite_prompt"])

@@ -13,8 +13,9 @@ def test_strip_generated_drops_prompt_and_stops_at_first_stop():
 
 def test_stop_tokens_are_eos_and_end_of_turn(tiny_model):
     _, tokenizer = tiny_model
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, "<end_of_turn>")
     assert stops == [tokenizer.end_token_id, tokenizer.token_to_id("<end_of_turn>")]
+    assert stop_token_ids(tokenizer) == [tokenizer.end_token_id]
     assert tokenize_batch(tokenizer, ["<end_of_turn>"]) == [[stops[1]]]
 
 
@@ -47,7 +48,8 @@ def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
     words = tokenize_batch(tokenizer, ["cat dog"])[0]
     decode = _ScriptedDecode(words * 20 + [tokenizer.end_token_id])
     generator = BatchedGenerator(
-        None, tokenizer, batch_size=4, max_new_tokens=len(words), length_step=16, log=lambda *_: None, decode=decode
+        None, tokenizer, batch_size=4, max_new_tokens=len(words), length_step=16, log=lambda *_: None, decode=decode,
+        stops=stop_token_ids(tokenizer, "<end_of_turn>"),
     )
     prompts = [[2] + [100] * n for n in (40, 3, 25, 3, 3, 60)]
     results = {}

@@ -91,12 +91,12 @@ def test_only_the_door_reads_the_internals_of_keras_hub_layers(tiny, tmp_path):
     from pipeline.models.decoding import GemmaDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
     from pipeline.models.lora_training import compile_lora_training
-    from pipeline.models.model import enable_lora, load_gemma, save_adapter
+    from pipeline.models.model import enable_lora, load_model, save_adapter
     from pipeline.run.config import load_config
     from pipeline.stages.export import write_peft_adapter, write_transformers_model
 
     cfg = load_config(None, [f"model.preset={tiny.preset}"])
-    causal_lm, tokenizer = load_gemma(cfg, [8])
+    causal_lm, tokenizer = load_model(cfg, [8])
     backbone = causal_lm.backbone
     public = public_classes()
     watched = {type(layer): set() for layer in backbone._flatten_layers(include_self=False)

@@ -66,7 +66,7 @@ def reachable(module):
 
 def layer(module):
     parts = module.split(".")
-    return parts[1] if len(parts) == 3 else None
+    return parts[1] if len(parts) >= 3 else None
 
 
 def test_every_module_sits_in_a_layer():

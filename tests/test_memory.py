@@ -5,7 +5,8 @@ import keras
 import pytest
 
 from pipeline.run.config import DistributionConfig, LoraConfig, load_config
-from pipeline.parallel.distribution import build_distribution, gemma_layout_axes
+from pipeline.models.families.gemma import gemma_layout_axes
+from pipeline.models.model import model_distribution
 from pipeline.models.memory import (
     DTYPE_BYTES,
     LORA_DTYPE_BYTES,
@@ -17,10 +18,8 @@ from pipeline.models.memory import (
     lora_parameter_count,
     plan_memory,
 )
-from pipeline.models.model import GEMMA_ARCHITECTURES, enable_lora
-from pipeline.models.tiny import BACKBONE_CONFIG
-
-GEMMA_7B = GEMMA_ARCHITECTURES["gemma_7b"]
+from pipeline.models.model import enable_lora
+from specs import GEMMA_7B, GEMMA_TINY
 
 
 def test_lora_count_matches_kaggles_gemma_7b_guide():
@@ -33,7 +32,7 @@ def test_per_device_weights_match_the_sharded_model(tiny_model):
     on_device_0 = sum(
         w.value.addressable_shards[0].data.nbytes for w in causal_lm.backbone.weights if "lora" not in w.path
     )
-    estimate = frozen_weight_bytes(BACKBONE_CONFIG, gemma_layout_axes(), {"batch": 1, "model": 8}, 4)
+    estimate = frozen_weight_bytes(GEMMA_TINY, gemma_layout_axes(), {"batch": 1, "model": 8}, 4)
     assert estimate == on_device_0
 
 
@@ -56,7 +55,7 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape, dtype)
     are the weights (+ the token ids), its temporaries the activations."""
     import keras_hub
 
-    distribution = build_distribution(DistributionConfig(mesh_shape=mesh_shape), BACKBONE_CONFIG, [8])
+    distribution = model_distribution(DistributionConfig(mesh_shape=mesh_shape), GEMMA_TINY, [8])
     with distribution.scope():
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None, dtype=dtype)
         lora = LoraConfig(rank=8)
@@ -78,11 +77,11 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape, dtype)
 
     layout = gemma_layout_axes() if model_axis > 1 else {}
     axis_size = {"batch": data_axis, "model": model_axis}
-    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, axis_size, DTYPE_BYTES[dtype])
-    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, axis_size) * LORA_DTYPE_BYTES
+    weights = frozen_weight_bytes(GEMMA_TINY, layout, axis_size, DTYPE_BYTES[dtype])
+    weights += lora_parameter_count(GEMMA_TINY, lora, layout, axis_size) * LORA_DTYPE_BYTES
     ids_per_device = ids.nbytes / data_axis
     assert weights + ids_per_device == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
-    activations = batch / data_axis * activation_bytes_per_row(BACKBONE_CONFIG, length, model_axis, DTYPE_BYTES[dtype])
+    activations = batch / data_axis * activation_bytes_per_row(GEMMA_TINY, length, model_axis, DTYPE_BYTES[dtype])
     assert 0.5 < activations / stats.temp_size_in_bytes < 2.0
 
 
@@ -97,7 +96,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
 
     lora = LoraConfig(rank=8, target_layers={"all": LoraConfig().target_layers, "none": [],
                                              "attention": ["query", "key", "value", "attention_output"]}[targets])
-    distribution = build_distribution(DistributionConfig(mesh_shape=mesh_shape), BACKBONE_CONFIG, [8])
+    distribution = model_distribution(DistributionConfig(mesh_shape=mesh_shape), GEMMA_TINY, [8])
     with distribution.scope():
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None, dtype="float32")
         if lora.target_layers:
@@ -108,13 +107,13 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
 
     data_axis, model_axis = mesh_shape
     layout, axis_size = gemma_layout_axes(), {"batch": data_axis, "model": model_axis}
-    weights = frozen_weight_bytes(BACKBONE_CONFIG, layout, axis_size, 4)
-    weights += lora_parameter_count(BACKBONE_CONFIG, lora, layout, axis_size) * LORA_DTYPE_BYTES
+    weights = frozen_weight_bytes(GEMMA_TINY, layout, axis_size, 4)
+    weights += lora_parameter_count(GEMMA_TINY, lora, layout, axis_size) * LORA_DTYPE_BYTES
     prompts = (ids.nbytes + mask.nbytes) / data_axis
     assert weights + prompts == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
-    copies = decoder_kernel_copy_bytes(BACKBONE_CONFIG, layout, axis_size, 4, lora.target_layers)
-    cache = kv_cache_bytes(BACKBONE_CONFIG, batch // data_axis, length, model_axis, 4)
-    prompt_pass = prompt_pass_bytes(BACKBONE_CONFIG, batch // data_axis, length - new_tokens, model_axis, 4)
+    copies = decoder_kernel_copy_bytes(GEMMA_TINY, layout, axis_size, 4, lora.target_layers)
+    cache = kv_cache_bytes(GEMMA_TINY, batch // data_axis, length, model_axis, 4)
+    prompt_pass = prompt_pass_bytes(GEMMA_TINY, batch // data_axis, length - new_tokens, model_axis, 4)
     # The plan is an upper bound, and not a loose one.
     assert 0.5 < stats.temp_size_in_bytes / (copies + cache + prompt_pass) < 1.0
 
@@ -152,7 +151,7 @@ def test_kaggle_targets_hold_gemma_7b_and_pass_the_distribution_checks(name):
     plan = plan_memory(cfg, GEMMA_7B)
     assert plan.fits(plan.training) and plan.fits(plan.generation), plan.report()
     mesh, axes = cfg.distribution.mesh_shape, cfg.distribution.axis_names
-    check_shardable(gemma_layout_axes(*axes), GEMMA_7B, mesh, axes)
+    check_shardable(gemma_layout_axes(*axes), GEMMA_7B.weight_dims(), mesh, axes)
     check_batch_sizes(mesh, [cfg.train.batch_size, cfg.predict.batch_size, cfg.data.batch_size])
 
 
@@ -172,4 +171,4 @@ def test_two_gpu_mesh_refused_where_it_cannot_work():
     with pytest.raises(DistributionError, match=r"needs 2 devices but 1 are visible"):
         check_mesh(cfg.distribution.mesh_shape, cfg.distribution.axis_names, 1)
     with pytest.raises(DistributionError, match=r"vocabulary_size=256000 of the model does not divide by the 'model' mesh axis \(3\)"):
-        check_shardable(gemma_layout_axes(), GEMMA_7B, [1, 3], ["batch", "model"])
+        check_shardable(gemma_layout_axes(), GEMMA_7B.weight_dims(), [1, 3], ["batch", "model"])

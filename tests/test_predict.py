@@ -87,7 +87,7 @@ def test_missing_combine_part_stops_before_any_generation(tiny_cfg, tmp_path, mo
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load when a combine part is missing")
 
-    monkeypatch.setattr(predict, "load_gemma", no_model)
+    monkeypatch.setattr(predict, "load_model", no_model)
     tiny_cfg.predict.input, tiny_cfg.predict.rows = str(tmp_path / "test.csv"), "all"
     tiny_cfg.predict.combine = ["model", "mean_prompt"]
     with pytest.raises(FileNotFoundError, match="run the mean-prompt stage first"):

@@ -4,8 +4,8 @@ import pytest
 
 from pipeline.text.batching import Batch, TrainingBatches, evaluation_batches
 from pipeline.text.recovery import RecoveryFormatter, share_budget
+from pipeline.models.families.gemma import CHAT_TURN
 from pipeline.text.templates import (
-    CHAT_TURN,
     RECOVERY_TEMPLATE,
     REWRITE_TEMPLATE,
     format_recovery,
@@ -14,13 +14,13 @@ from pipeline.text.templates import (
 
 
 def test_rewrite_request_is_one_gemma_user_turn():
-    text = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.")
+    text = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.", CHAT_TURN)
     assert text == (
         "<start_of_turn>user\nInstruction:\nMake it rhyme.\n\nOriginal Text:\nA cat sat.\n\n"
         "Response:\n<end_of_turn>\n<start_of_turn>model\n"
     )
     assert CHAT_TURN.count("{content}") == 1
-    bare = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.", chat_format=False)
+    bare = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.")
     assert bare == "Instruction:\nMake it rhyme.\n\nOriginal Text:\nA cat sat.\n\nResponse:\n"  # the reference's
 
 

@@ -75,12 +75,13 @@ def load_model(model_dir, adapter_dir, torch_dtype):
     return model, TransformersTokenizer(transformers.AutoTokenizer.from_pretrained(str(model_dir)))
 
 
-def generate(model, tokenizer, prompts, batch_size, max_new_tokens, log=print):
+def generate(model, tokenizer, prompts, batch_size, max_new_tokens, end_of_turn, log=print):
     """Greedy outputs (token ids, stop excluded) of every prompt, in input
-    order. Batches hold prompts of similar length, left-padded."""
+    order. Batches hold prompts of similar length, left-padded; a row ends
+    at the end token or `end_of_turn`."""
     import torch
 
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, end_of_turn)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
     device = next(model.parameters()).device
@@ -122,7 +123,7 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
     df, n_cut = formatter.fit_texts(df)
     start = time.perf_counter()
     output_ids = generate(model, tokenizer, formatter.prompt_ids(df), settings["batch_size"],
-                          settings["max_new_tokens"], log)
+                          settings["max_new_tokens"], settings["end_of_turn"], log)
     elapsed = time.perf_counter() - start
     outputs = [text.strip() for text in tokenizer.detokenize(output_ids)]
     parts = [outputs if name == "model" else [settings["mean_prompt"]] * len(df) for name in settings["combine"]]

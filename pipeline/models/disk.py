@@ -1,6 +1,6 @@
 """Disk plan: what a run writes, for a config, before anything runs.
 
-From the backbone config (config.json only) and the LoRA settings: the
+From the model spec (family and config.json only) and the LoRA settings: the
 adapter (`.lora.h5`, float32 factors), the training checkpoint (the factors
 and their two AdamW moments, float32; twice while a new one is written
 beside the old), the PEFT export (KerasHub's LoRA has one A per head on the
@@ -17,7 +17,7 @@ root, so that a run that cannot finish is told before hours of training.
 
 Example:
 ```python
-plan = plan_disk(cfg, read_backbone_config(cfg.model.preset))
+plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
 print(plan.report())
 ```
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.parallel.distribution import gemma_weight_dims
 from pipeline.errors import InputError
 from pipeline.models.memory import DTYPE_BYTES, GIB, LORA_DTYPE_BYTES, frozen_weight_bytes, lora_parameter_count
 from pipeline.models.model import PER_HEAD_INPUT
@@ -36,19 +35,19 @@ from pipeline.models.model import PER_HEAD_INPUT
 WHEELS_BYTES = 64 * 2**20  # the bundle's wheels (requirements-kaggle.txt), as measured
 
 
-def peft_parameter_count(config, lora_cfg):
+def peft_parameter_count(spec, lora_cfg):
     """Weights of the PEFT export: KerasHub's A factors as they are, and
     on q, k and v a dense B of (heads x head_dim) x (heads x rank)."""
     count = 0
-    for path, dims in gemma_weight_dims(config).items():
+    for path, dims in spec.weight_dims().items():
         name = path.split("/")[-2]
         if name not in lora_cfg.target_layers:
             continue
         shape = [size for _, size in dims]
         count += int(np.prod(shape[:-1])) * lora_cfg.rank  # A
-        heads = shape[0] if name in PER_HEAD_INPUT else 1
+        heads = next(size for field, size in dims if field.endswith("_heads")) if name in PER_HEAD_INPUT else 1
         count += heads * shape[-1] * heads * lora_cfg.rank  # B (block-diagonal on q, k, v)
-    return count * config["num_layers"]
+    return count * spec.dims.num_layers
 
 
 @dataclasses.dataclass
@@ -86,10 +85,10 @@ class DiskPlan:
         return "\n".join(lines)
 
 
-def plan_disk(cfg, config):
-    lora_bytes = lora_parameter_count(config, cfg.lora) * LORA_DTYPE_BYTES
-    peft = peft_parameter_count(config, cfg.lora) * 4 if cfg.export.peft else 0.0  # float32, as written
-    merged = frozen_weight_bytes(config, {}, {}, DTYPE_BYTES[cfg.model.dtype]) if cfg.export.merged else 0.0
+def plan_disk(cfg, spec):
+    lora_bytes = lora_parameter_count(spec, cfg.lora) * LORA_DTYPE_BYTES
+    peft = peft_parameter_count(spec, cfg.lora) * 4 if cfg.export.peft else 0.0  # float32, as written
+    merged = frozen_weight_bytes(spec, {}, {}, DTYPE_BYTES[cfg.model.dtype]) if cfg.export.merged else 0.0
     shipped = merged if cfg.kaggle.base_model == "export" else peft
     return DiskPlan(adapter=lora_bytes, checkpoint=3 * lora_bytes, peft_export=peft, merged_export=merged,
                     bundle=shipped + WHEELS_BYTES, limit_gib=cfg.run.disk_limit_gib)

@@ -1,4 +1,4 @@
-"""Model FLOPs of a Gemma backbone, for MFU estimates.
+"""Model FLOPs of a backbone (any family), for MFU estimates.
 
 Per trained token: 2 FLOPs per weight forward and 2 more backward for the
 activation gradients; LoRA freezes the weights, so their weight gradients
@@ -8,29 +8,33 @@ three times that with the backward pass (XLA computes the masked square).
 
 Example:
 ```python
-flops = train_flops_per_token(backbone_config, sequence_length=512)
+flops = train_flops_per_token(read_model_spec(preset), sequence_length=512)
 mfu = tokens_per_second * flops / (peak_tflops_per_device * 1e12 * n_devices)
 ```
 """
 
 
-def gemma_parameter_count(config):
-    hidden, heads, kv, head_dim = (config[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim"))
-    attention = hidden * head_dim * (2 * heads + 2 * kv)
-    feed_forward = 3 * hidden * (config["intermediate_dim"] // 2)
-    # The embedding also projects to the vocabulary at the output: one matmul.
-    return config["vocabulary_size"] * hidden + config["num_layers"] * (attention + feed_forward)
+def matmul_parameter_count(spec):
+    """Weights a token is multiplied by: every projection, and the output
+    embedding (the input one is a lookup; tied or not, the output is one
+    matmul)."""
+    d = spec.dims
+    attention = d.hidden_dim * d.head_dim * (2 * d.num_query_heads + 2 * d.num_key_value_heads)
+    feed_forward = 3 * d.hidden_dim * d.ffw_dim
+    return d.vocabulary_size * d.hidden_dim + d.num_layers * (attention + feed_forward)
 
 
-def train_flops_per_token(config, sequence_length, frozen=True):
-    weights = (4 if frozen else 6) * gemma_parameter_count(config)
-    attention = 12 * config["num_layers"] * sequence_length * config["num_query_heads"] * config["head_dim"]
+def train_flops_per_token(spec, sequence_length, frozen=True):
+    d = spec.dims
+    weights = (4 if frozen else 6) * matmul_parameter_count(spec)
+    attention = 12 * d.num_layers * sequence_length * d.num_query_heads * d.head_dim
     return weights + attention
 
 
-def decode_flops_per_token(config, context_length):
-    attention = 4 * config["num_layers"] * context_length * config["num_query_heads"] * config["head_dim"]
-    return 2 * gemma_parameter_count(config) + attention
+def decode_flops_per_token(spec, context_length):
+    d = spec.dims
+    attention = 4 * d.num_layers * context_length * d.num_query_heads * d.head_dim
+    return 2 * matmul_parameter_count(spec) + attention
 
 
 def mfu(tokens_per_second, flops_per_token, peak_tflops_per_device, n_devices):

@@ -1,12 +1,14 @@
-"""Batched, length-bucketed generation with Gemma.
+"""Batched, length-bucketed generation, for every model family.
 
 Rows are sorted by prompt length and generated `batch_size` at a time. Each
 batch is padded to a fixed batch size and its prompts to a length rounded up
 to `length_step`, plus room for `max_new_tokens`, so XLA compiles one program
 per bucket instead of one per batch, and a short prompt never pays for the
-longest one. Decoding is `pipeline.models.decoding.GemmaDecoder`: each row stops at
-`<end_of_turn>` or `<eos>`, at most `max_new_tokens` after its own prompt,
-and the batch as soon as every row has; the echoed prompt is stripped.
+longest one. Decoding is `pipeline.models.decoding.GemmaDecoder` for Gemma
+1 and 2, KerasHub's own decoding step (`step_decoding`) for the other
+families: each row stops at the end token or the family's end of turn, at
+most `max_new_tokens` after its own prompt, and the batch as soon as every
+row has; the echoed prompt is stripped.
 
 Example:
 ```python
@@ -22,7 +24,14 @@ import time
 import numpy as np
 
 from pipeline.models.decoding import GemmaDecoder
+from pipeline.models.model import family_of
+from pipeline.models.step_decoding import KerasHubStepDecoder
 from pipeline.text.tokens import stop_token_ids, strip_generated
+
+
+def make_decoder(causal_lm, stops):
+    """The fastest decoder built for the model's family."""
+    return (GemmaDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(causal_lm, stops)
 
 
 def bucket_length(longest_prompt, max_new_tokens, length_step):
@@ -34,7 +43,7 @@ class BatchedGenerator:
     """Generates for many prompts in batches of similar length.
 
     Args:
-        causal_lm: the KerasHub `GemmaCausalLM`.
+        causal_lm: the KerasHub `CausalLM` (any family in `families`).
         tokenizer: its tokenizer (detokenises the outputs).
         batch_size: rows per batch (global, over all hosts).
         max_new_tokens: tokens generated at most per row.
@@ -42,8 +51,9 @@ class BatchedGenerator:
         log: where progress lines go.
         decode: `decode(token_ids, padding_mask, max_new_tokens)` returns
             the token ids with the generation written after each prompt;
-            default: a `GemmaDecoder` of `causal_lm`.
-        stops: stop token ids (default: `<eos>` and `<end_of_turn>`).
+            default: `make_decoder(causal_lm, stops)`.
+        stops: stop token ids (default: the end token and the family's
+            end of turn).
 
     Example:
     ```python
@@ -60,8 +70,8 @@ class BatchedGenerator:
         self.max_new_tokens = max_new_tokens
         self.length_step = length_step
         self.log = log
-        self.stops = stops or stop_token_ids(tokenizer)
-        self.decode = decode or GemmaDecoder(causal_lm, self.stops)
+        self.stops = stops or stop_token_ids(tokenizer, family_of(causal_lm).end_of_turn)
+        self.decode = decode or make_decoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
         self.rows_at_limit = 0  # rows of the latest `generate` cut at max_new_tokens

@@ -23,5 +23,6 @@ def compile_lora_training(causal_lm, train_cfg):
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        sampler="greedy",  # every stage decodes greedily (Mistral, Llama, Qwen default to top-k)
     )
     optimizer.build(causal_lm.trainable_variables)

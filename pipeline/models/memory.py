@@ -1,6 +1,6 @@
 """Memory plan: what one device holds for a config, before anything runs.
 
-From the backbone config (config.json only, no weights) and the mesh:
+From the model spec (family and config.json, no weights) and the mesh:
 frozen weights (sharded as the layout map shards them), LoRA weights with
 their gradients and AdamW moments, training activations kept for the
 backward pass (no rematerialisation) and the logits; for generation the
@@ -13,7 +13,7 @@ generation fit the device and, when not, what to change.
 
 Example:
 ```python
-plan = plan_memory(cfg, read_backbone_config(cfg.model.preset))
+plan = plan_memory(cfg, read_model_spec(cfg.model.preset))
 print(plan.report())
 ```
 """
@@ -22,8 +22,8 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.parallel.distribution import gemma_layout_axes, gemma_weight_dims, lora_layout_axes, weight_axes
 from pipeline.models.model import PER_HEAD_INPUT
+from pipeline.parallel.distribution import lora_layout_axes, weight_axes
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -41,22 +41,23 @@ def _shard(size_by_dim, axes, axis_size):
     return int(np.prod(size_by_dim)) / divisor
 
 
-def frozen_weight_bytes(config, layout, axis_size, dtype_bytes):
+def frozen_weight_bytes(spec, layout, axis_size, dtype_bytes):
+    dims = spec.dims
     total = 0.0
-    for path, dims in gemma_weight_dims(config).items():
-        per_device = _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
-        total += per_device * (1 if path.startswith("token_embedding") else config["num_layers"])
-    norms = config["hidden_dim"] * (2 * config["num_layers"] + 1)
+    for path, sizes in spec.weight_dims().items():
+        per_device = _shard([size for _, size in sizes], weight_axes(path, layout), axis_size)
+        total += per_device * (1 if path.startswith("token_embedding") else dims.num_layers)
+    norms = dims.hidden_dim * (2 * dims.num_layers + 1)
     return (total + norms) * dtype_bytes
 
 
-def lora_parameter_count(config, lora_cfg, layout=None, axis_size=None):
+def lora_parameter_count(spec, lora_cfg, layout=None, axis_size=None):
     """Keras LoRA on a kernel of shape (..., out): A is (..., rank), B is (rank, out).
     With a layout (and the mesh's axis sizes): the count on one device, the
     factors sharded as `lora_layout_axes` shards them."""
     lora_layout = lora_layout_axes(layout or {})
     count = 0
-    for path, dims in gemma_weight_dims(config).items():
+    for path, dims in spec.weight_dims().items():
         layer = path.rsplit("/", 1)[0]
         if layer.split("/")[-1] not in lora_cfg.target_layers:
             continue
@@ -64,53 +65,57 @@ def lora_parameter_count(config, lora_cfg, layout=None, axis_size=None):
         for factor, factor_shape in (("a", shape[:-1] + [lora_cfg.rank]), ("b", [lora_cfg.rank, shape[-1]])):
             axes = weight_axes(f"{layer}/lora_kernel_{factor}", lora_layout)
             count += _shard(factor_shape, axes, axis_size or {})
-    return count * config["num_layers"]
+    return count * spec.dims.num_layers
 
 
-def decoder_kernel_copy_bytes(config, layout, axis_size, dtype_bytes, lora_targets):
-    """Kernels the decoder holds a second copy of for a whole call, on one
+def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets):
+    """Kernels `GemmaDecoder` holds a second copy of for a whole call, on one
     device: the query, key and value kernels (laid out hidden-first) and
-    every kernel an adapter is merged into."""
+    every kernel an adapter is merged into. KerasHub's decoding step (the
+    other families) keeps none."""
+    if not spec.family.fast_decoder:
+        return 0.0
     total = 0.0
-    for path, dims in gemma_weight_dims(config).items():
+    for path, dims in spec.weight_dims().items():
         name = path.split("/")[-2]
         if name in PER_HEAD_INPUT or name in lora_targets:
             total += _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
-    return total * config["num_layers"] * dtype_bytes
+    return total * spec.dims.num_layers * dtype_bytes
 
 
-def activation_bytes_per_row(config, sequence_length, model_axis, dtype_bytes):
+def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
     """Tensors one training row keeps for the backward pass, per device."""
-    h, heads, kv, dh = (config[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim"))
-    ffw = config["intermediate_dim"] // 2
+    d = spec.dims
+    h, heads, kv, dh, ffw = d.hidden_dim, d.num_query_heads, d.num_key_value_heads, d.head_dim, d.ffw_dim
     per_token = (
         6 * h  # norms' inputs and outputs, residuals
         + (2 * heads + 2 * kv) * dh / model_axis  # q, k, v, attention output
         + 4 * ffw / model_axis  # gate, up, activation, product
     ) * dtype_bytes + 2 * heads / model_axis * sequence_length * 4  # float32 scores, probabilities
-    logits = 2 * config["vocabulary_size"] / model_axis * 4  # float32 logits and their gradient
-    return sequence_length * (config["num_layers"] * per_token + logits)
+    logits = 2 * d.vocabulary_size / model_axis * 4  # float32 logits and their gradient
+    return sequence_length * (d.num_layers * per_token + logits)
 
 
-def prompt_pass_bytes(config, rows, prompt_length, model_axis, dtype_bytes):
+def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     """What the decoder's pass over the prompts holds at its widest, one
     layer at a time (nothing is kept for a backward pass): the layer's
     inputs and projections, its float32 attention scores and the last
     layer's float32 logits. An upper bound: XLA's memory analysis of the
     tiny model's decoding program comes to 0.5 to 0.9 of it
     (tests/test_memory.py)."""
-    h, heads, kv, dh = (config[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim"))
-    ffw = config["intermediate_dim"] // 2
+    d = spec.dims
+    h, heads, kv, dh, ffw = d.hidden_dim, d.num_query_heads, d.num_key_value_heads, d.head_dim, d.ffw_dim
     per_token = ((4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis) * dtype_bytes
                  + heads / model_axis * prompt_length * 4)
-    logits = config["vocabulary_size"] / model_axis * 4
+    logits = d.vocabulary_size / model_axis * 4
     return rows * prompt_length * (per_token + logits)
 
 
-def kv_cache_bytes(config, batch, length, model_axis, dtype_bytes):
-    kv = config["num_key_value_heads"]
+def kv_cache_bytes(spec, batch, length, model_axis, dtype_bytes):
+    d = spec.dims
+    kv = d.num_key_value_heads
     kv_per_device = kv / model_axis if kv % model_axis == 0 else kv
-    return 2 * config["num_layers"] * batch * length * kv_per_device * config["head_dim"] * dtype_bytes
+    return 2 * d.num_layers * batch * length * kv_per_device * d.head_dim * dtype_bytes
 
 
 @dataclasses.dataclass
@@ -165,27 +170,27 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_memory(cfg, config, device_gib=None):
+def plan_memory(cfg, spec, device_gib=None):
     device_gib = device_gib or cfg.hardware.device_memory_gib
     mesh_shape, axis_names = cfg.distribution.mesh_shape, cfg.distribution.axis_names
     axis_size = dict(zip(axis_names, mesh_shape))
     model_axis = mesh_shape[1]
-    layout = gemma_layout_axes(*axis_names) if model_axis > 1 else {}  # DataParallel replicates
+    layout = spec.family.layout_axes(*axis_names) if model_axis > 1 else {}  # DataParallel replicates
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
-    frozen = frozen_weight_bytes(config, layout, axis_size, dtype_bytes)
+    frozen = frozen_weight_bytes(spec, layout, axis_size, dtype_bytes)
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
-    lora_weights = lora_parameter_count(config, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
+    lora_weights = lora_parameter_count(spec, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
     lora_state = 4 * lora_weights
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
-    per_row = activation_bytes_per_row(config, cfg.train.sequence_length, model_axis, dtype_bytes)
+    per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
     adapted = cfg.predict.adapter != "none"
-    copies = decoder_kernel_copy_bytes(config, layout, axis_size, dtype_bytes,
+    copies = decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes,
                                        cfg.lora.target_layers if adapted else [])
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])
     kv = kv_cache_bytes(
-        config, predict_rows, cfg.train.sequence_length + cfg.predict.max_new_tokens, model_axis, dtype_bytes
+        spec, predict_rows, cfg.train.sequence_length + cfg.predict.max_new_tokens, model_axis, dtype_bytes
     )
-    prompt_pass = prompt_pass_bytes(config, predict_rows, cfg.train.sequence_length, model_axis, dtype_bytes)
+    prompt_pass = prompt_pass_bytes(spec, predict_rows, cfg.train.sequence_length, model_axis, dtype_bytes)
     plan = MemoryPlan(device_gib, cfg.hardware.memory_fraction or 1.0, frozen, lora_state, rows * per_row,
                       lora_weights if adapted else 0.0, copies, kv, prompt_pass, rows, per_row, [])
     budget = plan.budget

@@ -1,12 +1,14 @@
-"""Loading Gemma under the run's distribution, and its LoRA adapter.
+"""Loading a model under the run's distribution, and its LoRA adapter.
 
-The model is used with `preprocessor=None`: the pipeline tokenises itself
-(see `recovery.py` and `generation.py`) so that training and generation see
-exactly the same prompt tokens.
+The preset's config.json says which family the model is
+(`pipeline.models.families`); the family gives the layout map and the
+mesh checks. The model is used with `preprocessor=None`: the pipeline
+tokenises itself (see `recovery.py` and `generation.py`) so that training
+and generation see exactly the same prompt tokens.
 
 Example:
 ```python
-causal_lm, tokenizer = load_gemma(cfg, batch_sizes=[cfg.predict.batch_size])
+causal_lm, tokenizer = load_model(cfg, batch_sizes=[cfg.predict.batch_size])
 enable_lora(causal_lm, cfg.lora)
 save_adapter(causal_lm, cfg.lora, "runs/x/finetune/adapter.lora.h5")
 ```
@@ -15,58 +17,62 @@ save_adapter(causal_lm, cfg.lora, "runs/x/finetune/adapter.lora.h5")
 import json
 from pathlib import Path
 
-from pipeline.parallel.distribution import build_distribution
 from pipeline.errors import InputError, MissingInputError
+from pipeline.models.families.registry import by_backbone_class
+from pipeline.models.families.family import ModelSpec
+from pipeline.parallel.distribution import build_distribution
 from pipeline.parallel.runtime import quiet_native_logs
 
-# Gemma 1 architectures (KerasHub's preset configs), for random-weight runs
-# (benchmarks) and plans that need no download.
-GEMMA_ARCHITECTURES = {
-    "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
-                     hidden_dim=2048, intermediate_dim=32768, head_dim=256),
-    "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
-                     hidden_dim=3072, intermediate_dim=49152, head_dim=256),
-}
-
-# The projections of a decoder block, by their KerasHub layer names (the
-# names lora.target_layers matches).
+# The projections of a Gemma decoder block, by their KerasHub layer names
+# (the names lora.target_layers matches); `GemmaDecoder` and the export read them.
 PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
 PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
 
 
-def read_backbone_config(preset):
-    """The backbone's config.json, fetched without the weights."""
+def read_model_spec(preset):
+    """The model's family and backbone config (its config.json), fetched
+    without the weights; refuses a family or variant the pipeline does not
+    run, saying what to pick instead."""
     from pipeline import keras_internals
 
-    config = keras_internals.read_preset_json(preset)
-    if config.get("class_name") != "GemmaBackbone":
-        raise InputError(
-            f"model.preset {preset!r} is a {config.get('class_name')}, not a Gemma "
-            "model; use a Gemma preset (e.g. gemma_instruct_7b_en)"
-        )
-    return config["config"]
+    config = keras_internals.read_preset_json(str(preset))
+    family = by_backbone_class(config.get("class_name"), preset)
+    family.check_config(config["config"])
+    return ModelSpec(family, config["config"])
 
 
-def load_gemma(cfg, batch_sizes):
+def model_distribution(distribution_cfg, spec, batch_sizes):
+    """The Keras distribution of the model `spec` on the configured mesh,
+    checked (`parallel.distribution.build_distribution`), not yet set."""
+    return build_distribution(distribution_cfg, spec.family.layout_axes, spec.weight_dims(), batch_sizes)
+
+
+def load_model(cfg, batch_sizes):
     """Checks the mesh against the preset, sets the distribution, loads the
-    weights sharded. Returns (GemmaCausalLM without preprocessor, tokenizer)."""
+    weights sharded. Returns (the family's CausalLM without preprocessor,
+    its tokenizer)."""
     import keras
     import keras_hub
 
-    backbone_config = read_backbone_config(cfg.model.preset)
-    distribution = build_distribution(cfg.distribution, backbone_config, batch_sizes)
-    keras.distribution.set_distribution(distribution)
+    spec = read_model_spec(cfg.model.preset)
+    keras.distribution.set_distribution(model_distribution(cfg.distribution, spec, batch_sizes))
     preset = str(cfg.model.preset)
     with quiet_native_logs():  # SentencePiece's normalizer notice
-        tokenizer = keras_hub.models.GemmaTokenizer.from_preset(preset)
-    causal_lm = keras_hub.models.GemmaCausalLM.from_preset(
+        tokenizer = getattr(keras_hub.models, spec.family.tokenizer_class).from_preset(preset)
+    causal_lm = getattr(keras_hub.models, spec.family.causal_lm_class).from_preset(
         preset, preprocessor=None, dtype=cfg.model.dtype
     )
     return causal_lm, tokenizer
 
 
+def family_of(causal_lm):
+    """The family of a loaded model."""
+    return by_backbone_class(type(causal_lm.backbone).__name__)
+
+
 def projections(backbone):
-    """(decoder index, name in PROJECTIONS, layer) of every projection."""
+    """(decoder index, name in PROJECTIONS, layer) of every projection of a
+    `GemmaBackbone`."""
     from pipeline import keras_internals
 
     for i, block in enumerate(keras_internals.gemma_blocks(backbone)):

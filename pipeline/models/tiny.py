@@ -1,6 +1,7 @@
-"""The embedded default: tiny stand-ins for Gemma and sentence-t5.
+"""The embedded default: tiny stand-ins for Gemma, the other model
+families, and sentence-t5.
 
-Gemma and sentence-t5 weights cannot be downloaded offline, so the demo and
+Model and sentence-t5 weights cannot be downloaded offline, so the demo and
 the tests build small artifacts of the same kinds and load them through the
 same code paths as the real ones:
 
@@ -11,6 +12,11 @@ same code paths as the real ones:
 - a tiny `GemmaCausalLM` (every dimension the (1, 8) mesh shards divides by
   8), pre-trained briefly on the demo text so that it writes words, saved with
   `save_to_preset` and loaded back with `from_preset(path)`;
+- the same for every other family (`build_tiny_family`, `<family>_tiny/`),
+  each with a tokenizer of its family's kind trained on the same text: Gemma
+  3 takes Gemma's SentencePiece model; Mistral one with `<unk>`, `<s>`,
+  `</s>` first (as Mistral's); Llama 3 and Qwen 3 a byte-level BPE
+  (vocabulary and merges) with their special tokens last;
 - a stand-in sentence encoder exported as a TF SavedModel with the st5 call
   signature: strings in, a one-element list whose `[0]` is `[N, D]` unit
   vectors, tokenised in-graph by tensorflow_text's SentencePiece op and cut
@@ -23,6 +29,7 @@ Example:
 ```python
 paths = build_tiny_artifacts("artifacts/tiny")
 causal_lm = keras_hub.models.GemmaCausalLM.from_preset(paths.preset)
+mistral = build_tiny_family("artifacts/tiny", "mistral")  # the preset's folder
 ```
 """
 
@@ -34,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.text import rules, templates
+from pipeline.models.families import gemma
+from pipeline.models.families.registry import FAMILIES
 from pipeline.parallel.runtime import quiet_native_logs
+from pipeline.text import rules, templates
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where the embedded default (configs/cpu_tiny.yaml) expects the stand-ins.
@@ -48,15 +57,12 @@ ENCODER_DIM = 128
 ENCODER_MAX_TOKENS = 128  # sentence-t5 truncates here too
 SEED = 0
 
-BACKBONE_CONFIG = dict(
-    vocabulary_size=VOCABULARY_SIZE,
-    num_layers=2,
-    num_query_heads=8,
-    num_key_value_heads=8,
-    hidden_dim=128,
-    intermediate_dim=512,
-    head_dim=16,
-)
+BACKBONE_CONFIG = gemma.FAMILY.tiny_config
+# Special tokens of the byte-level BPE families (KerasHub's tokenizers name them).
+BPE_SPECIAL_TOKENS = {
+    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+}
 
 
 @dataclasses.dataclass
@@ -79,9 +85,15 @@ class TinyPaths:
     def encoder(self):
         return self.root / "encoder"
 
+    def family_preset(self, name):
+        """The tiny preset of family `name` (Gemma's is `preset`)."""
+        return self.preset if name == "gemma" else self.root / f"{name}_tiny"
 
-def build_tiny_artifacts(root, pretrain_steps=300, log=print):
-    """Builds (or reuses) the tokenizer, tiny Gemma preset and encoder."""
+
+def build_tiny_artifacts(root, pretrain_steps=300, log=print, other_families=False):
+    """Builds (or reuses) the tokenizer, tiny Gemma preset and encoder;
+    with `other_families`, every other family's tiny preset too
+    (`build_tiny_family`)."""
     paths = TinyPaths(Path(root))
     paths.root.mkdir(parents=True, exist_ok=True)
     for path, model_type in ((paths.spm, "bpe"), (paths.encoder_spm, "unigram")):
@@ -97,7 +109,52 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print):
         log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
         with quiet_native_logs():
             export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
+    if other_families:
+        for name in FAMILIES:
+            if name != "gemma":
+                build_tiny_family(root, name, pretrain_steps, log)
     return paths
+
+
+def build_tiny_artifacts_for(preset, log=print):
+    """The stand-ins a run of the tiny preset `preset` (a path under
+    `TINY_DIR`) needs: the encoder and tiny Gemma, and the preset's own
+    family if it is another."""
+    paths = build_tiny_artifacts(TINY_DIR, log=log)
+    for name in FAMILIES:
+        if name != "gemma" and Path(preset) == paths.family_preset(name):
+            build_tiny_family(TINY_DIR, name, log=log)
+    return paths
+
+
+def build_tiny_family(root, name, pretrain_steps=300, log=print):
+    """Builds (or reuses) the tiny preset of family `name`, its tokenizer
+    trained on the demo text; returns the preset's folder."""
+    paths = TinyPaths(Path(root))
+    preset = paths.family_preset(name)
+    if (preset / "config.json").exists():
+        return preset
+    family = FAMILIES[name]
+    paths.root.mkdir(parents=True, exist_ok=True)
+    log(f"tiny: building {name} preset ({pretrain_steps} pre-training steps) -> {preset}")
+    with quiet_native_logs():
+        causal_lm = build_tiny_causal_lm(family, lambda: _family_tokenizer(family, paths), pretrain_steps, log)
+        causal_lm.save_to_preset(str(preset))
+    return preset
+
+
+def _family_tokenizer(family, paths):
+    import keras_hub
+
+    tokenizer_class = getattr(keras_hub.models, family.tokenizer_class)
+    if family.name == "gemma3":
+        if not paths.spm.exists():
+            paths.spm.write_bytes(train_sentencepiece(_tokenizer_corpus(), "bpe"))
+        return tokenizer_class(proto=paths.spm.read_bytes(), has_vision_tokens=False)
+    if family.name == "mistral":
+        return tokenizer_class(proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=MISTRAL_SPECIAL_IDS))
+    vocabulary, merges = train_byte_level_bpe(_tokenizer_corpus(), BPE_SPECIAL_TOKENS[family.name])
+    return tokenizer_class(vocabulary=vocabulary, merges=merges, unsplittable_tokens=BPE_SPECIAL_TOKENS[family.name])
 
 
 def _demo_paragraphs():
@@ -116,10 +173,18 @@ def _tokenizer_corpus():
     return [line for text in lines for line in text.splitlines() if line.strip()]
 
 
-def train_sentencepiece(lines, model_type, vocabulary_size=VOCABULARY_SIZE):
-    """Returns a serialized SentencePiece model with Gemma's special ids:
-    "bpe" with byte fallback as Gemma's (transformers' Gemma converter reads
-    it), or "unigram" as sentence-t5's."""
+# Gemma's special pieces and ids (SentencePiece trainer arguments), and Mistral's.
+GEMMA_SPECIAL_IDS = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                         bos_piece="<bos>", unk_piece="<unk>",
+                         user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\t"])
+MISTRAL_SPECIAL_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>",
+                           eos_piece="</s>", user_defined_symbols=["\n", "\t"])
+
+
+def train_sentencepiece(lines, model_type, vocabulary_size=VOCABULARY_SIZE, special_ids=GEMMA_SPECIAL_IDS):
+    """Returns a serialized SentencePiece model with Gemma's special ids (or
+    `special_ids`): "bpe" with byte fallback as Gemma's (transformers' Gemma
+    converter reads it), or "unigram" as sentence-t5's."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -134,34 +199,61 @@ def train_sentencepiece(lines, model_type, vocabulary_size=VOCABULARY_SIZE):
         add_dummy_prefix=False,
         split_digits=True,
         byte_fallback=model_type == "bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\t"],
+        **special_ids,
         num_threads=1,
         minloglevel=2,
     )
     return model.getvalue()
 
 
+def train_byte_level_bpe(lines, special_tokens, vocabulary_size=VOCABULARY_SIZE):
+    """(vocabulary, merges) of a byte-level BPE (GPT-2's byte alphabet, as
+    Llama 3's and Qwen's) trained on `lines`, `special_tokens` given the
+    last ids (so that id 0, the padding of KerasHub's Llama 3 tokenizer, is
+    an ordinary piece, as in Llama 3)."""
+    import tokenizers
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocabulary_size - len(special_tokens), show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(lines, trainer)
+    pieces = sorted(bpe.get_vocab().items(), key=lambda item: item[1])
+    vocabulary = {piece: i for i, (piece, _) in enumerate(pieces)}
+    for token in special_tokens:
+        vocabulary[token] = len(vocabulary)
+    merges = [" ".join(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    return vocabulary, merges
+
+
 def build_tiny_gemma(proto, pretrain_steps, log=print):
     """A tiny GemmaCausalLM pre-trained on the demo text (next-token loss)."""
+    import keras_hub
+
+    return build_tiny_causal_lm(gemma.FAMILY, lambda: keras_hub.models.GemmaTokenizer(proto=proto),
+                                pretrain_steps, log)
+
+
+def build_tiny_causal_lm(family, make_tokenizer, pretrain_steps, log=print):
+    """A tiny CausalLM of `family` (its `tiny_config`) pre-trained on the
+    demo text (next-token loss); `make_tokenizer()` gives its tokenizer."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(SEED)
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
-    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
-    backbone = keras_hub.models.GemmaBackbone(**BACKBONE_CONFIG, dtype="float32")
-    causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    # After the seed: seeding TensorFlow clears the SentencePiece op's resource.
+    tokenizer = make_tokenizer()
+    models = keras_hub.models
+    preprocessor = getattr(models, family.causal_lm_class + "Preprocessor")(tokenizer, sequence_length=128)
+    backbone = getattr(models, family.backbone_class)(**family.tiny_config, dtype="float32")
+    causal_lm = getattr(models, family.causal_lm_class)(backbone=backbone, preprocessor=preprocessor)
     if pretrain_steps:
         words = " ".join(_demo_paragraphs()).split()
         windows = [" ".join(words[i : i + 60]) for i in range(0, len(words) - 30, 15)]
+        # Gemma 3's preprocessor takes (prompt, response) pairs only: empty prompts.
+        x = {"prompts": [""] * len(windows), "responses": windows} if family.name == "gemma3" else windows
         causal_lm.compile(
             optimizer=keras.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -173,9 +265,9 @@ def build_tiny_gemma(proto, pretrain_steps, log=print):
             # KerasHub feeds the arrays through tf.data, which it shuffles itself.
             warnings.filterwarnings("ignore", "`shuffle=True` was passed", UserWarning)
             history = causal_lm.fit(
-                x=windows, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True
+                x=x, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True
             )
-        log(f"tiny: pre-training loss {history.history['loss'][0]:.2f} -> {history.history['loss'][-1]:.2f}")
+        log(f"tiny: {family.name} pre-training loss {history.history['loss'][0]:.2f} -> {history.history['loss'][-1]:.2f}")
     return causal_lm
 
 

@@ -1,14 +1,17 @@
-"""The Keras distribution for a run: device mesh, Gemma layout map, checks.
+"""The Keras distribution for a run: device mesh, layout map, checks.
 
-A (1, 8) ("batch", "model") mesh on a TPU v3-8 shards every Gemma weight
+A (1, 8) ("batch", "model") mesh on a TPU v3-8 shards every large weight
 across the 8 cores (`ModelParallel`); a model axis of 1 is plain data
-parallelism (`DataParallel`). Everything that can go wrong is checked before
-any weight is loaded, with a message that says what to change.
+parallelism (`DataParallel`). The model's family gives the layout map and
+the weights it shards as plain data (`pipeline.models.families`), so this
+module knows no model. Everything that can go wrong is checked before any
+weight is loaded, with a message that says what to change.
 
 Example:
 ```python
-backbone_config = read_backbone_config("gemma_instruct_7b_en")
-distribution = build_distribution(cfg.distribution, backbone_config, [cfg.train.batch_size])
+spec = read_model_spec("gemma_instruct_7b_en")
+distribution = build_distribution(cfg.distribution, spec.family.layout_axes, spec.weight_dims(),
+                                  [cfg.train.batch_size])
 keras.distribution.set_distribution(distribution)  # then from_preset(...)
 ```
 """
@@ -20,43 +23,6 @@ from pipeline.errors import InputError
 
 class DistributionError(InputError):
     """The mesh does not fit the devices or the model; the message says why."""
-
-
-# Config field of each dimension of each Gemma weight, in weight order. The
-# layout map shards some of them; each sharded one must divide evenly.
-def gemma_weight_dims(config):
-    """Maps a representative weight path to [(config field, size), ...]."""
-    hidden = ("hidden_dim", config["hidden_dim"])
-    ffw = ("intermediate_dim / 2", config["intermediate_dim"] // 2)
-    head = ("head_dim", config["head_dim"])
-    query = ("num_query_heads", config["num_query_heads"])
-    kv = ("num_key_value_heads", config["num_key_value_heads"])
-    block = "decoder_block_0"
-    return {
-        "token_embedding/embeddings": [("vocabulary_size", config["vocabulary_size"]), hidden],
-        f"{block}/attention/query/kernel": [query, hidden, head],
-        f"{block}/attention/key/kernel": [kv, hidden, head],
-        f"{block}/attention/value/kernel": [kv, hidden, head],
-        f"{block}/attention/attention_output/kernel": [query, head, hidden],
-        f"{block}/ffw_gating/kernel": [hidden, ffw],
-        f"{block}/ffw_gating_2/kernel": [hidden, ffw],
-        f"{block}/ffw_linear/kernel": [ffw, hidden],
-    }
-
-
-def gemma_layout_axes(data_axis="batch", model_axis="model"):
-    """KerasHub's Gemma layout map (GemmaBackbone.get_layout_map) as plain
-    data: weight-path regex -> mesh axis of each dimension. Plain data so
-    that checks and memory plans need no devices; a test pins it to
-    KerasHub's."""
-    return {
-        "token_embedding/embeddings": (model_axis, data_axis),
-        "decoder_block.*attention.*(query|key|value).kernel": (model_axis, data_axis, None),
-        "decoder_block.*attention_output.kernel": (model_axis, None, data_axis),
-        "decoder_block.*ffw_gating.kernel": (data_axis, model_axis),
-        "decoder_block.*ffw_gating_2.kernel": (data_axis, model_axis),
-        "decoder_block.*ffw_linear.kernel": (model_axis, data_axis),
-    }
 
 
 def lora_layout_axes(layout_axes):
@@ -107,10 +73,11 @@ def check_batch_sizes(mesh_shape, batch_sizes):
             )
 
 
-def check_shardable(layout_axes, backbone_config, mesh_shape, axis_names):
-    """`layout_axes` maps layout-map regexes to axis-name tuples."""
+def check_shardable(layout_axes, weight_dims, mesh_shape, axis_names):
+    """`layout_axes` maps layout-map regexes to axis-name tuples;
+    `weight_dims` maps weight paths to [(config field, size), ...]."""
     axis_size = dict(zip(axis_names, mesh_shape))
-    for path, dims in gemma_weight_dims(backbone_config).items():
+    for path, dims in weight_dims.items():
         for (field, size), axis in zip(dims, weight_axes(path, layout_axes)):
             if axis is not None and size % axis_size[axis]:
                 raise DistributionError(
@@ -122,11 +89,11 @@ def check_shardable(layout_axes, backbone_config, mesh_shape, axis_names):
                 )
 
 
-def build_distribution(distribution_cfg, backbone_config, batch_sizes):
+def build_distribution(distribution_cfg, layout_axes, weight_dims, batch_sizes):
     """Initialises multi-host JAX if configured, checks, returns the
-    Keras distribution (not yet set)."""
+    Keras distribution (not yet set). `layout_axes(data_axis, model_axis)`
+    gives the layout map as plain data; `weight_dims` the sizes it shards."""
     import keras
-    import keras_hub
 
     from pipeline.parallel import hosts
 
@@ -144,12 +111,10 @@ def build_distribution(distribution_cfg, backbone_config, batch_sizes):
         # Each host feeds its own rows of every global batch (hosts.local_rows).
         return keras.distribution.DataParallel(device_mesh=mesh, auto_shard_dataset=False)
     mesh = keras.distribution.DeviceMesh(tuple(mesh_shape), axis_names, devices)
-    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(
-        mesh, model_parallel_dim_name=model_axis, data_parallel_dim_name=data_axis
-    )
-    layout_axes = {key: tuple(layout_map[key].axes) for key in layout_map}
-    check_shardable(layout_axes, backbone_config, mesh_shape, axis_names)
-    for key, axes in lora_layout_axes(layout_axes).items():
+    axes_by_weight = layout_axes(data_axis, model_axis)
+    check_shardable(axes_by_weight, weight_dims, mesh_shape, axis_names)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for key, axes in {**axes_by_weight, **lora_layout_axes(axes_by_weight)}.items():
         layout_map[key] = axes
     return keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name=data_axis, auto_shard_dataset=False

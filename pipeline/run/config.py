@@ -105,9 +105,10 @@ class DataConfig:
     # "rules": deterministic rule-based rewrites (the offline demo).
     rewriter: Literal["model", "rules"] = "model"
     template: str = templates.REWRITE_TEMPLATE
-    # true: the request is one user turn in Gemma's chat format and a rewrite
-    # stops at <end_of_turn> or <eos>; false: the reference's bare template,
-    # stopping at <eos> only.
+    # true: the request is one user turn in the model family's chat format
+    # and a rewrite stops at its end of turn (Gemma's <end_of_turn>) or the
+    # end token; false: the reference's bare template, stopping at the end
+    # token (<eos>) only.
     chat_format: bool = True
     batch_size: int = 8
     max_new_tokens: int = 256

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.models.model import read_model_spec
 from pipeline.run.config import load_config
 from pipeline.text.encoder import find_piece_model
 from pipeline.run.run_dir import RunDir
@@ -36,10 +37,11 @@ NOTEBOOK_SCRIPT = REPO_ROOT / "scripts" / "kaggle_predict.py"
 COMBINABLE = ("model", "mean_prompt")
 
 
-def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model):
+def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model, end_of_turn):
     """What the notebook needs (settings.json): the prompt format the
-    adapter was trained with (`trained`, the finetune stage's config), and
-    generation and combination as `cfg` says."""
+    adapter was trained with (`trained`, the finetune stage's config), the
+    token that ends the model family's turn, and generation and combination
+    as `cfg` says."""
     return {
         "base_model": cfg.kaggle.base_model,
         "adapter": adapter,
@@ -51,6 +53,7 @@ def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model):
         "max_response_tokens": trained.train.max_response_tokens,
         "batch_size": cfg.predict.batch_size,
         "max_new_tokens": cfg.predict.max_new_tokens,
+        "end_of_turn": end_of_turn,
         "combine": cfg.predict.combine,
         "separator": cfg.predict.separator,
         "fallback": cfg.predict.fallback,
@@ -89,7 +92,8 @@ def run_kaggle_bundle_stage(cfg, log=print):
         shutil.copyfile(find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), bundle / piece_model)
     trained_config = run.root / cfg.train.out / "config.yaml"
     trained = load_config(trained_config) if trained_config.exists() else cfg
-    settings = bundle_settings(cfg, trained, mean_prompt, None if merged else source.name, piece_model)
+    end_of_turn = read_model_spec(trained.model.preset).family.end_of_turn
+    settings = bundle_settings(cfg, trained, mean_prompt, None if merged else source.name, piece_model, end_of_turn)
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2))
     shutil.copyfile(REQUIREMENTS, bundle / "requirements.txt")
     shutil.copyfile(NOTEBOOK_SCRIPT, bundle / NOTEBOOK_SCRIPT.name)

@@ -109,15 +109,16 @@ def _rewrite(cfg, plan, todo, log):
             yield rows[start : start + cfg.data.batch_size]
         return
     from pipeline.models.generation import BatchedGenerator
-    from pipeline.models.model import load_gemma
+    from pipeline.models.model import load_model
     from pipeline.text.tokens import tokenize_batch
 
-    causal_lm, tokenizer = load_gemma(cfg, [cfg.data.batch_size])
+    causal_lm, tokenizer = load_model(cfg, [cfg.data.batch_size])
+    chat_turn = _chat_turn(cfg)
     requests = [
-        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, cfg.data.chat_format)
+        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, chat_turn)
         for r in plan.itertuples()
     ]
-    # The chat-format string already starts the turn; Gemma wants <bos> first.
+    # The chat-format string starts the turn; the start token (<bos>) comes first.
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
     stops = None if cfg.data.chat_format else [tokenizer.end_token_id]  # the reference stopped at <eos> only
     generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log,
@@ -131,13 +132,20 @@ def _rewrite(cfg, plan, todo, log):
             "and were cut there; raise it to keep them whole")
 
 
+def _chat_turn(cfg):
+    """The model family's chat turn, or None for the bare template."""
+    from pipeline.models.model import read_model_spec
+
+    return read_model_spec(cfg.model.preset).family.chat_turn if cfg.data.chat_format else None
+
+
 def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
     """A partial file only resumes the setup it was written with: the plan,
     and everything that changes how a row is rewritten."""
     data = cfg.data
     setup = [data.template, data.rewriter]
     if data.rewriter == "model":
-        setup += [templates.CHAT_TURN if data.chat_format else None, cfg.model.preset, cfg.model.dtype,
+        setup += [_chat_turn(cfg), cfg.model.preset, cfg.model.dtype,
                   data.max_new_tokens, data.batch_size]
     digest = hashlib.sha256(
         pd.util.hash_pandas_object(plan, index=False).values.tobytes() + json.dumps(setup).encode()

@@ -1,4 +1,4 @@
-"""The export stage: Gemma with its LoRA adapter merged, in Hugging Face
+"""The export stage: Gemma (1, 1.1, 2) with its LoRA adapter merged, in Hugging Face
 transformers format (safetensors, config, tokenizer), and the adapter alone
 in PEFT's format.
 
@@ -34,7 +34,8 @@ import json
 
 import numpy as np
 
-from pipeline.models.model import PER_HEAD_INPUT, PROJECTIONS, load_adapter, load_gemma, projections
+from pipeline.models.families.registry import FAMILIES
+from pipeline.models.model import PER_HEAD_INPUT, PROJECTIONS, load_adapter, load_model, projections, read_model_spec
 from pipeline.errors import InputError
 from pipeline.run.run_dir import RunDir
 
@@ -84,8 +85,16 @@ def run_export_stage(cfg, log=print):
     if not cfg.export.merged and not (cfg.export.peft and run.export_adapter):
         raise InputError("export.merged is false and there is no PEFT adapter to write (export.peft false, or "
                          "export.adapter none): nothing to export")
+    family = read_model_spec(cfg.model.preset).family
+    if not family.transformers_export:
+        built = ", ".join(f.name for f in FAMILIES.values() if f.transformers_export)
+        raise InputError(
+            f"export: model.preset is a {family.name} model; the transformers export (and the Kaggle bundle) is "
+            f"built and checked for {built} only so far. The other stages run on {family.name}: predict writes "
+            "the submission on the TPU"
+        )
     stage_dir = run.start_stage(cfg, cfg.export.out)
-    causal_lm, tokenizer = load_gemma(cfg, [cfg.distribution.mesh_shape[0]])
+    causal_lm, tokenizer = load_model(cfg, [cfg.distribution.mesh_shape[0]])
     adapter = run.export_adapter
     if adapter:
         load_adapter(causal_lm, adapter)

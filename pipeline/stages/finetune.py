@@ -1,4 +1,4 @@
-"""The finetune stage: LoRA on Gemma for prompt recovery.
+"""The finetune stage: LoRA on the model (any family) for prompt recovery.
 
 Reads the data CSV, splits it (train / validation / holdout, contiguous),
 trains LoRA weights with the loss on response tokens only, and writes into
@@ -28,7 +28,7 @@ from pipeline.parallel.checkpoint import CheckpointStore, Progress
 from pipeline.models.disk import check_disk, plan_disk
 from pipeline.parallel.distribution import data_sharding
 from pipeline.models.lora_training import compile_lora_training
-from pipeline.models.model import enable_lora, load_gemma, read_backbone_config, save_adapter
+from pipeline.models.model import enable_lora, load_model, read_model_spec, save_adapter
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.run.run_dir import RunDir
 from pipeline.parallel.runtime import set_seed
@@ -104,9 +104,9 @@ def run_finetune_stage(cfg, log=print):
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
     # Before any weight is loaded: will what the run writes fit?
-    plan = plan_disk(cfg, read_backbone_config(cfg.model.preset))
+    plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
     hosts.share_from_main(lambda: check_disk(plan, run.root, log))
-    causal_lm, tokenizer = load_gemma(cfg, [tc.batch_size])
+    causal_lm, tokenizer = load_model(cfg, [tc.batch_size])
     set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
@@ -164,7 +164,7 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
     per_epoch = batches.steps_per_epoch
     val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
     throughput = Throughput(
-        flops.train_flops_per_token(read_backbone_config(cfg.model.preset), tc.sequence_length),
+        flops.train_flops_per_token(read_model_spec(cfg.model.preset), tc.sequence_length),
         cfg.hardware.peak_tflops_per_device,
         len(keras.distribution.list_devices()),
     )

@@ -22,7 +22,7 @@ from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit
 from pipeline.parallel import hosts
 from pipeline.models.generation import BatchedGenerator
-from pipeline.models.model import load_adapter, load_gemma
+from pipeline.models.model import load_adapter, load_model
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.run.run_dir import RunDir
 from pipeline.text.tables import write_table
@@ -43,7 +43,7 @@ def run_predict_stage(cfg, log=print):
     # Process 0 reads the inputs (its files are the ones that count); every host gets them.
     df, parts = hosts.share_from_main(read_inputs)
     log(f"predict: {len(df)} rows from {run.predict_input} (rows: {cfg.predict.rows})")
-    causal_lm, tokenizer = load_gemma(cfg, [cfg.predict.batch_size])
+    causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
     adapter = run.predict_adapter
     if adapter:
         load_adapter(causal_lm, adapter)

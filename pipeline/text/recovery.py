@@ -1,6 +1,7 @@
 """Token-level format of the recovery task, shared by finetune and predict.
 
-A training example is `<bos> prompt response <eos>`; `pipeline.text.batching`
+A training example is `<bos> prompt response <eos>` (no `<bos>` where the
+tokenizer has no start token, as Qwen's); `pipeline.text.batching`
 pads it and shifts it by one for next-token prediction. The sample weight is
 1 on the response tokens (and `<eos>`) only: the prompt and the padding
 teach nothing. Texts too long for `sequence_length` are cut
@@ -20,7 +21,7 @@ import numpy as np
 
 from pipeline.text.batching import EncodedRows
 from pipeline.text.templates import format_recovery
-from pipeline.text.tokens import tokenize_batch
+from pipeline.text.tokens import start_ids, tokenize_batch
 from pipeline.errors import InputError
 
 _MARGIN = 4  # re-tokenising cut text can add a token or two
@@ -30,7 +31,7 @@ class RecoveryFormatter:
     """Turns (original, rewritten, prompt) rows into the model's tokens.
 
     Args:
-        tokenizer: the Gemma tokenizer (`GemmaTokenizer`).
+        tokenizer: the model's KerasHub tokenizer.
         template: the recovery template, with `{original_text}` and
             `{rewritten_text}`; the answer follows it directly.
         sequence_length: tokens per training example, answer included.
@@ -52,6 +53,7 @@ class RecoveryFormatter:
         self.sequence_length = sequence_length
         self.max_response_tokens = max_response_tokens
         self.prompt_budget = sequence_length - max_response_tokens
+        self.start = start_ids(tokenizer)
         overhead = len(tokenize_batch(tokenizer, [format_recovery(template, "", "")], add_bos=True)[0])
         self.text_budget = self.prompt_budget - overhead - _MARGIN
         if self.text_budget < 16:
@@ -84,20 +86,20 @@ class RecoveryFormatter:
     def prompt_ids(self, df):
         """`<bos>` + prompt tokens of each row, for generation."""
         ids = tokenize_batch(self.tokenizer, self.prompt_texts(df))
-        bos = self.tokenizer.start_token_id
-        return [[bos] + row[-(self.prompt_budget - 1) :] for row in ids]
+        keep = self.prompt_budget - len(self.start)
+        return [self.start + row[-keep:] for row in ids]
 
     def encode(self, df):
         """`<bos> prompt response <eos>` token ids of every row, for training
-        (`pipeline.text.batching`). Prompts keep their last `prompt_budget - 1`
-        tokens, as in `prompt_ids`; responses longer than
+        (`pipeline.text.batching`). Prompts keep their last tokens, as in
+        `prompt_ids`; responses longer than
         `max_response_tokens - 1` are cut, and counted."""
         prompts = tokenize_batch(self.tokenizer, self.prompt_texts(df))
         responses = tokenize_batch(self.tokenizer, df["rewrite_prompt"])
         tok = self.tokenizer
         ids, prompt_lengths, cut = [], [], 0
         for prompt, response in zip(prompts, responses):
-            prompt = [tok.start_token_id] + prompt[-(self.prompt_budget - 1) :]
+            prompt = self.start + prompt[-(self.prompt_budget - len(self.start)) :]
             cut += len(response) > self.max_response_tokens - 1
             response = response[: self.max_response_tokens - 1] + [tok.end_token_id]
             ids.append(np.asarray(prompt + response, np.int32))

@@ -28,18 +28,15 @@ RECOVERY_TEMPLATE = (
     "### Response:\n"
 )
 
-# Gemma instruct models expect one user turn, then the model's turn.
-CHAT_TURN = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
-
-END_OF_TURN = "<end_of_turn>"
 
 
-def format_rewrite_request(template, rewrite_prompt, original_text, chat_format=True):
+def format_rewrite_request(template, rewrite_prompt, original_text, chat_turn=None):
     """The request that asks the instruct model for a rewrite: one user turn
-    in Gemma's chat format, or (chat_format=False, as the reference did)
-    the bare template."""
+    in the model family's chat format (`chat_turn`, with `{content}`; see
+    `pipeline.models.families`), or (None, as the reference did) the bare
+    template."""
     content = template.format(rewrite_prompt=rewrite_prompt, original_text=original_text)
-    return CHAT_TURN.format(content=content) if chat_format else content
+    return chat_turn.format(content=content) if chat_turn else content
 
 
 def format_recovery(template, original_text, rewritten_text):

@@ -2,34 +2,43 @@
 
 Example:
 ```python
-ids = tokenize_batch(tokenizer, ["A cat sat."], add_bos=True)  # [[2, ...]]
-stops = stop_token_ids(tokenizer)  # <eos>, and <end_of_turn> for instruct models
+ids = tokenize_batch(tokenizer, ["A cat sat."], add_bos=True)  # [[2, ...]] (Gemma's <bos> is 2)
+stops = stop_token_ids(tokenizer, "<end_of_turn>")  # <eos> and Gemma's end of turn
 strip_generated(output_ids, len(ids[0]), stops)  # the new tokens, up to a stop
 ```
 """
 
-from pipeline.text.templates import END_OF_TURN
+
+
+def start_ids(tokenizer):
+    """What a sequence starts with: the start token (`<bos>`), or nothing
+    for a tokenizer without one (Qwen's)."""
+    start = tokenizer.start_token_id
+    return [] if start is None else [start]
 
 
 def tokenize_batch(tokenizer, texts, add_bos=False):
-    """Token ids of each text as Python lists."""
+    """Token ids of each text as Python lists; `add_bos`: each after the
+    start token, where the tokenizer has one."""
     ids = tokenizer(list(texts))
     if hasattr(ids, "to_list"):  # a tf.RaggedTensor
         ids = ids.to_list()
     ids = [list(map(int, row)) for row in ids]
     if add_bos:
-        ids = [[tokenizer.start_token_id] + row for row in ids]
+        ids = [start_ids(tokenizer) + row for row in ids]
     return ids
 
 
-def stop_token_ids(tokenizer):
-    """`<eos>`, and `<end_of_turn>` where the vocabulary has it (instruct)."""
+def stop_token_ids(tokenizer, end_of_turn=None):
+    """The end token, and the token `end_of_turn` that ends an instruct
+    model's turn where the vocabulary has it."""
     stops = [tokenizer.end_token_id]
-    try:
-        stops.append(tokenizer.token_to_id(END_OF_TURN))
-    except (KeyError, ValueError):
-        pass
-    return stops
+    if end_of_turn:
+        try:
+            stops.append(tokenizer.token_to_id(end_of_turn))
+        except (KeyError, ValueError):
+            pass
+    return list(dict.fromkeys(stops))
 
 
 def strip_generated(token_ids, prompt_length, stops):

@@ -22,12 +22,12 @@ from pipeline.stages.finetune import run_finetune_stage
 from pipeline.stages.mean_prompt import run_mean_prompt_stage
 from pipeline.stages.predict import run_predict_stage
 from pipeline.stages.score import run_score_stage
-from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts
+from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts_for
 
 
 def run_demo(cfg, log=print):
     if Path(cfg.model.preset).is_relative_to(TINY_DIR):
-        build_tiny_artifacts(TINY_DIR, log=log)
+        build_tiny_artifacts_for(cfg.model.preset, log=log)
     stages = (("data", run_data_stage), ("finetune", run_finetune_stage), ("mean-prompt", run_mean_prompt_stage))
     for name, stage in stages:
         log(f"=== {name} ===")

@@ -1,0 +1,98 @@
+"""What the pipeline needs from a model family, as plain data.
+
+A `Family` names the KerasHub classes of a family and holds what differs
+between families: the chat format of a rewrite request and the token that
+ends the model's turn, the weights the layout map shards (as plain data, so
+that mesh checks and memory plans need no devices), published architectures
+for plans and random-weight runs, and the tiny stand-in's architecture. One
+module per family in this folder fills one in; `registry.FAMILIES` lists
+them.
+
+Example:
+```python
+spec = ModelSpec(registry.by_backbone_class("MistralBackbone"), backbone_config)
+spec.dims.num_layers, spec.weight_dims()["token_embedding/embeddings"]
+spec.family.layout_axes("batch", "model")
+```
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimensions:
+    """A backbone's sizes under one set of names, whatever its config calls
+    them (`ffw_dim` is the width of each of the two gating projections)."""
+
+    vocabulary_size: int
+    num_layers: int
+    num_query_heads: int
+    num_key_value_heads: int
+    hidden_dim: int
+    head_dim: int
+    ffw_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family as the pipeline runs it.
+
+    Args:
+        name: the family's name in messages and the README (`gemma3`).
+        backbone_class / causal_lm_class / tokenizer_class: KerasHub's
+            class names (`class_name` in a preset's config.json).
+        chat_turn: one user turn, then the start of the model's turn, with
+            `{content}` for the request (what the instruct model expects).
+        end_of_turn: the token that ends the model's turn, where it is not
+            the tokenizer's end token (None: the end token ends it).
+        dimensions: backbone config -> `Dimensions`.
+        weight_dims: backbone config -> {representative weight path:
+            [(config field, size) of each dimension]}, the paths the layout
+            map matches; the decoder block's paths stand for every block.
+        layout_axes: (data axis, model axis) -> {weight-path regex: mesh
+            axis of each dimension}, as Keras' `LayoutMap` reads it.
+        architectures: {name: backbone config} of published models, for
+            plans and random-weight runs (no download).
+        tiny_config: the tiny stand-in's backbone config (every sharded
+            dimension divides by 8).
+        presets: KerasHub presets of the family (the README's table).
+        fast_decoder: whether `decoding.GemmaDecoder` runs this family
+            (else KerasHub's own decoding step runs, on the same buckets).
+        transformers_export: whether the export stage (and so the Kaggle
+            bundle) is built and checked for this family.
+        check_config: backbone config -> None, raising `InputError` for a
+            variant the pipeline does not run (a vision tower, experts).
+    """
+
+    name: str
+    backbone_class: str
+    causal_lm_class: str
+    tokenizer_class: str
+    chat_turn: str
+    end_of_turn: Optional[str]
+    dimensions: Callable
+    weight_dims: Callable
+    layout_axes: Callable
+    architectures: dict
+    tiny_config: dict
+    presets: tuple
+    fast_decoder: bool = False
+    transformers_export: bool = False
+    check_config: Callable = lambda config: None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model as its config.json describes it: its family and its backbone
+    config (no weights)."""
+
+    family: Family
+    config: dict
+
+    @property
+    def dims(self):
+        return self.family.dimensions(self.config)
+
+    def weight_dims(self):
+        return self.family.weight_dims(self.config)

@@ -1,0 +1,78 @@
+"""Gemma 1, 1.1 and 2 (`GemmaBackbone`), the reference notebooks' family.
+
+The only family `decoding.GemmaDecoder` runs: its blocks are read through
+`keras_internals.gemma_blocks`. Gemma's `intermediate_dim` is the width of
+both gating projections together.
+"""
+
+from pipeline.models.families.family import Dimensions, Family
+
+CHAT_TURN = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+END_OF_TURN = "<end_of_turn>"
+
+
+def gemma_dimensions(config, ffw_dim=None):
+    return Dimensions(config["vocabulary_size"], config["num_layers"], config["num_query_heads"],
+                      config["num_key_value_heads"], config["hidden_dim"], config["head_dim"],
+                      ffw_dim or config["intermediate_dim"] // 2)
+
+
+def gemma_weight_dims(config, dims=None):
+    """Gemma's sharded weights (Gemma 3 and 4 name theirs the same way)."""
+    dims = dims or gemma_dimensions(config)
+    hidden = ("hidden_dim", dims.hidden_dim)
+    ffw = ("intermediate_dim / 2" if dims.ffw_dim != config["intermediate_dim"] else "intermediate_dim",
+           dims.ffw_dim)
+    head = ("head_dim", dims.head_dim)
+    query = ("num_query_heads", dims.num_query_heads)
+    kv = ("num_key_value_heads", dims.num_key_value_heads)
+    block = "decoder_block_0"
+    return {
+        "token_embedding/embeddings": [("vocabulary_size", dims.vocabulary_size), hidden],
+        f"{block}/attention/query/kernel": [query, hidden, head],
+        f"{block}/attention/key/kernel": [kv, hidden, head],
+        f"{block}/attention/value/kernel": [kv, hidden, head],
+        f"{block}/attention/attention_output/kernel": [query, head, hidden],
+        f"{block}/ffw_gating/kernel": [hidden, ffw],
+        f"{block}/ffw_gating_2/kernel": [hidden, ffw],
+        f"{block}/ffw_linear/kernel": [ffw, hidden],
+    }
+
+
+def gemma_layout_axes(data_axis="batch", model_axis="model"):
+    """KerasHub's Gemma layout map (GemmaBackbone.get_layout_map) as plain
+    data; a test pins it to KerasHub's."""
+    return {
+        "token_embedding/embeddings": (model_axis, data_axis),
+        "decoder_block.*attention.*(query|key|value).kernel": (model_axis, data_axis, None),
+        "decoder_block.*attention_output.kernel": (model_axis, None, data_axis),
+        "decoder_block.*ffw_gating.kernel": (data_axis, model_axis),
+        "decoder_block.*ffw_gating_2.kernel": (data_axis, model_axis),
+        "decoder_block.*ffw_linear.kernel": (model_axis, data_axis),
+    }
+
+
+FAMILY = Family(
+    name="gemma",
+    backbone_class="GemmaBackbone",
+    causal_lm_class="GemmaCausalLM",
+    tokenizer_class="GemmaTokenizer",
+    chat_turn=CHAT_TURN,
+    end_of_turn=END_OF_TURN,
+    dimensions=gemma_dimensions,
+    weight_dims=gemma_weight_dims,
+    layout_axes=gemma_layout_axes,
+    # KerasHub's preset configs.
+    architectures={
+        "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                         hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+        "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                         hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+    },
+    tiny_config=dict(vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8,
+                     hidden_dim=128, intermediate_dim=512, head_dim=16),
+    presets=("gemma_instruct_2b_en", "gemma_instruct_7b_en", "gemma_1.1_instruct_7b_en", "gemma2_instruct_2b_en",
+             "gemma2_instruct_9b_en", "gemma2_instruct_27b_en"),
+    fast_decoder=True,
+    transformers_export=True,
+)

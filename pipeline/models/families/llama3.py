@@ -1,0 +1,36 @@
+"""Llama 3, 3.1 and 3.2 (`Llama3Backbone`): Llama-style blocks, KerasHub's
+Llama layout map, a byte-level BPE tokenizer; a request is a user header
+block and `<|eot_id|>` ends the assistant's turn."""
+
+from pipeline.models.families.family import Family
+from pipeline.models.families.llama_style import (
+    llama_style_dimensions,
+    llama_style_layout_axes,
+    llama_style_weight_dims,
+)
+
+
+FAMILY = Family(
+    name="llama3",
+    backbone_class="Llama3Backbone",
+    causal_lm_class="Llama3CausalLM",
+    tokenizer_class="Llama3Tokenizer",
+    chat_turn=("<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    end_of_turn="<|eot_id|>",
+    dimensions=llama_style_dimensions,
+    weight_dims=llama_style_weight_dims(tied_by_default=False),
+    layout_axes=llama_style_layout_axes,
+    # As published (Hugging Face config.json).
+    architectures={
+        "llama3.2_1b": dict(vocabulary_size=128256, num_layers=16, num_query_heads=32, num_key_value_heads=8,
+                            hidden_dim=2048, intermediate_dim=8192, tie_word_embeddings=True),
+        "llama3.2_3b": dict(vocabulary_size=128256, num_layers=28, num_query_heads=24, num_key_value_heads=8,
+                            hidden_dim=3072, intermediate_dim=8192, tie_word_embeddings=True),
+        "llama3_8b": dict(vocabulary_size=128256, num_layers=32, num_query_heads=32, num_key_value_heads=8,
+                          hidden_dim=4096, intermediate_dim=14336),
+    },
+    tiny_config=dict(vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8, hidden_dim=128,
+                     intermediate_dim=256),
+    presets=("llama3.2_instruct_1b", "llama3.2_instruct_3b", "llama3_instruct_8b_en", "llama3.1_instruct_8b"),
+)

@@ -1,0 +1,57 @@
+"""The decoder block Mistral, Llama 3 and Qwen 3 share in KerasHub
+(`transformer_layer_<i>/self_attention/...`, gate/up/down feed-forward):
+its weights and its layout map, the one KerasHub's `LlamaBackbone` has,
+plus the untied output embedding, sharded like the input one."""
+
+from pipeline.models.families.family import Dimensions
+
+
+def llama_style_dimensions(config):
+    head_dim = config.get("head_dim") or config["hidden_dim"] // config["num_query_heads"]
+    return Dimensions(config["vocabulary_size"], config["num_layers"], config["num_query_heads"],
+                      config["num_key_value_heads"], config["hidden_dim"], head_dim, config["intermediate_dim"])
+
+
+def llama_style_weight_dims(tied_by_default):
+    """config -> weight dims, the output embedding tied to the input one as
+    the config's `tie_word_embeddings` says (`tied_by_default` where it says
+    nothing, as Mistral's)."""
+    return lambda config: _weight_dims(config, config.get("tie_word_embeddings", tied_by_default))
+
+
+def _weight_dims(config, tied_embeddings):
+    dims = llama_style_dimensions(config)
+    hidden = ("hidden_dim", dims.hidden_dim)
+    vocabulary = ("vocabulary_size", dims.vocabulary_size)
+    ffw = ("intermediate_dim", dims.ffw_dim)
+    head = ("head_dim", dims.head_dim)
+    query = ("num_query_heads", dims.num_query_heads)
+    kv = ("num_key_value_heads", dims.num_key_value_heads)
+    block = "transformer_layer_0"
+    weights = {"token_embedding/embeddings": [vocabulary, hidden]}
+    if not tied_embeddings:
+        weights["token_embedding/reverse_embeddings"] = [hidden, vocabulary]
+    weights.update({
+        f"{block}/self_attention/query/kernel": [hidden, query, head],
+        f"{block}/self_attention/key/kernel": [hidden, kv, head],
+        f"{block}/self_attention/value/kernel": [hidden, kv, head],
+        f"{block}/self_attention/attention_output/kernel": [query, head, hidden],
+        f"{block}/feedforward_gate_dense/kernel": [hidden, ffw],
+        f"{block}/feedforward_intermediate_dense/kernel": [hidden, ffw],
+        f"{block}/feedforward_output_dense/kernel": [ffw, hidden],
+    })
+    return weights
+
+
+def llama_style_layout_axes(data_axis="batch", model_axis="model"):
+    """KerasHub's `LlamaBackbone.get_layout_map` as plain data (a test pins
+    it), with the untied output embedding."""
+    return {
+        "token_embedding/embeddings": (model_axis, data_axis),
+        "token_embedding/reverse_embeddings": (data_axis, model_axis),
+        "transformer_layer.*self_attention.*(query|key|value).kernel": (model_axis, data_axis, None),
+        "transformer_layer.*attention_output.kernel": (model_axis, None, data_axis),
+        "transformer_layer.*feedforward_intermediate_dense.kernel": (data_axis, model_axis),
+        "transformer_layer.*feedforward_gate_dense.kernel": (data_axis, model_axis),
+        "transformer_layer.*feedforward_output_dense.kernel": (model_axis, data_axis),
+    }

@@ -1,0 +1,287 @@
+"""Every model family (pipeline/models/families/) through the model layer:
+KerasHub's classes and presets, the weights the layout map shards and the
+plans count, the mesh checks, decoding tokens equal to KerasHub's
+`generate`, and (slow) every stage on each family's tiny stand-in, one of
+them on the simulated pod."""
+
+import json
+import re
+
+import keras
+import keras_hub
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.models import flops
+from pipeline.models.families import llama_style
+from pipeline.models.families.registry import FAMILIES
+from pipeline.models.families.family import ModelSpec
+from pipeline.models.memory import plan_memory
+from pipeline.models.model import enable_lora, model_distribution, read_model_spec
+from pipeline.models.step_decoding import KerasHubStepDecoder
+from pipeline.parallel.distribution import DistributionError, check_shardable
+from pipeline.parallel.runtime import set_seed
+from pipeline.run.config import DistributionConfig, LoraConfig, load_config
+from processes import ROOT, run_stage
+from test_pod import lora_weights
+
+OTHER_FAMILIES = [name for name in FAMILIES if name != "gemma"]
+MESH = DistributionConfig(mesh_shape=[1, 8])
+
+
+def block_zero(path):
+    """A weight's path with its block's index made 0, as `weight_dims` names it."""
+    return re.sub(r"(decoder_block|transformer_layer)_\d+/", r"\1_0/", path)
+
+
+def random_causal_lm(family, **overrides):
+    """A random-weight CausalLM of the family's tiny architecture, sharded
+    on the (1, 8) mesh by the family's layout map."""
+    config = {**family.tiny_config, **overrides}
+    set_seed(0)
+    with model_distribution(MESH, ModelSpec(family, config), [8]).scope():
+        backbone = getattr(keras_hub.models, family.backbone_class)(**config, dtype="float32")
+        return getattr(keras_hub.models, family.causal_lm_class)(backbone=backbone, preprocessor=None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_names_kerashubs_classes_and_presets(name):
+    family = FAMILIES[name]
+    backbone_class = getattr(keras_hub.models, family.backbone_class)
+    assert getattr(keras_hub.models, family.causal_lm_class).backbone_cls is backbone_class
+    assert getattr(keras_hub.models, family.tokenizer_class).backbone_cls is backbone_class
+    assert set(family.presets) <= set(backbone_class.presets)
+    assert family.chat_turn.count("{content}") == 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_weight_dims_layout_and_flops_cover_the_backbone(name):
+    """Every matrix of the built backbone is in `weight_dims` with its
+    shape, sharded as the layout says; the FLOPs count its matmuls."""
+    family = FAMILIES[name]
+    causal_lm = random_causal_lm(family)
+    spec = ModelSpec(family, family.tiny_config)
+    dims, layout = spec.weight_dims(), family.layout_axes("batch", "model")
+    matrices = [w for w in causal_lm.backbone.weights if len(w.shape) >= 2]
+    for w in matrices:
+        path = block_zero(w.path)
+        assert path in dims, f"{w.path} is missing from {name}'s weight_dims"
+        assert tuple(w.shape) == tuple(size for _, size in dims[path]), w.path
+        sharded = [a for a in next((axes for pattern, axes in layout.items() if re.fullmatch(pattern, w.path)), ())
+                   if a is not None]
+        assert ("model" in sharded) == (len(w.value.sharding.device_set) == 8), w.path
+    assert {block_zero(w.path) for w in matrices} == set(dims)
+    lookup_only = "token_embedding/reverse_embeddings" in dims  # untied: the input embedding is a lookup
+    matmuls = sum(int(np.prod(w.shape)) for w in matrices if not (lookup_only and w.path.endswith("/embeddings")))
+    assert flops.matmul_parameter_count(spec) == matmuls
+
+
+def test_llama_style_layout_is_kerashubs_llama_layout_map():
+    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "shard"], keras.distribution.list_devices())
+    layout_map = keras_hub.models.Llama3Backbone.get_layout_map(mesh, "shard", "data")
+    ours = llama_style.llama_style_layout_axes("data", "shard")
+    assert {k: tuple(layout_map[k].axes) for k in layout_map} == {
+        k: v for k, v in ours.items() if k != "token_embedding/reverse_embeddings"}
+
+
+def test_mesh_check_says_which_dimension_to_change():
+    gemma3_4b = ModelSpec(FAMILIES["gemma3"], FAMILIES["gemma3"].architectures["gemma3_4b"])
+    layout = FAMILIES["gemma3"].layout_axes("batch", "model")
+    with pytest.raises(DistributionError, match=r"num_key_value_heads=4 .* 'model' mesh axis \(8\)"):
+        check_shardable(layout, gemma3_4b.weight_dims(), [1, 8], ["batch", "model"])
+    check_shardable(layout, gemma3_4b.weight_dims(), [2, 4], ["batch", "model"])
+    mistral = FAMILIES["mistral"]
+    check_shardable(mistral.layout_axes("batch", "model"),
+                    ModelSpec(mistral, mistral.architectures["mistral_7b"]).weight_dims(), [1, 8], ["batch", "model"])
+
+
+def test_a_preset_of_another_family_or_with_a_vision_tower_is_refused(tmp_path):
+    other = tmp_path / "phi"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"class_name": "Phi3Backbone", "config": {}}))
+    with pytest.raises(InputError, match=r"is a Phi3Backbone, which the pipeline does not run; it runs gemma "
+                                         r"\(GemmaBackbone\), gemma3 .*mistral.*llama3.*qwen3"):
+        read_model_spec(other)
+    vision = tmp_path / "gemma3_vision"
+    vision.mkdir()
+    config = dict(FAMILIES["gemma3"].tiny_config, vision_encoder={"class_name": "Gemma3VisionEncoder"})
+    (vision / "config.json").write_text(json.dumps({"class_name": "Gemma3Backbone", "config": config}))
+    with pytest.raises(InputError, match="vision tower.*gemma3_instruct_4b_text"):
+        read_model_spec(vision)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_memory_plan_of_every_published_architecture(name):
+    """The plan's frozen weights on a v3-8 are the model's weights (in
+    bfloat16), an eighth of each sharded one per core."""
+    cfg = load_config("configs/kaggle_tpu_v3_8.yaml")
+    family = FAMILIES[name]
+    for architecture, config in family.architectures.items():
+        spec = ModelSpec(family, config)
+        total = sum(int(np.prod([size for _, size in sizes])) * (1 if path.startswith("token_embedding")
+                                                                  else spec.dims.num_layers)
+                    for path, sizes in spec.weight_dims().items())
+        plan = plan_memory(cfg, spec)
+        assert total * 2 / 8 <= plan.frozen <= total * 2 / 8 * 1.2, architecture
+        assert plan.kv_cache > 0 and plan.activations > 0
+
+
+def test_readme_model_table_is_the_memory_plans():
+    from pipeline.models.model_table import TARGET_CONFIGS, markdown_table, model_table
+
+    block = (ROOT / "README.md").read_text().split("<!-- model-table -->\n")[1].split("\n<!-- /model-table -->")[0]
+    table = markdown_table(model_table({name: load_config(ROOT / path) for name, path in TARGET_CONFIGS.items()}))
+    assert block == table, "README's model table is out of date: paste `python scripts/model_table.py` into it"
+
+
+def ragged_prompts(rng, lengths, length, vocabulary_size):
+    token_ids = np.zeros((len(lengths), length), "int32")
+    padding_mask = np.zeros((len(lengths), length), bool)
+    for row, n in enumerate(lengths):
+        token_ids[row, :n] = rng.integers(10, vocabulary_size, n)
+        padding_mask[row, :n] = True
+    return token_ids, padding_mask
+
+
+def kerashub_greedy_tokens(causal_lm, inputs, stop):
+    """KerasHub's `generate` (greedy); for Gemma 3, whose `generate` fails
+    without a preprocessor (pinned below), the step it compiles, run eagerly."""
+    causal_lm.compile(sampler="greedy")
+    if isinstance(causal_lm, keras_hub.models.Gemma3CausalLM):
+        return causal_lm.generate_step(inputs, stop)["token_ids"]
+    return causal_lm.generate(inputs, stop_token_ids=stop)["token_ids"]
+
+
+def test_kerashub_gemma3_generate_fails_without_a_preprocessor():
+    """keras-hub 0.32: Gemma 3's text-only `generate_step` returns
+    `images: None`, which `generate` then concatenates across batches. The
+    pipeline runs `generate_step` itself (`step_decoding`), so it is not
+    touched; when this starts passing, `kerashub_greedy_tokens` can call
+    `generate` for Gemma 3 too."""
+    causal_lm = random_causal_lm(FAMILIES["gemma3"])
+    inputs = {"token_ids": np.full((1, 8), 5, "int32"), "padding_mask": np.arange(8)[None] < 4}
+    with pytest.raises(ValueError, match="None is not a valid value for jnp.array"):
+        causal_lm.generate(inputs, stop_token_ids=[1])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("gemma3", {"sliding_window_size": 8}), ("mistral", {"sliding_window": 8}), ("llama3", {}), ("qwen3", {}),
+], ids=["gemma3-window-8", "mistral-window-8", "llama3", "qwen3"])
+def test_step_decoder_gives_kerashubs_greedy_tokens_whatever_the_batch(name, overrides):
+    """On the (1, 8) mesh, LoRA on: a batch of ragged prompts, padded to one
+    bucket, decodes each row to the tokens `generate` gives it alone. Gemma
+    3's and Mistral's windows are shorter than the longer prompts."""
+    causal_lm = random_causal_lm(FAMILIES[name], **overrides)
+    enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
+    rng = np.random.default_rng(1)
+    for layer in causal_lm.backbone.weights:
+        if "lora_kernel_b" in layer.path:  # zeros at first: make the adapter count
+            layer.assign(rng.normal(0, 0.05, layer.shape).astype("float32"))
+    lengths, new_tokens, length = [5, 19, 12], 12, 40
+    token_ids, padding_mask = ragged_prompts(rng, lengths, length, causal_lm.backbone.vocabulary_size)
+    stop = [int(token_ids[0, 0])]  # some id: rows that write it end there
+    decoded = KerasHubStepDecoder(causal_lm, stop)(token_ids, padding_mask, new_tokens)
+    for row, n in enumerate(lengths):
+        alone = {"token_ids": token_ids[row : row + 1, : n + new_tokens],
+                 "padding_mask": padding_mask[row : row + 1, : n + new_tokens]}
+        expected = list(np.asarray(kerashub_greedy_tokens(causal_lm, alone, stop))[0, n:])
+        got = list(decoded[row, n : n + new_tokens])
+        end = expected.index(stop[0]) + 1 if stop[0] in expected else new_tokens
+        assert got[:end] == expected[:end], f"row {row}"
+
+
+BUILD_FAMILIES = """
+import sys
+from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
+setup_environment(DistributionConfig(host_device_count=0))
+from pipeline.models.tiny import build_tiny_family
+for name in sys.argv[2:]:
+    build_tiny_family(sys.argv[1], name, pretrain_steps=100, log=lambda *_: None)
+"""
+
+
+@pytest.fixture(scope="module")
+def family_presets(tiny):
+    """Each family's tiny preset, built as `make tiny` builds them but
+    pre-trained for 100 steps, not 300 (the stages need a model that writes
+    words, not one that learns the demo's task; 300 steps cost the suite about
+    twelve minutes more). Kept under artifacts/tiny/tests/ between sessions."""
+    import subprocess
+    import sys
+
+    root = tiny.root / "tests"
+    # In a child process: the builder seeds TensorFlow (for its tf.data
+    # shuffle), which here would break the session's tokenizers (see
+    # runtime.set_seed).
+    subprocess.run([sys.executable, "-c", BUILD_FAMILIES, str(root), *OTHER_FAMILIES], cwd=ROOT, check=True)
+    return {name: root / f"{name}_tiny" for name in OTHER_FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_chat_turn_ends_at_a_stop_token(family_presets, name):
+    from pipeline.text.tokens import stop_token_ids, tokenize_batch
+
+    family = FAMILIES[name]
+    tokenizer = getattr(keras_hub.models, family.tokenizer_class).from_preset(str(family_presets[name]))
+    stops = stop_token_ids(tokenizer, family.end_of_turn)
+    (ids,) = tokenize_batch(tokenizer, [family.chat_turn.format(content="Make it rhyme.")], add_bos=True)
+    assert (ids[0] == tokenizer.start_token_id) == (tokenizer.start_token_id is not None)
+    end_of_turn = tokenizer.token_to_id(family.end_of_turn) if family.end_of_turn else tokenizer.end_token_id
+    assert end_of_turn in stops
+    if family.end_of_turn:  # one piece, inside the request's own turn
+        assert end_of_turn in ids
+
+
+def family_settings(root, preset, tiny):
+    return [f"run.root={root}", f"model.preset={preset}", f"score.encoder={tiny.encoder}", "data.rewriter=model",
+            "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=24", "data.max_new_tokens=12",
+            "train.epochs=1", "predict.max_new_tokens=8", "mean_prompt.steps=2", "mean_prompt.beam_width=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_every_stage_runs_on_the_familys_stand_in(family_presets, tiny, tmp_path, name):
+    """data (the model rewrites), finetune, predict, score on the family's
+    tiny preset; the export says it is built for Gemma only."""
+    import os
+
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.export import run_export_stage
+    from pipeline.stages.finetune import run_finetune_stage
+    from pipeline.stages.predict import run_predict_stage
+    from pipeline.stages.score import run_score_stage
+
+    os.chdir(ROOT)
+    cfg = load_config(None, family_settings(tmp_path, family_presets[name], tiny))
+    logs = []
+    run_data_stage(cfg, log=logs.append)
+    rewrites = pd.read_csv(tmp_path / "cpu_tiny" / "data" / "rewrites.csv", keep_default_na=False)
+    assert len(rewrites) == 24 and (rewrites["rewritten_text"].str.len() > 0).mean() > 0.5
+    adapter = run_finetune_stage(cfg, log=logs.append)
+    assert adapter.exists() and any("finetune: epoch 1/1 done" in line for line in logs)
+    run_predict_stage(cfg, log=logs.append)
+    predictions = pd.read_csv(tmp_path / "cpu_tiny" / "predict" / "submission.csv", keep_default_na=False)
+    assert len(predictions) > 0 and (predictions["rewrite_prompt"].str.len() > 0).all()
+    score = run_score_stage(cfg, log=logs.append)
+    assert 0 <= score <= 1
+    with pytest.raises(InputError, match=f"model.preset is a {name} model; the transformers export"):
+        run_export_stage(cfg, log=logs.append)
+
+
+@pytest.mark.slow
+@pytest.mark.pod
+def test_mistral_on_the_pod_gives_the_one_process_rewrites_and_adapter(family_presets, tiny, tmp_path):
+    settings = family_settings(tmp_path, family_presets["mistral"], tiny)[1:] + ["distribution.mesh_shape=[2,4]"]
+    for stage in ("data", "finetune"):
+        run_stage(stage, settings + [f"run.root={tmp_path / 'one'}"], processes=1, log_dir=tmp_path / "logs-one")
+        run_stage(stage, settings + [f"run.root={tmp_path / 'pod'}"], processes=2, log_dir=tmp_path / "logs-pod")
+    one, pod = tmp_path / "one" / "cpu_tiny", tmp_path / "pod" / "cpu_tiny"
+    assert (pod / "data" / "rewrites.csv").read_bytes() == (one / "data" / "rewrites.csv").read_bytes()
+    expected, got = lora_weights(one / "finetune" / "adapter.lora.h5"), lora_weights(pod / "finetune" / "adapter.lora.h5")
+    assert expected.keys() == got.keys() and len(expected) > 2
+    for weight in expected:
+        np.testing.assert_allclose(got[weight], expected[weight], rtol=0, atol=5e-5, err_msg=weight)
