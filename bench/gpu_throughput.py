@@ -1,15 +1,21 @@
-"""Benchmark (not a test): Gemma-2B/7B architectures on one accelerator,
-random weights in bfloat16, each measurement in a process of its own.
+"""Benchmark (not a test): published architectures of every family (Gemma
+2B/7B by default; `--architectures` takes any name of a family's
+`architectures`, e.g. gemma3_4b, mistral_7b, llama3_8b, qwen3_8b) on one
+accelerator, random weights in bfloat16, each measurement in a process of its
+own.
 
 Cases, each run by a fresh `python bench/gpu_throughput.py --case ARCH:WHAT`
 so that nothing one leaves behind (compiled programs, memory, a torch
 allocator) slows the next:
 
 - `pipeline`: training as the stage trains (`fit` with its optimizer, loss
-  and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the decoder over a batch sweep (256-token prompts + 64 new
-  tokens): new tokens/s, ms per step, and the step's bandwidth floor (the
-  bytes it must read, `decoding_cost.step_floor_bytes`, over the memory
-  bandwidth) as a fraction of the measured step;
+  and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the family's
+  decoder (`generation.make_decoder`: `GemmaDecoder` for Gemma, KerasHub's
+  step on the buckets otherwise) over a batch sweep (256-token prompts + 64
+  new tokens): new tokens/s, ms per step, and the step's bandwidth floor
+  (the bytes it must read, `decoding_cost.step_floor_bytes`, over the memory
+  bandwidth) as a fraction of the measured step; for `GemmaDecoder`, also
+  XLA's count of the bytes its step moves over that floor;
 - `keras_hub`: stock KerasHub on the same shapes: `fit` for training,
   `generate` over the same sweep;
 - `data`: the data stage's job: the reference method (one row per
@@ -21,14 +27,16 @@ allocator) slows the next:
 Writes bench/results/throughput_gpu.json: the device, the versions, the peak
 figures used, and every case. `--quick` runs fewer steps and a shorter sweep
 (8 and 32 rows), to finish within a few minutes on one GPU. On a CPU-only
-machine `--architectures tiny --quick` runs every path on the tiny
-architecture (a smoke test; tests/test_bench.py).
+machine `--architectures tiny,mistral_tiny --quick` runs every path on
+the tiny architectures (a smoke test; tests/test_bench.py); `<family>_tiny`
+is each family's stand-in architecture, `tiny` Gemma's.
 
     python bench/gpu_throughput.py --quick --peak-tflops 989 --bandwidth-gbs 4800   # H100/H200
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,17 +53,26 @@ REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference 
 
 
 def architecture(name):
-    from pipeline.models.families import gemma
-    from pipeline.models.tiny import BACKBONE_CONFIG
+    """The `ModelSpec` of a published architecture (any family's) or of a
+    family's tiny stand-in (`<family>_tiny`; `tiny` is Gemma's)."""
+    from pipeline.models.families.family import ModelSpec
+    from pipeline.models.families.registry import FAMILIES
 
-    return dict(gemma.FAMILY.architectures, tiny=BACKBONE_CONFIG)[name]
+    for family in FAMILIES.values():
+        named = dict(family.architectures, **{f"{family.name}_tiny": family.tiny_config})
+        if family.name == "gemma":
+            named["tiny"] = family.tiny_config
+        if name in named:
+            return ModelSpec(family, named[name])
+    known = [n for f in FAMILIES.values() for n in (*f.architectures, f"{f.name}_tiny")]
+    raise SystemExit(f"--architectures: {name!r} is none of {', '.join(known)}")
 
 
-def training_shape(name):
-    return (4, 512) if name == "gemma_7b" else (8, 512)
+def training_shape(spec):
+    return (4, 512) if spec.dims.hidden_dim >= 3072 else (8, 512)  # 7B-wide models: 4 rows of 512
 
 
-def random_lm(arch, lora):
+def random_lm(spec, lora):
     import keras
     import keras_hub
 
@@ -63,7 +80,8 @@ def random_lm(arch, lora):
     from pipeline.models.model import enable_lora
 
     keras.config.set_dtype_policy("bfloat16")
-    causal_lm = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**arch), preprocessor=None)
+    backbone = getattr(keras_hub.models, spec.family.backbone_class)(**spec.config)
+    causal_lm = getattr(keras_hub.models, spec.family.causal_lm_class)(backbone=backbone, preprocessor=None)
     if lora:
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
     return causal_lm
@@ -100,22 +118,22 @@ def timed(run, repeats):
 
 def pipeline_case(name, args):
     from pipeline.models import flops
-    from pipeline.models.families import gemma
-    from pipeline.models.families.family import ModelSpec
-    from pipeline.run.config import TrainConfig
     from pipeline.models.decoding import GemmaDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
+    from pipeline.models.generation import make_decoder
     from pipeline.models.lora_training import compile_lora_training
+    from pipeline.run.config import TrainConfig
 
-    arch = architecture(name)
-    causal_lm = random_lm(arch, lora=True)
+    spec = architecture(name)
+    causal_lm = random_lm(spec, lora=True)
     compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
-    batch, length = training_shape(name)
+    batch, length = training_shape(spec)
     tokens_per_second = fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=True)
     result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second": tokens_per_second,
-                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(ModelSpec(gemma.FAMILY, arch), length),
+                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(spec, length),
                                             args.peak_tflops, 1)}}
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])  # no stop: every row decodes all its tokens
+    decoder = make_decoder(causal_lm, [-1])  # no stop: every row decodes all its tokens
+    result["decoder"] = type(decoder).__name__
     result["decoding"] = {}
     for rows in args.sweep:
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
@@ -125,20 +143,21 @@ def pipeline_case(name, args):
         result["decoding"][rows] = {
             "new_tokens_per_second": rows * NEW_TOKENS / seconds, "ms_per_step": 1e3 * step,
             "floor_ms_per_step": 1e3 * floor, "fraction_of_bandwidth_floor": floor / step,
-            "bytes_accessed_ratio": step_bytes_accessed(decoder, rows, PROMPT + NEW_TOKENS)
-            / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS),
         }
+        if isinstance(decoder, GemmaDecoder):  # XLA's count needs the decoder's own step
+            result["decoding"][rows]["bytes_accessed_ratio"] = (step_bytes_accessed(decoder, rows, PROMPT + NEW_TOKENS)
+                                                                / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS))
     return result
 
 
 def keras_hub_case(name, args):
     import keras
 
-    arch = architecture(name)
-    causal_lm = random_lm(arch, lora=True)
+    spec = architecture(name)
+    causal_lm = random_lm(spec, lora=True)
     causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-4),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    batch, length = training_shape(name)
+    batch, length = training_shape(spec)
     result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second":
                            fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=False)},
               "decoding": {}}
@@ -153,7 +172,7 @@ def keras_hub_case(name, args):
 def data_case(name, args):
     """One row per `generate` with max_length=512 (the reference) vs the
     decoder's batch, both bounded to the same new tokens."""
-    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.generation import make_decoder
 
     causal_lm = random_lm(architecture(name), lora=False)
     new_tokens = REFERENCE_MAX_LENGTH - REFERENCE_PROMPT
@@ -162,7 +181,7 @@ def data_case(name, args):
     rows = args.data_rows
     bucket = -(-REFERENCE_PROMPT // 64) * 64  # the data stage's prompt bucket (length_step 64)
     token_ids, padding_mask = prompts(rows, REFERENCE_PROMPT, bucket + new_tokens)
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[-1])
+    decoder = make_decoder(causal_lm, [-1])
     batch_seconds = timed(lambda: decoder(token_ids, padding_mask, new_tokens), 1)
     reference = {"rows_per_second": 1 / reference_seconds, "new_tokens_per_second": new_tokens / reference_seconds}
     batched = {"rows": rows, "rows_per_second": rows / batch_seconds, "new_tokens_per_second": rows * new_tokens / batch_seconds}
@@ -179,19 +198,14 @@ def hf_case(name, args):
         import transformers
     except ImportError as e:
         return {"skipped": f"not installed: {e.name}", "device": None}
-    arch = architecture(name)
+    spec = architecture(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    config = transformers.GemmaConfig(
-        vocab_size=arch["vocabulary_size"], hidden_size=arch["hidden_dim"],
-        intermediate_size=arch["intermediate_dim"] // 2,  # KerasHub counts both gate halves
-        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_query_heads"],
-        num_key_value_heads=arch["num_key_value_heads"], head_dim=arch["head_dim"],
-    )
-    model = transformers.GemmaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    config = transformers.AutoConfig.for_model(**hf_config(spec))
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch, length = training_shape(name)
+    batch, length = training_shape(spec)
     ids = torch.randint(1, 1000, (batch, length), device=device)
 
     def train_step():
@@ -216,6 +230,25 @@ def hf_case(name, args):
     return result
 
 
+def hf_config(spec):
+    """transformers' config of the architecture, as the export writes it
+    (`stages.export.transformers_config`). It reads a built backbone: one of
+    at most 6 layers (a whole Gemma 3 local/global pattern) and a small
+    vocabulary, on the CPU (JAX_PLATFORMS, set by `run_case`), whose depth
+    and vocabulary are set to the architecture's after."""
+    from pipeline.stages.export import transformers_config
+
+    small = random_lm(type(spec)(spec.family, dict(spec.config, num_layers=min(spec.dims.num_layers, 6),
+                                                   vocabulary_size=256)), lora=False)
+    config = transformers_config(small.backbone)
+    config.update(vocab_size=spec.dims.vocabulary_size, num_hidden_layers=spec.dims.num_layers)
+    if "layer_types" in config:
+        pattern = config["layer_types"]
+        config["layer_types"] = [pattern[i % len(pattern)] for i in range(spec.dims.num_layers)]
+    config.pop("torch_dtype", None)
+    return config
+
+
 def versions():
     found = {}
     for package in ("jax", "jaxlib", "keras", "keras-hub", "torch", "transformers", "peft"):
@@ -230,7 +263,10 @@ def run_case(arch, case, args):
     """One case in a fresh process; its result (the last line it prints)."""
     command = [sys.executable, __file__, "--case", f"{arch}:{case}", "--peak-tflops", str(args.peak_tflops),
                "--bandwidth-gbs", str(args.bandwidth_gbs)] + (["--quick"] if args.quick else [])
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    # The HF case builds a small Keras backbone for its config: on the CPU,
+    # so that JAX does not take the accelerator's memory from torch.
+    env = dict(os.environ, JAX_PLATFORMS="cpu") if case == "hf" else None
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
         return {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -253,7 +289,8 @@ def ratios(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architectures", default="gemma_2b,gemma_7b", help="comma-separated: gemma_2b, gemma_7b, tiny")
+    parser.add_argument("--architectures", default="gemma_2b,gemma_7b", help="comma-separated names of the families' architectures (gemma_7b, mistral_7b, "
+                        "llama3_8b, qwen3_8b, ...) or <family>_tiny")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak of one device (H100/H200: 989)")
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")

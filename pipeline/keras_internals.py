@@ -177,10 +177,24 @@ def sliding_window_mask(attention, mask, start_index):
     return attention._mask_sliding_window(mask, cache_update_index=start_index)
 
 
-def gemma_transformers_exporter():
-    """KerasHub's Gemma exporter for Hugging Face transformers, in parts:
-    (config of a backbone, {HF name: weight} of a backbone, tokenizer writer).
-    `pipeline.stages.export` replaces the weights KerasHub 0.32 maps wrongly."""
-    from keras_hub.src.utils.transformers.export import gemma, hf_exporter
+def keras_hub_transformers_config(backbone):
+    """KerasHub's transformers config.json of a backbone (its exporter's;
+    `pipeline.stages.export` names the weights itself)."""
+    from keras_hub.src.utils.transformers.export import hf_exporter
 
-    return gemma.get_gemma_config, gemma.get_gemma_weights_map, hf_exporter.export_tokenizer
+    return dict(hf_exporter.MODEL_CONFIGS[type(backbone).__name__](backbone))
+
+
+def export_keras_hub_tokenizer(tokenizer, folder):
+    """KerasHub's transformers export of a SentencePiece tokenizer
+    (tokenizer.model and tokenizer_config.json)."""
+    from keras_hub.src.utils.transformers.export import hf_exporter
+
+    hf_exporter.export_tokenizer(tokenizer, folder)
+
+
+def bpe_split_pattern():
+    """The regex `BytePairTokenizer` splits text with before BPE."""
+    from keras_hub.src.tokenizers.byte_pair_tokenizer import SPLIT_PATTERN_TOKENIZERS
+
+    return SPLIT_PATTERN_TOKENIZERS

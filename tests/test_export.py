@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.errors import InputError
+from pipeline.models.families.registry import FAMILIES
 from pipeline.stages.export import (
     hf_weight,
     peft_factors,
     run_export_stage,
     write_peft_adapter,
-    write_transformers_model,
+    write_transformers_weights,
 )
-from pipeline.models.model import projections
 
 LOGIT_TOLERANCE = 1e-4  # float32, both sides; measured about 1e-5
 
@@ -42,19 +43,114 @@ def load_transformers(folder, adapter=None):
     return peft.PeftModel.from_pretrained(model, str(adapter)) if adapter else model
 
 
-@pytest.mark.parametrize("name, shape", [("query", (4, 48, 16)), ("key", (2, 48, 16)),
-                                         ("attention_output", (4, 16, 48)), ("ffw_gating", (48, 64)),
-                                         ("ffw_linear", (64, 48))])
-def test_peft_factors_give_the_update_keras_lora_adds(name, shape):
+@pytest.mark.parametrize("kind, shape", [("heads_first", (4, 48, 16)), ("heads_first", (2, 48, 16)),
+                                         ("hidden_first", (48, 4, 16)), ("output", (4, 16, 48)),
+                                         ("transpose", (48, 64)), ("transpose", (64, 48))])
+def test_peft_factors_give_the_update_keras_lora_adds(kind, shape):
     rng = np.random.default_rng(0)
     rank = 3
     kernel_a = rng.normal(size=shape[:-1] + (rank,))
     kernel_b = rng.normal(size=(rank, shape[-1]))
-    lora_a, lora_b = peft_factors(name, kernel_a, kernel_b)
-    np.testing.assert_allclose(lora_b @ lora_a, hf_weight(name, kernel_a @ kernel_b), atol=1e-10)
+    lora_a, lora_b = peft_factors(kind, kernel_a, kernel_b)
+    np.testing.assert_allclose(lora_b @ lora_a, hf_weight(kind, kernel_a @ kernel_b), atol=1e-10)
 
 
-def test_grouped_query_model_whose_heads_do_not_span_hidden_exports_exactly(tiny, tmp_path):
+def enable_random_lora(backbone, rank, seed):
+    """LoRA on every projection, its B factors non-zero (so that the
+    adapter changes the model)."""
+    from pipeline.models.families.registry import by_backbone_class
+
+    family = by_backbone_class(type(backbone).__name__)
+    names = {path.split("/")[-2] for path, _, kind in family.transformers.weights if kind != "copy"}
+    backbone.enable_lora(rank, target_layer_names=sorted(names - {"token_embedding"}))
+    rng = np.random.default_rng(seed)
+    for weight in backbone.weights:
+        if weight.path.endswith("lora_kernel_b"):
+            weight.assign(rng.normal(size=weight.shape) * 0.1)
+
+
+def random_scales(backbone, seed):
+    """Norm scales away from their initial value, so that a norm exported
+    to the wrong place changes the logits."""
+    rng = np.random.default_rng(seed)
+    for weight in backbone.weights:
+        if weight.path.endswith("/scale"):
+            weight.assign(rng.normal(0, 0.3, weight.shape))
+
+
+def assert_exports_exactly(causal_lm, folder, token_ids):
+    """The merged export, and PEFT's adapter on the base export, give the
+    Keras logits; every transformers weight comes from the file."""
+    import transformers
+
+    backbone = causal_lm.backbone
+    write_transformers_weights(causal_lm, folder / "base", "float32")
+    enable_random_lora(backbone, 2, seed=1)
+    write_transformers_weights(causal_lm, folder / "merged", "float32")
+    ranks = write_peft_adapter(backbone, folder / "peft", "base")
+    expected = keras_logits(causal_lm, token_ids)
+    _, loading = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "merged"), output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    merged = transformers_logits(load_transformers(folder / "merged"), token_ids)
+    np.testing.assert_allclose(merged, expected, atol=LOGIT_TOLERANCE)
+    with_peft = transformers_logits(load_transformers(folder / "base", folder / "peft"), token_ids)
+    np.testing.assert_allclose(with_peft, expected, atol=LOGIT_TOLERANCE)
+    base = transformers_logits(load_transformers(folder / "base"), token_ids)
+    assert np.abs(base - expected).max() > 100 * LOGIT_TOLERANCE  # the adapter changes the model
+    return ranks
+
+
+# Windows shorter than the 20 test tokens, and Gemma 3 with a global layer
+# (every sixth), so that the sliding and global masks are both compared.
+FAMILY_EXPORT_VARIANTS = {
+    "gemma3": dict(num_layers=6, sliding_window_size=4),
+    "mistral": dict(sliding_window=4),
+    "llama3": dict(tie_word_embeddings=False),
+    "qwen3": dict(num_query_heads=8, num_key_value_heads=4, head_dim=32),  # heads x head_dim != hidden
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_EXPORT_VARIANTS)
+def test_every_familys_export_gives_the_keras_logits(name, tmp_path):
+    """Random weights (norms too), LoRA on every projection: transformers'
+    own implementation of the family gives the Keras logits, merged and
+    with the PEFT adapter."""
+    import keras
+    import keras_hub
+
+    from pipeline.parallel.runtime import set_seed
+
+    family = FAMILIES[name]
+    config = {**family.tiny_config, **FAMILY_EXPORT_VARIANTS[name]}
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
+        set_seed(0)  # not keras.utils.set_random_seed: it breaks the session's tokenizers
+        backbone = getattr(keras_hub.models, family.backbone_class)(**config, dtype="float32")
+        causal_lm = getattr(keras_hub.models, family.causal_lm_class)(backbone=backbone, preprocessor=None)
+        random_scales(backbone, seed=0)
+        token_ids = np.random.default_rng(2).integers(3, config["vocabulary_size"], (1, 20)).tolist()
+        ranks = assert_exports_exactly(causal_lm, tmp_path, token_ids)
+    heads, kv_heads = config["num_query_heads"], config["num_key_value_heads"]
+    assert ranks == {"q_proj": 2 * heads, "k_proj": 2 * kv_heads, "v_proj": 2 * kv_heads, "o_proj": 2,
+                     "gate_proj": 2, "up_proj": 2, "down_proj": 2}
+
+
+def test_gemma_2_is_refused_by_name(tmp_path):
+    """Gemma 2's extra norms have no name in the Gemma 1 format KerasHub's
+    exporter writes: the export stops, naming the weight."""
+    import keras
+    import keras_hub
+
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+            intermediate_dim=32, head_dim=8, use_post_ffw_norm=True, use_post_attention_norm=True, dtype="float32",
+        )
+        causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    with pytest.raises(InputError, match="gemma weight decoder_block_0/post_attention_norm/scale has no transformers"):
+        write_transformers_weights(causal_lm, tmp_path, "float32")
+
+
+def test_grouped_query_model_whose_heads_do_not_span_hidden_exports_exactly(tmp_path):
     """Gemma 7B's case (heads x head_dim != hidden) and 2B's (fewer key/value
     heads than query heads), which KerasHub 0.32's exporter gets wrong; with
     LoRA enabled and non-zero, so the merge is checked too."""
@@ -62,30 +158,14 @@ def test_grouped_query_model_whose_heads_do_not_span_hidden_exports_exactly(tiny
     import keras_hub
 
     with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
-        tokenizer = keras_hub.models.GemmaTokenizer.from_preset(str(tiny.preset))
         backbone = keras_hub.models.GemmaBackbone(
-            vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_query_heads=4, num_key_value_heads=2,
+            vocabulary_size=1024, num_layers=2, num_query_heads=4, num_key_value_heads=2,
             hidden_dim=48, intermediate_dim=128, head_dim=16, dtype="float32",
         )
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-        write_transformers_model(causal_lm, tokenizer, tmp_path / "base", "float32")
-        rng = np.random.default_rng(1)
-        for _, _, layer in projections(backbone):
-            layer.enable_lora(2, lora_alpha=4.0)
-            layer.lora_kernel_b.assign(rng.normal(size=layer.lora_kernel_b.shape) * 0.1)
-        write_transformers_model(causal_lm, tokenizer, tmp_path / "merged", "float32")
-        ranks = write_peft_adapter(backbone, tmp_path / "peft", "base")
-        token_ids = [[2, 17, 99, 301, 5, 64, 700, 12]]
-        expected = keras_logits(causal_lm, token_ids)
-
+        ranks = assert_exports_exactly(causal_lm, tmp_path, [[2, 17, 99, 301, 5, 64, 700, 12]])
     assert ranks == {"q_proj": 8, "k_proj": 4, "v_proj": 4, "o_proj": 2, "gate_proj": 2, "up_proj": 2,
                      "down_proj": 2}
-    merged = transformers_logits(load_transformers(tmp_path / "merged"), token_ids)
-    np.testing.assert_allclose(merged, expected, atol=LOGIT_TOLERANCE)
-    with_peft = transformers_logits(load_transformers(tmp_path / "base", tmp_path / "peft"), token_ids)
-    np.testing.assert_allclose(with_peft, expected, atol=LOGIT_TOLERANCE)
-    base = transformers_logits(load_transformers(tmp_path / "base"), token_ids)
-    assert np.abs(base - expected).max() > 100 * LOGIT_TOLERANCE  # the adapter changes the model
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 The Kaggle bundle (`pipeline.stages.bundle`) ships this module with the settings of
 the run that trained the adapter. It builds the prompts with the training
 code's own `RecoveryFormatter` (same template, same cut of long texts, same
-tokens), decodes greedily in batches of similar length, stops at `<eos>` or
-`<end_of_turn>`, and combines the output with the mean prompt as the
-predict stage does. It imports neither Keras, JAX nor TensorFlow: a Kaggle
+tokens), decodes greedily in batches of similar length, stops at the end
+token or the family's end of turn (settings.json), and combines the output
+with the mean prompt as the predict stage does. It imports neither Keras, JAX nor TensorFlow: a Kaggle
 GPU notebook has torch, and the bundle brings the rest.
 
 Example:
@@ -42,7 +42,9 @@ class TransformersTokenizer:
         self.tokenizer = tokenizer
         self.start_token_id = tokenizer.bos_token_id
         self.end_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id
+        # Llama 3 and Mistral have no pad token: rows are left-padded under an
+        # attention mask, so any id will do.
+        self.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     def __call__(self, texts):
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]

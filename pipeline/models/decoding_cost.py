@@ -1,5 +1,5 @@
 """What one step of `GemmaDecoder` moves through memory: XLA's count of the
-compiled step, and the floor any decoder must read. The benchmarks divide
+compiled step, and the floor any decoder (of any family) must read. The benchmarks divide
 one by the other (tests/test_decoding.py pins the ratio); decoding itself
 never calls these.
 
@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline.models.decoding import merged_kernels, model_state, state_scope
+from pipeline.models.families.family import ModelSpec
+from pipeline.models.model import family_of
 
 
 def step_bytes_accessed(decoder, batch, length):
@@ -49,12 +51,15 @@ def step_bytes_accessed(decoder, batch, length):
 
 def step_floor_bytes(decoder, batch, length):
     """What any decoding step must read at least: every weight once (the
-    tied embedding table, the norms, the kernels with LoRA merged) and the
-    key/value cache of `length` positions of every row and layer."""
-    backbone = decoder.backbone
-    itemsize = np.dtype(decoder.causal_lm.compute_dtype).itemsize
-    kernels = sum(np.prod(kernel.shape) for _, kernel in merged_kernels(backbone).values()) * itemsize
+    embedding tables, the norms, the kernels with LoRA merged, so each a
+    kernel's size in the compute dtype) and the key/value cache of `length`
+    positions of every row and layer. Any family's decoder."""
+    causal_lm = decoder.causal_lm
+    backbone = causal_lm.backbone
+    itemsize = np.dtype(causal_lm.compute_dtype).itemsize
+    kernels = sum(np.prod(w.shape) for w in backbone.weights if w.path.endswith("/kernel")) * itemsize
     others = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in backbone.weights
                  if w.path.endswith(("embeddings", "scale")))
-    cache = 2 * backbone.num_layers * batch * length * backbone.num_key_value_heads * backbone.head_dim * itemsize
+    dims = ModelSpec(family_of(causal_lm), backbone.get_config()).dims
+    cache = 2 * dims.num_layers * batch * length * dims.num_key_value_heads * dims.head_dim * itemsize
     return kernels + others + cache

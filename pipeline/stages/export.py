@@ -1,21 +1,26 @@
-"""The export stage: Gemma (1, 1.1, 2) with its LoRA adapter merged, in Hugging Face
+"""The export stage: the model with its LoRA adapter merged, in Hugging Face
 transformers format (safetensors, config, tokenizer), and the adapter alone
-in PEFT's format.
+in PEFT's format, for every family with a `TransformersFormat` (Gemma 1 and
+1.1, Gemma 3, Mistral, Llama 3, Qwen 3).
 
-KerasHub's own exporter writes the files. Three of its faults in keras-hub
-0.32 are worked around here (and checked by tests/test_export.py):
+The weights are named here, from each family's table of Keras weight paths
+and transformers names, not by KerasHub's exporters: in keras-hub 0.32 they
+write only the first key/value head of Gemma and map its query kernel right
+only when heads x head_dim equals the hidden size (wrong for Gemma 7B), the
+Gemma 3 one reads each layer's base kernel (an enabled LoRA adapter would be
+silently lost), and there is none for Qwen 3. Here every projection is
+written from `layer.kernel`, which Keras returns with the adapter merged
+(kernel + alpha/rank * A @ B), and a weight without a name stops the export.
+KerasHub's exporter still writes the config.json (Qwen 3's is written here)
+and the SentencePiece tokenizers; the rest of its faults are worked around:
 
-- it writes only the first key/value head (`key_dense.weights[0][0]`), and
-  maps the query kernel right only when heads x head_dim equals the hidden
-  size: wrong for Gemma 7B (16 key/value heads, 4096 vs 3072). The q, k and v
-  projections are written here for every head (`hf_weight`);
-- it reads each layer's base kernel, so an enabled LoRA adapter would be
-  silently lost: the adapted projections are written from `layer.kernel`,
-  which Keras returns with the adapter merged (kernel + alpha/rank * A @ B);
-- `AutoTokenizer` cannot always load its folder (it has only the
-  SentencePiece model, and conversion needs sentencepiece and protobuf, or
-  falls back to looking for a tiktoken file): `tokenizer.json` is written
-  here, so that `tokenizers` alone loads it.
+- `AutoTokenizer` cannot always load a SentencePiece folder (conversion
+  needs sentencepiece and protobuf, or falls back to looking for a tiktoken
+  file): `tokenizer.json` is written, so that `tokenizers` alone loads it;
+- its Llama 3 `tokenizer.json` lists only the tokenizer's special tokens, so
+  transformers would split the other unsplittable ones (`<|eot_id|>`); the
+  byte-level BPE families' `tokenizer.json` is built here from the
+  vocabulary, merges and unsplittable tokens, as KerasHub splits text.
 
 KerasHub's LoRA on a per-head kernel has one A factor per head and a B
 shared by the heads, so in PEFT's format (one A, one B per module) the q, k
@@ -31,50 +36,67 @@ model = transformers.AutoModelForCausalLM.from_pretrained(paths["transformers"])
 """
 
 import json
+import re
 
 import numpy as np
 
-from pipeline.models.families.registry import FAMILIES
-from pipeline.models.model import PER_HEAD_INPUT, PROJECTIONS, load_adapter, load_model, projections, read_model_spec
 from pipeline.errors import InputError
+from pipeline.models.families.registry import FAMILIES, by_backbone_class
+from pipeline.models.model import family_of, load_adapter, load_model, read_model_spec
 from pipeline.run.run_dir import RunDir
 
-# KerasHub projection -> the transformers module it becomes.
-HF_MODULES = dict(zip(PROJECTIONS, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
 
-# Known KerasHub presets and the Hugging Face model they were converted from.
-HF_BASE_MODELS = {
-    "gemma_2b_en": "google/gemma-2b",
-    "gemma_instruct_2b_en": "google/gemma-2b-it",
-    "gemma_7b_en": "google/gemma-7b",
-    "gemma_instruct_7b_en": "google/gemma-7b-it",
-}
+def hf_weight(kind, value):
+    """A Keras weight as transformers' ([out, in] for a projection).
+
+    kind: "copy"; "transpose" ([in, out]); "heads_first" (a query, key or
+    value kernel [heads, hidden, head_dim], Gemma's); "hidden_first" (one
+    [hidden, heads, head_dim], the Llama-style block's); "output" (the
+    attention output [heads, head_dim, hidden])."""
+    if kind == "copy":
+        return value
+    if kind == "hidden_first":
+        value = value.transpose(1, 0, 2)
+        kind = "heads_first"
+    if kind == "heads_first":
+        heads, hidden, head_dim = value.shape
+        return value.transpose(0, 2, 1).reshape(heads * head_dim, hidden)
+    if kind == "output":
+        heads, head_dim, hidden = value.shape
+        return value.reshape(heads * head_dim, hidden).T
+    if kind == "transpose":
+        return value.T
+    raise ValueError(f"unknown weight kind {kind!r}")
 
 
-def hf_weight(name, kernel):
-    """A KerasHub kernel as the transformers weight [out, in]."""
-    if name in PER_HEAD_INPUT:
-        heads, hidden, head_dim = kernel.shape
-        return kernel.transpose(0, 2, 1).reshape(heads * head_dim, hidden)
-    if name == "attention_output":
-        heads, head_dim, hidden = kernel.shape
-        return kernel.reshape(heads * head_dim, hidden).T
-    return kernel.T
-
-
-def peft_factors(name, kernel_a, kernel_b):
+def peft_factors(kind, kernel_a, kernel_b):
     """(lora_A [rank', in], lora_B [out, rank']) with B @ A equal to
-    `hf_weight(name, kernel_a @ kernel_b)`, the update KerasHub's LoRA adds."""
-    if name in PER_HEAD_INPUT:
+    `hf_weight(kind, kernel_a @ kernel_b)`, the update KerasHub's LoRA adds."""
+    if kind == "hidden_first":
+        kernel_a = kernel_a.transpose(1, 0, 2)
+        kind = "heads_first"
+    if kind == "heads_first":
         heads, hidden, rank = kernel_a.shape
         lora_a = kernel_a.transpose(0, 2, 1).reshape(heads * rank, hidden)
         lora_b = np.kron(np.eye(heads, dtype=kernel_b.dtype), kernel_b.T)
         return lora_a, lora_b
-    if name == "attention_output":
+    if kind == "output":
         heads, head_dim, rank = kernel_a.shape
         return kernel_a.reshape(heads * head_dim, rank).T, kernel_b.T
     return kernel_a.T, kernel_b.T
+
+
+def transformers_name(family, path):
+    """(transformers name, kind) of the Keras weight at `path`; refuses a
+    weight the family's table has no name for."""
+    for keras_path, name, kind in family.transformers.weights:
+        match = re.fullmatch(re.escape(keras_path).replace(re.escape("{i}"), r"(\d+)"), path)
+        if match:
+            return name.format(i=match.group(1)) if match.groups() else name, kind
+    raise InputError(
+        f"export: the {family.name} weight {path} has no transformers name, so this variant of the family "
+        "(e.g. Gemma 2's extra norms) cannot be exported; the other stages run on it"
+    )
 
 
 def run_export_stage(cfg, log=print):
@@ -86,8 +108,8 @@ def run_export_stage(cfg, log=print):
         raise InputError("export.merged is false and there is no PEFT adapter to write (export.peft false, or "
                          "export.adapter none): nothing to export")
     family = read_model_spec(cfg.model.preset).family
-    if not family.transformers_export:
-        built = ", ".join(f.name for f in FAMILIES.values() if f.transformers_export)
+    if family.transformers is None:
+        built = ", ".join(f.name for f in FAMILIES.values() if f.transformers)
         raise InputError(
             f"export: model.preset is a {family.name} model; the transformers export (and the Kaggle bundle) is "
             f"built and checked for {built} only so far. The other stages run on {family.name}: predict writes "
@@ -98,14 +120,14 @@ def run_export_stage(cfg, log=print):
     adapter = run.export_adapter
     if adapter:
         load_adapter(causal_lm, adapter)
-    log(f"export: {cfg.model.preset} + adapter {adapter or 'none (base model)'}")
+    log(f"export: {cfg.model.preset} ({family.name}) + adapter {adapter or 'none (base model)'}")
     paths = {}
     if cfg.export.merged:
         write_transformers_model(causal_lm, tokenizer, run.transformers_model, cfg.model.dtype)
         paths["transformers"] = str(run.transformers_model)
         log(f"export: transformers model -> {run.transformers_model}")
     if adapter and cfg.export.peft:
-        base = HF_BASE_MODELS.get(str(cfg.model.preset), str(cfg.model.preset))
+        base = family.transformers.base_models.get(str(cfg.model.preset), str(cfg.model.preset))
         ranks = write_peft_adapter(causal_lm.backbone, run.peft_adapter, base)
         paths["peft_adapter"] = str(run.peft_adapter)
         log(f"export: PEFT adapter, ranks {ranks} -> {run.peft_adapter}")
@@ -114,49 +136,112 @@ def run_export_stage(cfg, log=print):
     return paths
 
 
-def write_transformers_model(causal_lm, tokenizer, folder, dtype):
-    """KerasHub's exporter, with every head of q/k/v and LoRA merged."""
-    from safetensors.numpy import save_file
-
+def merged_weights(backbone):
+    """{Keras weight path: value} of the backbone, each LoRA-enabled
+    kernel with its adapter merged."""
     from pipeline import keras_internals
 
-    get_config, get_weights, export_tokenizer = keras_internals.gemma_transformers_exporter()
+    values = {weight.path: weight for weight in backbone.weights
+              if not weight.path.endswith(("lora_kernel_a", "lora_kernel_b"))}
+    for layer in keras_internals.lora_layers(backbone).values():
+        values[f"{layer.path}/kernel"] = layer.kernel
+    return {path: np.asarray(value) for path, value in values.items()}
+
+
+def write_transformers_model(causal_lm, tokenizer, folder, dtype):
+    """The merged model, its config and tokenizer, as transformers loads
+    them (`AutoModelForCausalLM`, `AutoTokenizer`)."""
+    write_transformers_weights(causal_lm, folder, dtype)
+    write_transformers_tokenizer(family_of(causal_lm), tokenizer, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=tokenizer.start_token_id, eos_token_id=tokenizer.end_token_id)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_transformers_weights(causal_lm, folder, dtype):
+    """config.json and model.safetensors (LoRA merged)."""
+    from safetensors.numpy import save_file
+
+    family = family_of(causal_lm)
     backbone = causal_lm.backbone
     folder.mkdir(parents=True, exist_ok=True)
-    config = get_config(backbone)
-    config.update(architectures=["GemmaForCausalLM"], torch_dtype=dtype)
+    config = dict(transformers_config(backbone), torch_dtype=dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    weights = {name: np.asarray(value) for name, value in get_weights(backbone).items()}
-    for i, name, layer in projections(backbone):
-        if name in PER_HEAD_INPUT or layer.lora_enabled:
-            weights[f"model.layers.{i}.{HF_MODULES[name]}.weight"] = hf_weight(name, np.asarray(layer.kernel))
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    export_tokenizer(tokenizer, str(folder))
-    write_tokenizer_json(folder)
+    weights = {}
+    for path, value in merged_weights(backbone).items():
+        name, kind = transformers_name(family, path)
+        weights[name] = np.ascontiguousarray(hf_weight(kind, value))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def transformers_config(backbone):
+    """transformers' config.json of a backbone: the family's own, or
+    KerasHub's exporter's; its `architectures` set."""
+    from pipeline import keras_internals
+
+    transformers_format = by_backbone_class(type(backbone).__name__).transformers
+    if transformers_format.config:
+        config = transformers_format.config(backbone.get_config())
+    else:
+        config = keras_internals.keras_hub_transformers_config(backbone)
+    return dict(config, architectures=[transformers_format.architecture])
+
+
+def write_transformers_tokenizer(family, tokenizer, folder):
+    """The tokenizer's files, tokenizer.json among them."""
+    from pipeline import keras_internals
+
+    if family.transformers.tokenizer == "byte_level_bpe":
+        write_byte_level_bpe_tokenizer(tokenizer, family.transformers.tokenizer_config, folder)
+    else:
+        keras_internals.export_keras_hub_tokenizer(tokenizer, str(folder))
+        write_tokenizer_json(folder)
 
 
 def write_tokenizer_json(folder):
     """Converts the exported SentencePiece model to `tokenizer.json` with
-    transformers' own Gemma converter, so loading needs `tokenizers` only."""
+    transformers' own converter, so loading needs `tokenizers` only."""
     import transformers
 
     transformers.AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+def write_byte_level_bpe_tokenizer(tokenizer, tokenizer_config, folder):
+    """`tokenizer.json` splitting text as KerasHub's `BytePairTokenizer`
+    does (its split pattern, then byte-level BPE; the unsplittable tokens
+    whole), and `tokenizer_config.json`."""
+    import tokenizers
+
+    from pipeline import keras_internals
+
+    vocabulary = dict(tokenizer.vocabulary)
+    merges = [tuple(merge.split(" ")) for merge in tokenizer.merges if not merge.startswith("#version:")]
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocabulary, merges=merges))
+    hf.add_special_tokens(list(tokenizer.unsplittable_tokens))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(keras_internals.bpe_split_pattern()), behavior="isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=tokenizer.add_prefix_space, use_regex=False),
+    ])
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
 def write_peft_adapter(backbone, folder, base_model):
     """The LoRA factors in PEFT's format; returns {module: rank}."""
     from safetensors.numpy import save_file
 
+    from pipeline import keras_internals
+
+    family = by_backbone_class(type(backbone).__name__)
     tensors, ranks, scales = {}, {}, set()
-    for i, name, layer in projections(backbone):
-        if not layer.lora_enabled:
-            continue
-        lora_a, lora_b = peft_factors(name, np.asarray(layer.lora_kernel_a), np.asarray(layer.lora_kernel_b))
-        module = f"base_model.model.model.layers.{i}.{HF_MODULES[name]}"
+    for layer in keras_internals.lora_layers(backbone).values():
+        name, kind = transformers_name(family, f"{layer.path}/kernel")
+        lora_a, lora_b = peft_factors(kind, np.asarray(layer.lora_kernel_a), np.asarray(layer.lora_kernel_b))
+        module = f"base_model.model.{name.removesuffix('.weight')}"
         tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a, dtype=np.float32)
         tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b, dtype=np.float32)
-        ranks[HF_MODULES[name].split(".")[-1]] = lora_a.shape[0]
+        ranks[module.split(".")[-1]] = lora_a.shape[0]
         scales.add(layer.lora_alpha / layer.lora_rank)
     (scale,) = scales  # one alpha and rank for the whole adapter
     rank = min(ranks.values())

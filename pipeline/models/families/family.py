@@ -35,6 +35,36 @@ class Dimensions:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransformersFormat:
+    """A family in transformers' terms.
+
+    Args:
+        architecture: transformers' class of the model (config.json's
+            `architectures`; vLLM reads it).
+        weights: ((Keras weight path, transformers name, kind), ...), `{i}`
+            standing for the decoder block's index in both; `kind` says how
+            the Keras value becomes transformers' (`stages.export.hf_weight`).
+            Every weight of the backbone must have one.
+        config: backbone config -> transformers config.json; None: KerasHub's
+            exporter writes it.
+        tokenizer: "keras_hub" (KerasHub's exporter writes the files, then
+            transformers converts them to tokenizer.json) or "byte_level_bpe"
+            (tokenizer.json written from the vocabulary and merges).
+        tokenizer_config: tokenizer_config.json where `tokenizer` is
+            "byte_level_bpe" (else KerasHub writes it).
+        base_models: {KerasHub preset: the Hugging Face model it was
+            converted from}, named in the PEFT adapter.
+    """
+
+    architecture: str
+    weights: tuple
+    config: Optional[Callable] = None
+    tokenizer: str = "keras_hub"
+    tokenizer_config: Optional[dict] = None
+    base_models: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """One model family as the pipeline runs it.
 
@@ -59,8 +89,9 @@ class Family:
         presets: KerasHub presets of the family (the README's table).
         fast_decoder: whether `decoding.GemmaDecoder` runs this family
             (else KerasHub's own decoding step runs, on the same buckets).
-        transformers_export: whether the export stage (and so the Kaggle
-            bundle) is built and checked for this family.
+        transformers: how the export stage writes the family in Hugging
+            Face transformers' format (`TransformersFormat`); None where it
+            is not built (and so no Kaggle bundle).
         check_config: backbone config -> None, raising `InputError` for a
             variant the pipeline does not run (a vision tower, experts).
     """
@@ -78,7 +109,7 @@ class Family:
     tiny_config: dict
     presets: tuple
     fast_decoder: bool = False
-    transformers_export: bool = False
+    transformers: Optional["TransformersFormat"] = None
     check_config: Callable = lambda config: None
 
 

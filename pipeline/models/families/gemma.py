@@ -5,7 +5,7 @@ The only family `decoding.GemmaDecoder` runs: its blocks are read through
 both gating projections together.
 """
 
-from pipeline.models.families.family import Dimensions, Family
+from pipeline.models.families.family import Dimensions, Family, TransformersFormat
 
 CHAT_TURN = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
 END_OF_TURN = "<end_of_turn>"
@@ -52,6 +52,41 @@ def gemma_layout_axes(data_axis="batch", model_axis="model"):
     }
 
 
+def gemma_transformers_weights(feed_forward_norm):
+    """Gemma's weights in transformers (Gemma 3 adds its own norms);
+    `feed_forward_norm` is transformers' name for the norm before the
+    feed-forward (Gemma 1 calls it post_attention_layernorm)."""
+    block = "model.layers.{i}"
+    return (
+        ("token_embedding/embeddings", "model.embed_tokens.weight", "copy"),
+        ("decoder_block_{i}/pre_attention_norm/scale", f"{block}.input_layernorm.weight", "copy"),
+        ("decoder_block_{i}/attention/query/kernel", f"{block}.self_attn.q_proj.weight", "heads_first"),
+        ("decoder_block_{i}/attention/key/kernel", f"{block}.self_attn.k_proj.weight", "heads_first"),
+        ("decoder_block_{i}/attention/value/kernel", f"{block}.self_attn.v_proj.weight", "heads_first"),
+        ("decoder_block_{i}/attention/attention_output/kernel", f"{block}.self_attn.o_proj.weight", "output"),
+        ("decoder_block_{i}/pre_ffw_norm/scale", f"{block}.{feed_forward_norm}.weight", "copy"),
+        ("decoder_block_{i}/ffw_gating/kernel", f"{block}.mlp.gate_proj.weight", "transpose"),
+        ("decoder_block_{i}/ffw_gating_2/kernel", f"{block}.mlp.up_proj.weight", "transpose"),
+        ("decoder_block_{i}/ffw_linear/kernel", f"{block}.mlp.down_proj.weight", "transpose"),
+        ("final_normalization/scale", "model.norm.weight", "copy"),
+    )
+
+
+# Gemma 1 and 1.1 only: Gemma 2's extra norms have no name here, so the
+# export refuses it (KerasHub's exporter writes it as Gemma 1).
+TRANSFORMERS = TransformersFormat(
+    architecture="GemmaForCausalLM",
+    weights=gemma_transformers_weights("post_attention_layernorm"),
+    base_models={
+        "gemma_2b_en": "google/gemma-2b",
+        "gemma_instruct_2b_en": "google/gemma-2b-it",
+        "gemma_7b_en": "google/gemma-7b",
+        "gemma_instruct_7b_en": "google/gemma-7b-it",
+        "gemma_1.1_instruct_2b_en": "google/gemma-1.1-2b-it",
+        "gemma_1.1_instruct_7b_en": "google/gemma-1.1-7b-it",
+    },
+)
+
 FAMILY = Family(
     name="gemma",
     backbone_class="GemmaBackbone",
@@ -74,5 +109,5 @@ FAMILY = Family(
     presets=("gemma_instruct_2b_en", "gemma_instruct_7b_en", "gemma_1.1_instruct_7b_en", "gemma2_instruct_2b_en",
              "gemma2_instruct_9b_en", "gemma2_instruct_27b_en"),
     fast_decoder=True,
-    transformers_export=True,
+    transformers=TRANSFORMERS,
 )

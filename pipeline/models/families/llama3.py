@@ -2,11 +2,28 @@
 Llama layout map, a byte-level BPE tokenizer; a request is a user header
 block and `<|eot_id|>` ends the assistant's turn."""
 
-from pipeline.models.families.family import Family
+from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.llama_style import (
     llama_style_dimensions,
     llama_style_layout_axes,
+    llama_style_transformers_weights,
     llama_style_weight_dims,
+)
+
+
+TRANSFORMERS = TransformersFormat(
+    architecture="LlamaForCausalLM",
+    weights=llama_style_transformers_weights(),
+    # KerasHub's tokenizer.json lists only the tokenizer's own special tokens,
+    # so other unsplittable ones (<|eot_id|>) would be split by transformers.
+    tokenizer="byte_level_bpe",
+    tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                      "eos_token": "<|end_of_text|>", "pad_token": None, "add_bos_token": False,
+                      "model_max_length": 131072},
+    base_models={"llama3.2_instruct_1b": "meta-llama/Llama-3.2-1B-Instruct",
+                 "llama3.2_instruct_3b": "meta-llama/Llama-3.2-3B-Instruct",
+                 "llama3_instruct_8b_en": "meta-llama/Meta-Llama-3-8B-Instruct",
+                 "llama3.1_instruct_8b": "meta-llama/Llama-3.1-8B-Instruct"},
 )
 
 
@@ -33,4 +50,5 @@ FAMILY = Family(
     tiny_config=dict(vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8, hidden_dim=128,
                      intermediate_dim=256),
     presets=("llama3.2_instruct_1b", "llama3.2_instruct_3b", "llama3_instruct_8b_en", "llama3.1_instruct_8b"),
+    transformers=TRANSFORMERS,
 )

@@ -55,3 +55,28 @@ def llama_style_layout_axes(data_axis="batch", model_axis="model"):
         "transformer_layer.*feedforward_gate_dense.kernel": (data_axis, model_axis),
         "transformer_layer.*feedforward_output_dense.kernel": (model_axis, data_axis),
     }
+
+
+def llama_style_transformers_weights(query_key_norms=False):
+    """The block's weights in transformers (Qwen 3 adds query/key norms);
+    the untied output embedding is transformers' `lm_head`."""
+    block = "model.layers.{i}"
+    attention = "transformer_layer_{i}/self_attention"
+    weights = (
+        ("token_embedding/embeddings", "model.embed_tokens.weight", "copy"),
+        ("token_embedding/reverse_embeddings", "lm_head.weight", "transpose"),
+        ("transformer_layer_{i}/self_attention_layernorm/scale", f"{block}.input_layernorm.weight", "copy"),
+        (f"{attention}/query/kernel", f"{block}.self_attn.q_proj.weight", "hidden_first"),
+        (f"{attention}/key/kernel", f"{block}.self_attn.k_proj.weight", "hidden_first"),
+        (f"{attention}/value/kernel", f"{block}.self_attn.v_proj.weight", "hidden_first"),
+        (f"{attention}/attention_output/kernel", f"{block}.self_attn.o_proj.weight", "output"),
+        ("transformer_layer_{i}/feedforward_layernorm/scale", f"{block}.post_attention_layernorm.weight", "copy"),
+        ("transformer_layer_{i}/feedforward_gate_dense/kernel", f"{block}.mlp.gate_proj.weight", "transpose"),
+        ("transformer_layer_{i}/feedforward_intermediate_dense/kernel", f"{block}.mlp.up_proj.weight", "transpose"),
+        ("transformer_layer_{i}/feedforward_output_dense/kernel", f"{block}.mlp.down_proj.weight", "transpose"),
+        ("sequence_output_layernorm/scale", "model.norm.weight", "copy"),
+    )
+    if query_key_norms:
+        weights += ((f"{attention}/query_dense_layernorm/scale", f"{block}.self_attn.q_norm.weight", "copy"),
+                    (f"{attention}/key_dense_layernorm/scale", f"{block}.self_attn.k_norm.weight", "copy"))
+    return weights

@@ -3,15 +3,25 @@
 KerasHub has no layout map for it, so it takes Llama's. A request is one
 `[INST]` turn; `</s>` ends the answer."""
 
-from pipeline.models.families.family import Family
+from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.llama_style import (
     llama_style_dimensions,
     llama_style_layout_axes,
+    llama_style_transformers_weights,
     llama_style_weight_dims,
 )
 
 MISTRAL_7B = dict(vocabulary_size=32000, num_layers=32, num_query_heads=32, num_key_value_heads=8, hidden_dim=4096,
                   intermediate_dim=14336)
+
+TRANSFORMERS = TransformersFormat(
+    architecture="MistralForCausalLM",
+    weights=llama_style_transformers_weights(),
+    base_models={"mistral_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.1",
+                 "mistral_0.2_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.2",
+                 "mistral_0.3_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.3"},
+)
+
 
 FAMILY = Family(
     name="mistral",
@@ -28,4 +38,5 @@ FAMILY = Family(
     tiny_config=dict(vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8, hidden_dim=128,
                      intermediate_dim=256, sliding_window=512),
     presets=("mistral_instruct_7b_en", "mistral_0.2_instruct_7b_en", "mistral_0.3_instruct_7b_en"),
+    transformers=TRANSFORMERS,
 )
