@@ -27,7 +27,7 @@ allocator) slows the next:
 Writes bench/results/throughput_gpu.json: the device, the versions, the peak
 figures used, and every case. `--quick` runs fewer steps and a shorter sweep
 (8 and 32 rows), to finish within a few minutes on one GPU. On a CPU-only
-machine `--architectures tiny,mistral_tiny --quick` runs every path on
+machine `--architectures tiny,qwen3_tiny --quick` runs every path on
 the tiny architectures (a smoke test; tests/test_bench.py); `<family>_tiny`
 is each family's stand-in architecture, `tiny` Gemma's.
 
@@ -289,7 +289,8 @@ def ratios(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architectures", default="gemma_2b,gemma_7b", help="comma-separated names of the families' architectures (gemma_7b, mistral_7b, "
+    parser.add_argument("--architectures", default="gemma_2b,gemma_7b",
+                        help="comma-separated names of the families' architectures (gemma_7b, mistral_7b, "
                         "llama3_8b, qwen3_8b, ...) or <family>_tiny")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak of one device (H100/H200: 989)")

@@ -5,8 +5,9 @@ the run that trained the adapter. It builds the prompts with the training
 code's own `RecoveryFormatter` (same template, same cut of long texts, same
 tokens), decodes greedily in batches of similar length, stops at the end
 token or the family's end of turn (settings.json), and combines the output
-with the mean prompt as the predict stage does. It imports neither Keras, JAX nor TensorFlow: a Kaggle
-GPU notebook has torch, and the bundle brings the rest.
+with the mean prompt as the predict stage does. It imports neither Keras,
+JAX nor TensorFlow: a Kaggle GPU notebook has torch, and the bundle brings
+the rest.
 
 Example:
 ```python

@@ -1,7 +1,7 @@
 """What one step of `GemmaDecoder` moves through memory: XLA's count of the
-compiled step, and the floor any decoder (of any family) must read. The benchmarks divide
-one by the other (tests/test_decoding.py pins the ratio); decoding itself
-never calls these.
+compiled step, and the floor any decoder (of any family) must read. The
+benchmarks divide one by the other (tests/test_decoding.py pins the ratio);
+decoding itself never calls these.
 
 Example:
 ```python

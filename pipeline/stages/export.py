@@ -151,21 +151,20 @@ def merged_weights(backbone):
 def write_transformers_model(causal_lm, tokenizer, folder, dtype):
     """The merged model, its config and tokenizer, as transformers loads
     them (`AutoModelForCausalLM`, `AutoTokenizer`)."""
-    write_transformers_weights(causal_lm, folder, dtype)
+    write_transformers_weights(causal_lm, folder, dtype, bos_token_id=tokenizer.start_token_id,
+                               eos_token_id=tokenizer.end_token_id)
     write_transformers_tokenizer(family_of(causal_lm), tokenizer, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(bos_token_id=tokenizer.start_token_id, eos_token_id=tokenizer.end_token_id)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_transformers_weights(causal_lm, folder, dtype):
-    """config.json and model.safetensors (LoRA merged)."""
+def write_transformers_weights(causal_lm, folder, dtype, **config_fields):
+    """config.json (with `config_fields` added) and model.safetensors
+    (LoRA merged)."""
     from safetensors.numpy import save_file
 
     family = family_of(causal_lm)
     backbone = causal_lm.backbone
     folder.mkdir(parents=True, exist_ok=True)
-    config = dict(transformers_config(backbone), torch_dtype=dtype)
+    config = dict(transformers_config(backbone), torch_dtype=dtype, **config_fields)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     weights = {}
     for path, value in merged_weights(backbone).items():
