@@ -1,6 +1,6 @@
 """Benchmark (not a test): published architectures of every family (Gemma
 2B/7B by default; `--architectures` takes any name of a family's
-`architectures`, e.g. gemma3_4b, mistral_7b, llama3_8b, qwen3_8b) on one
+`architectures`, e.g. gemma3_4b, gemma4_4b, mistral_7b, llama3_8b, qwen3_8b) on one
 accelerator, random weights in bfloat16, each measurement in a process of its
 own.
 
@@ -27,7 +27,7 @@ allocator) slows the next:
 Writes bench/results/throughput_gpu.json: the device, the versions, the peak
 figures used, and every case. `--quick` runs fewer steps and a shorter sweep
 (8 and 32 rows), to finish within a few minutes on one GPU. On a CPU-only
-machine `--architectures tiny,qwen3_tiny --quick` runs every path on
+machine `--architectures tiny,gemma4_tiny --quick` runs every path on
 the tiny architectures (a smoke test; tests/test_bench.py); `<family>_tiny`
 is each family's stand-in architecture, `tiny` Gemma's.
 
@@ -90,9 +90,12 @@ def random_lm(spec, lora):
 def fit_tokens_per_second(causal_lm, batch, length, steps, sample_weight):
     """Tokens/s of `fit` over `steps` batches of random tokens (the stage's
     path: `fit`, as finetune calls it), after a first, compiling `fit`."""
+    from pipeline.models.model import family_of, forward_inputs
+
     rng = np.random.default_rng(0)
     rows = batch * steps
-    x = {"token_ids": rng.integers(1, 1000, (rows, length)).astype("int32"), "padding_mask": np.ones((rows, length), bool)}
+    x = forward_inputs(family_of(causal_lm), {"token_ids": rng.integers(1, 1000, (rows, length)).astype("int32"),
+                                              "padding_mask": np.ones((rows, length), bool)})
     y = rng.integers(1, 1000, (rows, length)).astype("int32")
     weight = np.ones((rows, length), "float32") if sample_weight else None
     fit = lambda: causal_lm.fit(x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # noqa: E731
@@ -232,12 +235,16 @@ def hf_case(name, args):
 
 def hf_config(spec):
     """transformers' config of the architecture, as the export writes it
-    (`stages.export.transformers_config`). It reads a built backbone: one of
-    at most 6 layers (a whole Gemma 3 local/global pattern) and a small
-    vocabulary, on the CPU (JAX_PLATFORMS, set by `run_case`), whose depth
-    and vocabulary are set to the architecture's after."""
+    (`stages.export.transformers_config`): the family's own from the config,
+    or KerasHub's exporter's, which reads a built backbone: one of at most 6
+    layers (a whole Gemma 3 local/global pattern) and a small vocabulary, on
+    the CPU (JAX_PLATFORMS, set by `run_case`), whose depth and vocabulary
+    are set to the architecture's after."""
     from pipeline.stages.export import transformers_config
 
+    written_as = spec.family.transformers_format(spec.config)
+    if written_as.config:
+        return dict(written_as.config(spec.config), architectures=[written_as.architecture])
     small = random_lm(type(spec)(spec.family, dict(spec.config, num_layers=min(spec.dims.num_layers, 6),
                                                    vocabulary_size=256)), lora=False)
     config = transformers_config(small.backbone)

@@ -106,10 +106,12 @@ def time_training(causal_lm, formatter, df, batch_size, length_step):
     from pipeline.text.batching import TrainingBatches
     from pipeline.run.config import TrainConfig
     from pipeline.models.lora_training import compile_lora_training
+    from pipeline.models.model import family_of, forward_inputs
 
     rows, _ = formatter.encode(df)
     plan = TrainingBatches(rows, batch_size, formatter.sequence_length, length_step, seed=0)
-    batches = [rows.arrays(batch) for batch in plan.epoch(0)]
+    family = family_of(causal_lm)
+    batches = [(forward_inputs(family, x), y, w) for x, y, w in map(rows.arrays, plan.epoch(0))]
     compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
     for x, y, w in batches:
         causal_lm.train_on_batch(x, y, sample_weight=w)

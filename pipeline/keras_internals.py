@@ -87,6 +87,15 @@ def read_preset_json(preset):
     return load_json(str(preset))
 
 
+def load_backbone(preset, backbone_class, dtype, **config_overrides):
+    """The preset's backbone built from its config with `config_overrides`
+    (e.g. a tower left out), then the weights it has read from the preset;
+    `from_preset` passes no config override on to the backbone."""
+    from keras_hub.src.utils.preset_utils import get_preset_loader
+
+    return get_preset_loader(str(preset)).load_backbone(backbone_class, True, dtype=dtype, **config_overrides)
+
+
 def lora_layers(backbone):
     """{index: layer} of the backbone's LoRA-enabled layers, indexed as
     `save_lora_weights` / `load_lora_weights` index them."""

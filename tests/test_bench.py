@@ -15,16 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_every_case_in_its_own_process_on_the_tiny_architectures(tmp_path):
-    """Gemma's (its own decoder, KerasHub's transformers config) and Qwen 3's
-    (KerasHub's decoding step, the family's own transformers config)."""
+    """Gemma's (its own decoder, KerasHub's transformers config) and Gemma
+    4's (KerasHub's decoding step, the family's own transformers config,
+    position ids as model inputs)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "throughput_gpu.json"
-    done = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--architectures", "tiny,qwen3_tiny", "--quick",
+    done = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--architectures", "tiny,gemma4_tiny", "--quick",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"] and result["quick"] and {"jax", "keras", "keras-hub"} <= set(result["versions"])
-    for name, decoder in (("tiny", "GemmaDecoder"), ("qwen3_tiny", "KerasHubStepDecoder")):
+    for name, decoder in (("tiny", "GemmaDecoder"), ("gemma4_tiny", "KerasHubStepDecoder")):
         tiny = result[name]
         assert not [case for case in ("pipeline", "keras_hub", "data", "hf") if "failed" in tiny[case]], tiny
         assert tiny["pipeline"]["decoder"] == decoder

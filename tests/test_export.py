@@ -23,8 +23,11 @@ LOGIT_TOLERANCE = 1e-4  # float32, both sides; measured about 1e-5
 
 
 def keras_logits(causal_lm, token_ids):
+    from pipeline.models.model import family_of, forward_inputs
+
     ids = np.asarray(token_ids, dtype="int32")
-    return np.asarray(causal_lm({"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}))
+    inputs = forward_inputs(family_of(causal_lm), {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)})
+    return np.asarray(causal_lm(inputs))
 
 
 def transformers_logits(model, token_ids):
@@ -58,10 +61,9 @@ def test_peft_factors_give_the_update_keras_lora_adds(kind, shape):
 def enable_random_lora(backbone, rank, seed):
     """LoRA on every projection, its B factors non-zero (so that the
     adapter changes the model)."""
-    from pipeline.models.families.registry import by_backbone_class
+    from pipeline.stages.export import transformers_format
 
-    family = by_backbone_class(type(backbone).__name__)
-    names = {path.split("/")[-2] for path, _, kind in family.transformers.weights if kind != "copy"}
+    names = {path.split("/")[-2] for path, _, kind in transformers_format(backbone).weights if kind != "copy"}
     backbone.enable_lora(rank, target_layer_names=sorted(names - {"token_embedding"}))
     rng = np.random.default_rng(seed)
     for weight in backbone.weights:
@@ -70,11 +72,12 @@ def enable_random_lora(backbone, rank, seed):
 
 
 def random_scales(backbone, seed):
-    """Norm scales away from their initial value, so that a norm exported
-    to the wrong place changes the logits."""
+    """Norm scales (and Gemma 4's layer scalars) away from their initial
+    value, so that one exported to the wrong place, or not at all, changes
+    the logits."""
     rng = np.random.default_rng(seed)
     for weight in backbone.weights:
-        if weight.path.endswith("/scale"):
+        if weight.path.endswith(("/scale", "/layer_scalar")):
             weight.assign(rng.normal(0, 0.3, weight.shape))
 
 
@@ -107,6 +110,8 @@ FAMILY_EXPORT_VARIANTS = {
     "mistral": dict(sliding_window=4),
     "llama3": dict(tie_word_embeddings=False),
     "qwen3": dict(num_query_heads=8, num_key_value_heads=4, head_dim=32),  # heads x head_dim != hidden
+    # Its tiny has every kind of Gemma 4 block; the global ones with fewer key/value heads, as the 31B's.
+    "gemma4": dict(sliding_window_size=4, num_global_key_value_heads=4),
 }
 
 
@@ -130,24 +135,62 @@ def test_every_familys_export_gives_the_keras_logits(name, tmp_path):
         token_ids = np.random.default_rng(2).integers(3, config["vocabulary_size"], (1, 20)).tolist()
         ranks = assert_exports_exactly(causal_lm, tmp_path, token_ids)
     heads, kv_heads = config["num_query_heads"], config["num_key_value_heads"]
-    assert ranks == {"q_proj": 2 * heads, "k_proj": 2 * kv_heads, "v_proj": 2 * kv_heads, "o_proj": 2,
-                     "gate_proj": 2, "up_proj": 2, "down_proj": 2}
+    per_head = {"q_proj": 2 * heads, "k_proj": 2 * kv_heads, "v_proj": 2 * kv_heads}
+    if config.get("num_global_key_value_heads"):  # the global layers' keys: fewer heads, so a lower rank
+        per_head["k_proj"] = (2 * config["num_global_key_value_heads"], 2 * kv_heads)
+    # Every projection of the family's (Gemma 4's per-layer ones too) has the rank; q, k, v one per head.
+    assert {"o_proj", "gate_proj", "up_proj", "down_proj"} <= set(ranks)
+    assert ranks == {**{module: 2 for module in ranks}, **per_head}
 
 
-def test_gemma_2_is_refused_by_name(tmp_path):
-    """Gemma 2's extra norms have no name in the Gemma 1 format KerasHub's
-    exporter writes: the export stops, naming the weight."""
+def test_kerashubs_gemma4_config_leaves_out_keys_as_values():
+    """keras-hub 0.32: the Gemma 4 exporter's config.json has no
+    `attention_k_eq_v`, so transformers would build the 31B's global layers
+    with a value projection of their own (test above: a missing weight).
+    The family writes its config itself; when this fails, KerasHub's can be
+    taken again."""
     import keras
     import keras_hub
 
+    from pipeline import keras_internals
+    from pipeline.stages.export import transformers_config
+
+    family = FAMILIES["gemma4"]
     with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
+        backbone = keras_hub.models.Gemma4Backbone(**family.tiny_config, dtype="float32")
+    assert "attention_k_eq_v" not in keras_internals.keras_hub_transformers_config(backbone)
+    assert transformers_config(backbone)["attention_k_eq_v"] is True
+
+
+def test_gemma_2_exports_as_gemma_2(tmp_path):
+    """Gemma 2 (post norms, soft caps, alternating sliding windows shorter
+    than the input, `query_head_dim_normalize` off as the 27B's) in
+    transformers' Gemma2ForCausalLM: the Keras logits, merged and as PEFT.
+    KerasHub's exporter writes it as Gemma 1, and KerasHub's Gemma block
+    scales queries by head_dim whatever the config says (keras-hub 0.32;
+    when this fails, `gemma2_transformers_config` should follow the config)."""
+    import keras
+    import keras_hub
+
+    from pipeline import keras_internals
+    from pipeline.parallel.runtime import set_seed
+    from pipeline.stages.export import transformers_config
+
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
+        set_seed(0)
         backbone = keras_hub.models.GemmaBackbone(
-            vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
-            intermediate_dim=32, head_dim=8, use_post_ffw_norm=True, use_post_attention_norm=True, dtype="float32",
+            vocabulary_size=256, num_layers=3, num_query_heads=4, num_key_value_heads=2, hidden_dim=48,
+            intermediate_dim=128, head_dim=16, use_post_ffw_norm=True, use_post_attention_norm=True,
+            query_head_dim_normalize=False, attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
+            use_sliding_window_attention=True, sliding_window_size=4, dtype="float32",
         )
         causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    with pytest.raises(InputError, match="gemma weight decoder_block_0/post_attention_norm/scale has no transformers"):
-        write_transformers_weights(causal_lm, tmp_path, "float32")
+        random_scales(backbone, seed=0)
+        assert keras_internals.keras_hub_transformers_config(backbone)["model_type"] == "gemma"
+        assert all(block.attention.query_head_dim_normalize for block in backbone.transformer_layers)
+        assert transformers_config(backbone)["architectures"] == ["Gemma2ForCausalLM"]
+        token_ids = np.random.default_rng(2).integers(3, 256, (1, 20)).tolist()
+        assert_exports_exactly(causal_lm, tmp_path, token_ids)
 
 
 def test_grouped_query_model_whose_heads_do_not_span_hidden_exports_exactly(tmp_path):

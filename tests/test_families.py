@@ -31,11 +31,6 @@ OTHER_FAMILIES = [name for name in FAMILIES if name != "gemma"]
 MESH = DistributionConfig(mesh_shape=[1, 8])
 
 
-def block_zero(path):
-    """A weight's path with its block's index made 0, as `weight_dims` names it."""
-    return re.sub(r"(decoder_block|transformer_layer)_\d+/", r"\1_0/", path)
-
-
 def random_causal_lm(family, **overrides):
     """A random-weight CausalLM of the family's tiny architecture, sharded
     on the (1, 8) mesh by the family's layout map."""
@@ -59,22 +54,23 @@ def test_family_names_kerashubs_classes_and_presets(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_weight_dims_layout_and_flops_cover_the_backbone(name):
     """Every matrix of the built backbone is in `weight_dims` with its
-    shape, sharded as the layout says; the FLOPs count its matmuls."""
+    shape, sharded as the layout says; the FLOPs count its matmuls (every
+    matrix but the embedding tables only looked up)."""
     family = FAMILIES[name]
     causal_lm = random_causal_lm(family)
     spec = ModelSpec(family, family.tiny_config)
     dims, layout = spec.weight_dims(), family.layout_axes("batch", "model")
     matrices = [w for w in causal_lm.backbone.weights if len(w.shape) >= 2]
     for w in matrices:
-        path = block_zero(w.path)
-        assert path in dims, f"{w.path} is missing from {name}'s weight_dims"
-        assert tuple(w.shape) == tuple(size for _, size in dims[path]), w.path
+        assert w.path in dims, f"{w.path} is missing from {name}'s weight_dims"
+        assert tuple(w.shape) == tuple(size for _, size in dims[w.path]), w.path
         sharded = [a for a in next((axes for pattern, axes in layout.items() if re.fullmatch(pattern, w.path)), ())
                    if a is not None]
-        assert ("model" in sharded) == (len(w.value.sharding.device_set) == 8), w.path
-    assert {block_zero(w.path) for w in matrices} == set(dims)
-    lookup_only = "token_embedding/reverse_embeddings" in dims  # untied: the input embedding is a lookup
-    matmuls = sum(int(np.prod(w.shape)) for w in matrices if not (lookup_only and w.path.endswith("/embeddings")))
+        assert ("model" in sharded) == (not w.value.sharding.is_fully_replicated), w.path
+    assert {w.path for w in matrices} == set(dims)
+    untied = "token_embedding/reverse_embeddings" in dims  # the input embedding is a lookup
+    lookups = {"per_layer_token_embedding/embeddings"} | ({"token_embedding/embeddings"} if untied else set())
+    matmuls = sum(int(np.prod(w.shape)) for w in matrices if w.path not in lookups)
     assert flops.matmul_parameter_count(spec) == matmuls
 
 
@@ -97,7 +93,7 @@ def test_mesh_check_says_which_dimension_to_change():
                     ModelSpec(mistral, mistral.architectures["mistral_7b"]).weight_dims(), [1, 8], ["batch", "model"])
 
 
-def test_a_preset_of_another_family_or_with_a_vision_tower_is_refused(tmp_path):
+def test_a_preset_of_another_family_a_vision_tower_or_experts_is_refused(tmp_path):
     other = tmp_path / "phi"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"class_name": "Phi3Backbone", "config": {}}))
@@ -110,6 +106,43 @@ def test_a_preset_of_another_family_or_with_a_vision_tower_is_refused(tmp_path):
     (vision / "config.json").write_text(json.dumps({"class_name": "Gemma3Backbone", "config": config}))
     with pytest.raises(InputError, match="vision tower.*gemma3_instruct_4b_text"):
         read_model_spec(vision)
+    experts = tmp_path / "gemma4_moe"
+    experts.mkdir()
+    config = dict(FAMILIES["gemma4"].tiny_config, enable_moe_block=True, num_experts=8)
+    (experts / "config.json").write_text(json.dumps({"class_name": "Gemma4Backbone", "config": config}))
+    with pytest.raises(InputError, match="mixture-of-experts.*take a dense one: gemma4_instruct_2b"):
+        read_model_spec(experts)
+
+
+@pytest.mark.slow
+def test_gemma4_preset_loads_its_text_decoder_alone(tmp_path):
+    """A Gemma 4 preset with a vision tower (as every published one has)
+    loads without it: the decoder's weights are the preset's, the tower's
+    are not read, and the model runs on token ids alone."""
+    from pipeline.models.model import forward_inputs, load_model
+    from pipeline.models.tiny import with_vision_tower
+
+    family = FAMILIES["gemma4"]
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:1]).scope():
+        set_seed(0)
+        backbone = keras_hub.models.Gemma4Backbone(**family.tiny_config, dtype="float32")
+        text_only = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
+        tokenizer = keras_hub.models.Gemma4Tokenizer(proto=(ROOT / "artifacts/tiny/tokenizer.spm").read_bytes(),
+                                                     has_vision_tokens=False, has_video_tokens=False)
+        text_only.preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
+        with_tower = with_vision_tower(family, text_only)
+    assert with_tower.backbone.vision_encoder is not None
+    with_tower.save_to_preset(str(tmp_path / "preset"))
+    cfg = load_config(None, [f"model.preset={tmp_path / 'preset'}", "model.dtype=float32"])
+    causal_lm, _ = load_model(cfg, [8])
+    assert causal_lm.backbone.vision_encoder is None and causal_lm.backbone.audio_encoder is None
+    saved = {w.path: np.asarray(w.value) for w in with_tower.backbone.weights}
+    assert {w.path for w in causal_lm.backbone.weights} < set(saved)
+    for w in causal_lm.backbone.weights:
+        np.testing.assert_array_equal(np.asarray(w.value), saved[w.path], err_msg=w.path)
+    ids = np.arange(3, 13, dtype="int32")[None]
+    inputs = forward_inputs(family, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)})
+    np.testing.assert_allclose(np.asarray(causal_lm(inputs)), np.asarray(text_only(inputs)), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -120,9 +153,7 @@ def test_memory_plan_of_every_published_architecture(name):
     family = FAMILIES[name]
     for architecture, config in family.architectures.items():
         spec = ModelSpec(family, config)
-        total = sum(int(np.prod([size for _, size in sizes])) * (1 if path.startswith("token_embedding")
-                                                                  else spec.dims.num_layers)
-                    for path, sizes in spec.weight_dims().items())
+        total = sum(int(np.prod([size for _, size in sizes])) for sizes in spec.weight_dims().values())
         plan = plan_memory(cfg, spec)
         assert total * 2 / 8 <= plan.frozen <= total * 2 / 8 * 1.2, architecture
         assert plan.kv_cache > 0 and plan.activations > 0
@@ -168,11 +199,12 @@ def test_kerashub_gemma3_generate_fails_without_a_preprocessor():
 
 @pytest.mark.parametrize("name, overrides", [
     ("gemma3", {"sliding_window_size": 8}), ("mistral", {"sliding_window": 8}), ("llama3", {}), ("qwen3", {}),
-], ids=["gemma3-window-8", "mistral-window-8", "llama3", "qwen3"])
+    ("gemma4", {"sliding_window_size": 8}),
+], ids=["gemma3-window-8", "mistral-window-8", "llama3", "qwen3", "gemma4-window-8"])
 def test_step_decoder_gives_kerashubs_greedy_tokens_whatever_the_batch(name, overrides):
     """On the (1, 8) mesh, LoRA on: a batch of ragged prompts, padded to one
     bucket, decodes each row to the tokens `generate` gives it alone. Gemma
-    3's and Mistral's windows are shorter than the longer prompts."""
+    3's, 4's and Mistral's windows are shorter than the longer prompts."""
     causal_lm = random_causal_lm(FAMILIES[name], **overrides)
     enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
     rng = np.random.default_rng(1)

@@ -47,7 +47,7 @@ def peft_parameter_count(spec, lora_cfg):
         count += int(np.prod(shape[:-1])) * lora_cfg.rank  # A
         heads = next(size for field, size in dims if field.endswith("_heads")) if name in PER_HEAD_INPUT else 1
         count += heads * shape[-1] * heads * lora_cfg.rank  # B (block-diagonal on q, k, v)
-    return count * spec.dims.num_layers
+    return count
 
 
 @dataclasses.dataclass

@@ -13,28 +13,34 @@ mfu = tokens_per_second * flops / (peak_tflops_per_device * 1e12 * n_devices)
 ```
 """
 
+import numpy as np
+
 
 def matmul_parameter_count(spec):
-    """Weights a token is multiplied by: every projection, and the output
-    embedding (the input one is a lookup; tied or not, the output is one
-    matmul)."""
-    d = spec.dims
-    attention = d.hidden_dim * d.head_dim * (2 * d.num_query_heads + 2 * d.num_key_value_heads)
-    feed_forward = 3 * d.hidden_dim * d.ffw_dim
-    return d.vocabulary_size * d.hidden_dim + d.num_layers * (attention + feed_forward)
+    """Weights a token is multiplied by: every matrix of `weight_dims` but
+    the embedding tables only looked up (the input embedding where the
+    output one is its own; Gemma 4's per-layer table)."""
+    weights = spec.weight_dims()
+    tied = "token_embedding/reverse_embeddings" not in weights
+    return sum(int(np.prod([size for _, size in dims])) for path, dims in weights.items()
+               if not path.endswith("/embeddings") or (tied and path == "token_embedding/embeddings"))
+
+
+def attention_width(spec):
+    """Query heads x head size, summed over the layers (Gemma 4's global
+    layers have wider heads than its local ones)."""
+    hidden = spec.dims.hidden_dim
+    return sum(int(np.prod([size for _, size in dims])) // hidden for path, dims in spec.weight_dims().items()
+               if path.endswith("/query/kernel"))
 
 
 def train_flops_per_token(spec, sequence_length, frozen=True):
-    d = spec.dims
     weights = (4 if frozen else 6) * matmul_parameter_count(spec)
-    attention = 12 * d.num_layers * sequence_length * d.num_query_heads * d.head_dim
-    return weights + attention
+    return weights + 12 * sequence_length * attention_width(spec)
 
 
 def decode_flops_per_token(spec, context_length):
-    d = spec.dims
-    attention = 4 * d.num_layers * context_length * d.num_query_heads * d.head_dim
-    return 2 * matmul_parameter_count(spec) + attention
+    return 2 * matmul_parameter_count(spec) + 4 * context_length * attention_width(spec)
 
 
 def mfu(tokens_per_second, flops_per_token, peak_tflops_per_device, n_devices):

@@ -43,10 +43,8 @@ def _shard(size_by_dim, axes, axis_size):
 
 def frozen_weight_bytes(spec, layout, axis_size, dtype_bytes):
     dims = spec.dims
-    total = 0.0
-    for path, sizes in spec.weight_dims().items():
-        per_device = _shard([size for _, size in sizes], weight_axes(path, layout), axis_size)
-        total += per_device * (1 if path.startswith("token_embedding") else dims.num_layers)
+    total = sum(_shard([size for _, size in sizes], weight_axes(path, layout), axis_size)
+                for path, sizes in spec.weight_dims().items())
     norms = dims.hidden_dim * (2 * dims.num_layers + 1)
     return (total + norms) * dtype_bytes
 
@@ -65,7 +63,7 @@ def lora_parameter_count(spec, lora_cfg, layout=None, axis_size=None):
         for factor, factor_shape in (("a", shape[:-1] + [lora_cfg.rank]), ("b", [lora_cfg.rank, shape[-1]])):
             axes = weight_axes(f"{layer}/lora_kernel_{factor}", lora_layout)
             count += _shard(factor_shape, axes, axis_size or {})
-    return count * spec.dims.num_layers
+    return count
 
 
 def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets):
@@ -80,7 +78,7 @@ def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets
         name = path.split("/")[-2]
         if name in PER_HEAD_INPUT or name in lora_targets:
             total += _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
-    return total * spec.dims.num_layers * dtype_bytes
+    return total * dtype_bytes
 
 
 def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):

@@ -54,15 +54,33 @@ def load_model(cfg, batch_sizes):
     import keras
     import keras_hub
 
+    from pipeline import keras_internals
+
     spec = read_model_spec(cfg.model.preset)
     keras.distribution.set_distribution(model_distribution(cfg.distribution, spec, batch_sizes))
     preset = str(cfg.model.preset)
     with quiet_native_logs():  # SentencePiece's normalizer notice
         tokenizer = getattr(keras_hub.models, spec.family.tokenizer_class).from_preset(preset)
-    causal_lm = getattr(keras_hub.models, spec.family.causal_lm_class).from_preset(
-        preset, preprocessor=None, dtype=cfg.model.dtype
-    )
+    causal_lm_class = getattr(keras_hub.models, spec.family.causal_lm_class)
+    if spec.family.text_only_config:
+        backbone = keras_internals.load_backbone(preset, causal_lm_class.backbone_cls, cfg.model.dtype,
+                                                 **spec.family.text_only_config)
+        causal_lm = causal_lm_class(backbone=backbone, preprocessor=None)
+    else:
+        causal_lm = causal_lm_class.from_preset(preset, preprocessor=None, dtype=cfg.model.dtype)
     return causal_lm, tokenizer
+
+
+def forward_inputs(family, x):
+    """The inputs of the family's model for {token_ids, padding_mask}
+    (numpy): with `position_ids` where the backbone takes them, 0, 1, ...
+    on every row (the pipeline pads on the right)."""
+    if not family.position_ids:
+        return x
+    import numpy as np
+
+    batch, length = x["token_ids"].shape
+    return dict(x, position_ids=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy())
 
 
 def family_of(causal_lm):

@@ -139,8 +139,29 @@ def build_tiny_family(root, name, pretrain_steps=300, log=print):
     log(f"tiny: building {name} preset ({pretrain_steps} pre-training steps) -> {preset}")
     with quiet_native_logs():
         causal_lm = build_tiny_causal_lm(family, lambda: _family_tokenizer(family, paths), pretrain_steps, log)
+        if family.text_only_config:
+            causal_lm = with_vision_tower(family, causal_lm)
         causal_lm.save_to_preset(str(preset))
     return preset
+
+
+def with_vision_tower(family, causal_lm):
+    """The tiny model with a random vision tower added, its decoder's
+    weights kept: every preset of such a family has one, which the
+    pipeline leaves out when it loads it (`Family.text_only_config`)."""
+    import keras_hub
+
+    models = keras_hub.models
+    vision = models.Gemma4VisionEncoder(image_size=32, patch_size=8, num_heads=2, hidden_dim=16, num_layers=1,
+                                        intermediate_dim=32, head_dim=8, output_dim=family.tiny_config["hidden_dim"],
+                                        pool_size=2, position_embedding_size=16, dtype="float32")
+    backbone = getattr(models, family.backbone_class)(**dict(family.tiny_config, image_size=32, vision_encoder=vision),
+                                                      dtype="float32")
+    decoder = {weight.path: weight for weight in causal_lm.backbone.weights}
+    for weight in backbone.weights:
+        if weight.path in decoder:
+            weight.assign(decoder[weight.path])
+    return getattr(models, family.causal_lm_class)(backbone=backbone, preprocessor=causal_lm.preprocessor)
 
 
 def _family_tokenizer(family, paths):
@@ -151,6 +172,9 @@ def _family_tokenizer(family, paths):
         if not paths.spm.exists():
             paths.spm.write_bytes(train_sentencepiece(_tokenizer_corpus(), "bpe"))
         return tokenizer_class(proto=paths.spm.read_bytes(), has_vision_tokens=False)
+    if family.name == "gemma4":
+        return tokenizer_class(proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=GEMMA4_SPECIAL_IDS),
+                               has_audio_tokens=True)
     if family.name == "mistral":
         return tokenizer_class(proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=MISTRAL_SPECIAL_IDS))
     vocabulary, merges = train_byte_level_bpe(_tokenizer_corpus(), BPE_SPECIAL_TOKENS[family.name])
@@ -173,10 +197,13 @@ def _tokenizer_corpus():
     return [line for text in lines for line in text.splitlines() if line.strip()]
 
 
-# Gemma's special pieces and ids (SentencePiece trainer arguments), and Mistral's.
+# Gemma's special pieces and ids (SentencePiece trainer arguments), Gemma 4's and Mistral's.
 GEMMA_SPECIAL_IDS = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
                          bos_piece="<bos>", unk_piece="<unk>",
                          user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\t"])
+GEMMA4_SPECIAL_IDS = dict(GEMMA_SPECIAL_IDS, user_defined_symbols=[
+    "<|turn>", "<turn|>", "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
+    "\n", "\t"])
 MISTRAL_SPECIAL_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>",
                            eos_piece="</s>", user_defined_symbols=["\n", "\t"])
 
@@ -252,8 +279,9 @@ def build_tiny_causal_lm(family, make_tokenizer, pretrain_steps, log=print):
     if pretrain_steps:
         words = " ".join(_demo_paragraphs()).split()
         windows = [" ".join(words[i : i + 60]) for i in range(0, len(words) - 30, 15)]
-        # Gemma 3's preprocessor takes (prompt, response) pairs only: empty prompts.
-        x = {"prompts": [""] * len(windows), "responses": windows} if family.name == "gemma3" else windows
+        # Gemma 3's and 4's preprocessors take (prompt, response) pairs only: empty prompts.
+        pairs = family.name in ("gemma3", "gemma4")
+        x = {"prompts": [""] * len(windows), "responses": windows} if pairs else windows
         causal_lm.compile(
             optimizer=keras.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

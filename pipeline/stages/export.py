@@ -1,18 +1,21 @@
 """The export stage: the model with its LoRA adapter merged, in Hugging Face
 transformers format (safetensors, config, tokenizer), and the adapter alone
-in PEFT's format, for every family with a `TransformersFormat` (Gemma 1 and
-1.1, Gemma 3, Mistral, Llama 3, Qwen 3).
+in PEFT's format, for every family with a `TransformersFormat` (Gemma 1,
+1.1 and 2, Gemma 3, Gemma 4, Mistral, Llama 3, Qwen 3).
 
 The weights are named here, from each family's table of Keras weight paths
 and transformers names, not by KerasHub's exporters: in keras-hub 0.32 they
 write only the first key/value head of Gemma and map its query kernel right
 only when heads x head_dim equals the hidden size (wrong for Gemma 7B), the
 Gemma 3 one reads each layer's base kernel (an enabled LoRA adapter would be
-silently lost), and there is none for Qwen 3. Here every projection is
+silently lost), the Gemma one writes Gemma 2 as Gemma 1, and there is none
+for Qwen 3. Here every projection is
 written from `layer.kernel`, which Keras returns with the adapter merged
 (kernel + alpha/rank * A @ B), and a weight without a name stops the export.
-KerasHub's exporter still writes the config.json (Qwen 3's is written here)
-and the SentencePiece tokenizers; the rest of its faults are worked around:
+KerasHub's exporter still writes the config.json (Gemma 2's, Qwen 3's and
+Gemma 4's are written here: KerasHub's Gemma 4 one leaves out
+`attention_k_eq_v`) and the SentencePiece tokenizers; the rest of its
+faults are worked around:
 
 - `AutoTokenizer` cannot always load a SentencePiece folder (conversion
   needs sentencepiece and protobuf, or falls back to looking for a tiktoken
@@ -42,7 +45,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.models.families.registry import FAMILIES, by_backbone_class
-from pipeline.models.model import family_of, load_adapter, load_model, read_model_spec
+from pipeline.models.model import load_adapter, load_model, read_model_spec
 from pipeline.run.run_dir import RunDir
 
 
@@ -52,9 +55,12 @@ def hf_weight(kind, value):
     kind: "copy"; "transpose" ([in, out]); "heads_first" (a query, key or
     value kernel [heads, hidden, head_dim], Gemma's); "hidden_first" (one
     [hidden, heads, head_dim], the Llama-style block's); "output" (the
-    attention output [heads, head_dim, hidden])."""
+    attention output [heads, head_dim, hidden]); "scalar" (a Keras scalar,
+    transformers' one-element buffer)."""
     if kind == "copy":
         return value
+    if kind == "scalar":
+        return value.reshape(1)
     if kind == "hidden_first":
         value = value.transpose(1, 0, 2)
         kind = "heads_first"
@@ -86,16 +92,22 @@ def peft_factors(kind, kernel_a, kernel_b):
     return kernel_a.T, kernel_b.T
 
 
-def transformers_name(family, path):
+def transformers_format(backbone):
+    """The backbone's `TransformersFormat`: its family's, or that of its
+    variant of the family (Gemma 2)."""
+    return by_backbone_class(type(backbone).__name__).transformers_format(backbone.get_config())
+
+
+def transformers_name(transformers_format, path):
     """(transformers name, kind) of the Keras weight at `path`; refuses a
-    weight the family's table has no name for."""
-    for keras_path, name, kind in family.transformers.weights:
+    weight the format's table has no name for."""
+    for keras_path, name, kind in transformers_format.weights:
         match = re.fullmatch(re.escape(keras_path).replace(re.escape("{i}"), r"(\d+)"), path)
         if match:
             return name.format(i=match.group(1)) if match.groups() else name, kind
     raise InputError(
-        f"export: the {family.name} weight {path} has no transformers name, so this variant of the family "
-        "(e.g. Gemma 2's extra norms) cannot be exported; the other stages run on it"
+        f"export: the weight {path} has no name in {transformers_format.architecture}, so this variant of the "
+        "family cannot be exported; the other stages run on it"
     )
 
 
@@ -107,7 +119,8 @@ def run_export_stage(cfg, log=print):
     if not cfg.export.merged and not (cfg.export.peft and run.export_adapter):
         raise InputError("export.merged is false and there is no PEFT adapter to write (export.peft false, or "
                          "export.adapter none): nothing to export")
-    family = read_model_spec(cfg.model.preset).family
+    spec = read_model_spec(cfg.model.preset)
+    family = spec.family
     if family.transformers is None:
         built = ", ".join(f.name for f in FAMILIES.values() if f.transformers)
         raise InputError(
@@ -127,7 +140,7 @@ def run_export_stage(cfg, log=print):
         paths["transformers"] = str(run.transformers_model)
         log(f"export: transformers model -> {run.transformers_model}")
     if adapter and cfg.export.peft:
-        base = family.transformers.base_models.get(str(cfg.model.preset), str(cfg.model.preset))
+        base = family.transformers_format(spec.config).base_models.get(str(cfg.model.preset), str(cfg.model.preset))
         ranks = write_peft_adapter(causal_lm.backbone, run.peft_adapter, base)
         paths["peft_adapter"] = str(run.peft_adapter)
         log(f"export: PEFT adapter, ranks {ranks} -> {run.peft_adapter}")
@@ -153,7 +166,7 @@ def write_transformers_model(causal_lm, tokenizer, folder, dtype):
     them (`AutoModelForCausalLM`, `AutoTokenizer`)."""
     write_transformers_weights(causal_lm, folder, dtype, bos_token_id=tokenizer.start_token_id,
                                eos_token_id=tokenizer.end_token_id)
-    write_transformers_tokenizer(family_of(causal_lm), tokenizer, folder)
+    write_transformers_tokenizer(transformers_format(causal_lm.backbone), tokenizer, folder)
 
 
 def write_transformers_weights(causal_lm, folder, dtype, **config_fields):
@@ -161,14 +174,14 @@ def write_transformers_weights(causal_lm, folder, dtype, **config_fields):
     (LoRA merged)."""
     from safetensors.numpy import save_file
 
-    family = family_of(causal_lm)
     backbone = causal_lm.backbone
+    weight_names = transformers_format(backbone)
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(transformers_config(backbone), torch_dtype=dtype, **config_fields)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     weights = {}
     for path, value in merged_weights(backbone).items():
-        name, kind = transformers_name(family, path)
+        name, kind = transformers_name(weight_names, path)
         weights[name] = np.ascontiguousarray(hf_weight(kind, value))
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
@@ -178,20 +191,21 @@ def transformers_config(backbone):
     KerasHub's exporter's; its `architectures` set."""
     from pipeline import keras_internals
 
-    transformers_format = by_backbone_class(type(backbone).__name__).transformers
-    if transformers_format.config:
-        config = transformers_format.config(backbone.get_config())
+    written_as = transformers_format(backbone)
+    if written_as.config:
+        config = written_as.config(backbone.get_config())
     else:
         config = keras_internals.keras_hub_transformers_config(backbone)
-    return dict(config, architectures=[transformers_format.architecture])
+    return dict(config, architectures=[written_as.architecture])
 
 
-def write_transformers_tokenizer(family, tokenizer, folder):
-    """The tokenizer's files, tokenizer.json among them."""
+def write_transformers_tokenizer(written_as, tokenizer, folder):
+    """The tokenizer's files, tokenizer.json among them, as the
+    `TransformersFormat` `written_as` says."""
     from pipeline import keras_internals
 
-    if family.transformers.tokenizer == "byte_level_bpe":
-        write_byte_level_bpe_tokenizer(tokenizer, family.transformers.tokenizer_config, folder)
+    if written_as.tokenizer == "byte_level_bpe":
+        write_byte_level_bpe_tokenizer(tokenizer, written_as.tokenizer_config, folder)
     else:
         keras_internals.export_keras_hub_tokenizer(tokenizer, str(folder))
         write_tokenizer_json(folder)
@@ -227,28 +241,40 @@ def write_byte_level_bpe_tokenizer(tokenizer, tokenizer_config, folder):
 
 
 def write_peft_adapter(backbone, folder, base_model):
-    """The LoRA factors in PEFT's format; returns {module: rank}."""
+    """The LoRA factors in PEFT's format; returns {module: rank} (a sorted
+    tuple of ranks where a module's differ between layers, as Gemma 4's
+    k_proj on the 31B, whose global layers have fewer heads)."""
     from safetensors.numpy import save_file
 
     from pipeline import keras_internals
 
-    family = by_backbone_class(type(backbone).__name__)
-    tensors, ranks, scales = {}, {}, set()
+    weight_names = transformers_format(backbone)
+    tensors, module_ranks, scales = {}, {}, set()
     for layer in keras_internals.lora_layers(backbone).values():
-        name, kind = transformers_name(family, f"{layer.path}/kernel")
+        name, kind = transformers_name(weight_names, f"{layer.path}/kernel")
         lora_a, lora_b = peft_factors(kind, np.asarray(layer.lora_kernel_a), np.asarray(layer.lora_kernel_b))
-        module = f"base_model.model.{name.removesuffix('.weight')}"
-        tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a, dtype=np.float32)
-        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b, dtype=np.float32)
-        ranks[module.split(".")[-1]] = lora_a.shape[0]
+        module = name.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a, dtype=np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b, dtype=np.float32)
+        module_ranks[module] = lora_a.shape[0]
         scales.add(layer.lora_alpha / layer.lora_rank)
     (scale,) = scales  # one alpha and rank for the whole adapter
-    rank = min(ranks.values())
-    wider = {module: r for module, r in ranks.items() if r != rank}
+    rank = min(module_ranks.values())
+    by_name = {}
+    for module, r in module_ranks.items():
+        by_name.setdefault(module.split(".")[-1], set()).add(r)
+    # PEFT's rank_pattern keys are regexes matched at the end of a module's name.
+    wider = {}
+    for name, ranks in by_name.items():
+        if len(ranks) == 1:
+            wider.update({name: r for r in ranks if r != rank})
+        else:
+            wider.update({re.escape(module): r for module, r in module_ranks.items()
+                          if module.split(".")[-1] == name and r != rank})
     # PEFT's LoraConfig fields (written as JSON: PEFT itself needs torch).
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": scale * rank, "target_modules": sorted(ranks),
+        "r": rank, "lora_alpha": scale * rank, "target_modules": sorted(by_name),
         "rank_pattern": wider, "alpha_pattern": {module: scale * r for module, r in wider.items()},
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True,
@@ -256,4 +282,4 @@ def write_peft_adapter(backbone, folder, base_model):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return ranks
+    return {name: next(iter(ranks)) if len(ranks) == 1 else tuple(sorted(ranks)) for name, ranks in by_name.items()}

@@ -28,7 +28,7 @@ from pipeline.parallel.checkpoint import CheckpointStore, Progress
 from pipeline.models.disk import check_disk, plan_disk
 from pipeline.parallel.distribution import data_sharding
 from pipeline.models.lora_training import compile_lora_training
-from pipeline.models.model import enable_lora, load_model, read_model_spec, save_adapter
+from pipeline.models.model import enable_lora, family_of, forward_inputs, load_model, read_model_spec, save_adapter
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.run.run_dir import RunDir
 from pipeline.parallel.runtime import set_seed
@@ -74,10 +74,10 @@ def checkpoint_settings(cfg, rows):
     }
 
 
-def local_batches(rows, batches, batch_size):
+def local_batches(rows, batches, batch_size, family):
     """tf.data of (x, y, sample_weight) of each batch, in order: the rows of
     the global batch that this process's devices hold (all of them in one
-    process)."""
+    process); x as the `family`'s model takes it."""
     import tensorflow as tf
 
     local = hosts.local_rows(data_sharding((batch_size, 1)), (batch_size, 1))
@@ -86,10 +86,13 @@ def local_batches(rows, batches, batch_size):
     def generate():
         for batch in batches:
             x, y, weight = rows.arrays(batch)
-            yield {key: value[local] for key, value in x.items()}, y[local], weight[local]
+            yield {key: value[local] for key, value in forward_inputs(family, x).items()}, y[local], weight[local]
 
     spec = lambda dtype: tf.TensorSpec((n, None), dtype)  # noqa: E731
-    signature = ({"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}, spec(tf.int32), spec(tf.float32))
+    inputs = {"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}
+    if family.position_ids:
+        inputs["position_ids"] = spec(tf.int32)
+    signature = (inputs, spec(tf.int32), spec(tf.float32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
 
@@ -172,16 +175,17 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
     callbacks = [step_log, Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
     if hosts.is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
+    family = family_of(causal_lm)
     for epoch in range(progress.step // per_epoch, tc.epochs):
         todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
-        feed = local_batches(train_rows, todo, tc.batch_size)
+        feed = local_batches(train_rows, todo, tc.batch_size, family)
         if hosts.process_count() > 1 and epoch == progress.step // per_epoch:
             log(f"finetune: process {hosts.process_index()} feeds {feed.element_spec[1].shape[0]} of the "
                 f"{tc.batch_size} rows of every batch")
         start = time.perf_counter()
         history = causal_lm.fit(
             feed,
-            validation_data=local_batches(val_rows, val_batches, tc.batch_size) if val_batches else None,
+            validation_data=local_batches(val_rows, val_batches, tc.batch_size, family) if val_batches else None,
             initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
         )
         real_tokens = sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0)

@@ -77,9 +77,10 @@ class Family:
         end_of_turn: the token that ends the model's turn, where it is not
             the tokenizer's end token (None: the end token ends it).
         dimensions: backbone config -> `Dimensions`.
-        weight_dims: backbone config -> {representative weight path:
-            [(config field, size) of each dimension]}, the paths the layout
-            map matches; the decoder block's paths stand for every block.
+        weight_dims: backbone config -> {weight path: [(config field, size)
+            of each dimension]} of every matrix of the backbone, block by
+            block (the paths the layout map matches; blocks may differ, as
+            Gemma 4's do).
         layout_axes: (data axis, model axis) -> {weight-path regex: mesh
             axis of each dimension}, as Keras' `LayoutMap` reads it.
         architectures: {name: backbone config} of published models, for
@@ -92,8 +93,16 @@ class Family:
         transformers: how the export stage writes the family in Hugging
             Face transformers' format (`TransformersFormat`); None where it
             is not built (and so no Kaggle bundle).
+        transformers_variant: backbone config -> the `TransformersFormat`
+            of that variant of the family, where it is not `transformers`
+            (Gemma 2 in the Gemma family); see `transformers_format`.
         check_config: backbone config -> None, raising `InputError` for a
             variant the pipeline does not run (a vision tower, experts).
+        text_only_config: backbone config overrides that leave the preset's
+            vision and audio towers out when it is loaded (their weights are
+            not read); empty where the family's presets have text ones.
+        position_ids: whether the backbone takes `position_ids` besides
+            token ids and padding mask (`model.forward_inputs` adds them).
     """
 
     name: str
@@ -110,7 +119,14 @@ class Family:
     presets: tuple
     fast_decoder: bool = False
     transformers: Optional["TransformersFormat"] = None
+    transformers_variant: Optional[Callable] = None
     check_config: Callable = lambda config: None
+    text_only_config: dict = dataclasses.field(default_factory=dict)
+    position_ids: bool = False
+
+    def transformers_format(self, config):
+        """The `TransformersFormat` of a backbone config of the family."""
+        return self.transformers_variant(config) if self.transformers_variant else self.transformers
 
 
 @dataclasses.dataclass(frozen=True)

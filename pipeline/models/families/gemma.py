@@ -18,7 +18,7 @@ def gemma_dimensions(config, ffw_dim=None):
 
 
 def gemma_weight_dims(config, dims=None):
-    """Gemma's sharded weights (Gemma 3 and 4 name theirs the same way)."""
+    """Gemma's matrices, block by block (Gemma 3 names its own the same way)."""
     dims = dims or gemma_dimensions(config)
     hidden = ("hidden_dim", dims.hidden_dim)
     ffw = ("intermediate_dim / 2" if dims.ffw_dim != config["intermediate_dim"] else "intermediate_dim",
@@ -26,17 +26,19 @@ def gemma_weight_dims(config, dims=None):
     head = ("head_dim", dims.head_dim)
     query = ("num_query_heads", dims.num_query_heads)
     kv = ("num_key_value_heads", dims.num_key_value_heads)
-    block = "decoder_block_0"
-    return {
-        "token_embedding/embeddings": [("vocabulary_size", dims.vocabulary_size), hidden],
-        f"{block}/attention/query/kernel": [query, hidden, head],
-        f"{block}/attention/key/kernel": [kv, hidden, head],
-        f"{block}/attention/value/kernel": [kv, hidden, head],
-        f"{block}/attention/attention_output/kernel": [query, head, hidden],
-        f"{block}/ffw_gating/kernel": [hidden, ffw],
-        f"{block}/ffw_gating_2/kernel": [hidden, ffw],
-        f"{block}/ffw_linear/kernel": [ffw, hidden],
-    }
+    weights = {"token_embedding/embeddings": [("vocabulary_size", dims.vocabulary_size), hidden]}
+    for i in range(dims.num_layers):
+        block = f"decoder_block_{i}"
+        weights.update({
+            f"{block}/attention/query/kernel": [query, hidden, head],
+            f"{block}/attention/key/kernel": [kv, hidden, head],
+            f"{block}/attention/value/kernel": [kv, hidden, head],
+            f"{block}/attention/attention_output/kernel": [query, head, hidden],
+            f"{block}/ffw_gating/kernel": [hidden, ffw],
+            f"{block}/ffw_gating_2/kernel": [hidden, ffw],
+            f"{block}/ffw_linear/kernel": [ffw, hidden],
+        })
+    return weights
 
 
 def gemma_layout_axes(data_axis="batch", model_axis="model"):
@@ -72,8 +74,6 @@ def gemma_transformers_weights(feed_forward_norm):
     )
 
 
-# Gemma 1 and 1.1 only: Gemma 2's extra norms have no name here, so the
-# export refuses it (KerasHub's exporter writes it as Gemma 1).
 TRANSFORMERS = TransformersFormat(
     architecture="GemmaForCausalLM",
     weights=gemma_transformers_weights("post_attention_layernorm"),
@@ -86,6 +86,49 @@ TRANSFORMERS = TransformersFormat(
         "gemma_1.1_instruct_7b_en": "google/gemma-1.1-7b-it",
     },
 )
+
+
+def gemma2_transformers_config(config):
+    """Gemma2ForCausalLM's config.json (KerasHub's exporter writes Gemma 2
+    as Gemma 1: no post norms, soft caps or sliding window). Queries are
+    scaled by head_dim whatever `query_head_dim_normalize` says: KerasHub's
+    Gemma block builds its attention so (keras-hub 0.32), and the export
+    gives the model that was trained (Gemma 2 27B's own scalar is 144)."""
+    sliding = config.get("use_sliding_window_attention", False)
+    return {
+        "model_type": "gemma2", "vocab_size": config["vocabulary_size"], "hidden_size": config["hidden_dim"],
+        "intermediate_size": config["intermediate_dim"] // 2, "num_hidden_layers": config["num_layers"],
+        "num_attention_heads": config["num_query_heads"], "num_key_value_heads": config["num_key_value_heads"],
+        "head_dim": config["head_dim"], "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": config.get("layer_norm_epsilon", 1e-6),
+        "query_pre_attn_scalar": config["head_dim"],
+        "attn_logit_softcapping": config.get("attention_logit_soft_cap"),
+        "final_logit_softcapping": config.get("final_logit_soft_cap"),
+        "sliding_window": config.get("sliding_window_size", 4096),
+        "layer_types": ["sliding_attention" if sliding and i % 2 == 0 else "full_attention"
+                        for i in range(config["num_layers"])],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "attention_bias": False, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+        "use_cache": True, "pad_token_id": 0,
+    }
+
+
+GEMMA2_TRANSFORMERS = TransformersFormat(
+    architecture="Gemma2ForCausalLM",
+    weights=gemma_transformers_weights("pre_feedforward_layernorm") + (
+        ("decoder_block_{i}/post_attention_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", "copy"),
+        ("decoder_block_{i}/post_ffw_norm/scale", "model.layers.{i}.post_feedforward_layernorm.weight", "copy"),
+    ),
+    config=gemma2_transformers_config,
+    base_models={f"gemma2_{kind}{size}_en": f"google/gemma-2-{size}{'-it' if kind else ''}"
+                 for kind in ("", "instruct_") for size in ("2b", "9b", "27b")},
+)
+
+
+def gemma_transformers_format(config):
+    """Gemma 2 (its post norms) in its own transformers class, Gemma 1 and 1.1 in Gemma's."""
+    return GEMMA2_TRANSFORMERS if config.get("use_post_attention_norm") else TRANSFORMERS
+
 
 FAMILY = Family(
     name="gemma",
@@ -110,4 +153,5 @@ FAMILY = Family(
              "gemma2_instruct_9b_en", "gemma2_instruct_27b_en"),
     fast_decoder=True,
     transformers=TRANSFORMERS,
+    transformers_variant=gemma_transformers_format,
 )

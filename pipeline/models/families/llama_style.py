@@ -27,19 +27,20 @@ def _weight_dims(config, tied_embeddings):
     head = ("head_dim", dims.head_dim)
     query = ("num_query_heads", dims.num_query_heads)
     kv = ("num_key_value_heads", dims.num_key_value_heads)
-    block = "transformer_layer_0"
     weights = {"token_embedding/embeddings": [vocabulary, hidden]}
     if not tied_embeddings:
         weights["token_embedding/reverse_embeddings"] = [hidden, vocabulary]
-    weights.update({
-        f"{block}/self_attention/query/kernel": [hidden, query, head],
-        f"{block}/self_attention/key/kernel": [hidden, kv, head],
-        f"{block}/self_attention/value/kernel": [hidden, kv, head],
-        f"{block}/self_attention/attention_output/kernel": [query, head, hidden],
-        f"{block}/feedforward_gate_dense/kernel": [hidden, ffw],
-        f"{block}/feedforward_intermediate_dense/kernel": [hidden, ffw],
-        f"{block}/feedforward_output_dense/kernel": [ffw, hidden],
-    })
+    for i in range(dims.num_layers):
+        block = f"transformer_layer_{i}"
+        weights.update({
+            f"{block}/self_attention/query/kernel": [hidden, query, head],
+            f"{block}/self_attention/key/kernel": [hidden, kv, head],
+            f"{block}/self_attention/value/kernel": [hidden, kv, head],
+            f"{block}/self_attention/attention_output/kernel": [query, head, hidden],
+            f"{block}/feedforward_gate_dense/kernel": [hidden, ffw],
+            f"{block}/feedforward_intermediate_dense/kernel": [hidden, ffw],
+            f"{block}/feedforward_output_dense/kernel": [ffw, hidden],
+        })
     return weights
 
 

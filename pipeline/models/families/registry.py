@@ -10,10 +10,10 @@ family.chat_turn.format(content="Rewrite this ...")
 """
 
 from pipeline.errors import InputError
-from pipeline.models.families import gemma, gemma3, llama3, mistral, qwen3
+from pipeline.models.families import gemma, gemma3, gemma4, llama3, mistral, qwen3
 
 FAMILIES = {family.name: family for family in (gemma.FAMILY, gemma3.FAMILY, mistral.FAMILY, llama3.FAMILY,
-                                               qwen3.FAMILY)}
+                                               qwen3.FAMILY, gemma4.FAMILY)}
 
 
 def by_backbone_class(class_name, preset=None):
