@@ -162,6 +162,19 @@ def test_kerashubs_gemma4_config_leaves_out_keys_as_values():
     assert transformers_config(backbone)["attention_k_eq_v"] is True
 
 
+def test_a_weight_without_a_transformers_name_stops_the_export():
+    """Gemma 2's post-attention norm has no name in Gemma 1's table: a
+    table that misses a weight stops the export, naming it, instead of
+    writing a model without it."""
+    from pipeline.models.families import gemma
+    from pipeline.stages.export import transformers_name
+
+    assert transformers_name(gemma.GEMMA2_TRANSFORMERS, "decoder_block_3/post_attention_norm/scale") == (
+        "model.layers.3.post_attention_layernorm.weight", "copy")
+    with pytest.raises(InputError, match=r"decoder_block_3/post_attention_norm/scale has no name in GemmaForCausalLM"):
+        transformers_name(gemma.TRANSFORMERS, "decoder_block_3/post_attention_norm/scale")
+
+
 def test_gemma_2_exports_as_gemma_2(tmp_path):
     """Gemma 2 (post norms, soft caps, alternating sliding windows shorter
     than the input, `query_head_dim_normalize` off as the 27B's) in
