@@ -3,11 +3,13 @@
     python scripts/finetune.py --config configs/kaggle_tpu_v3_8.yaml lora.rank=8
 
 Reads the config, then prepares the process (JAX backend, virtual devices,
-TensorFlow kept off the accelerators) before any stage module is imported.
+TensorFlow kept off the accelerators) before any stage module is imported,
+and fetches the inputs that are on a bucket (`pipeline/run/storage.py`).
 Bad input (`pipeline.errors.InputError`) ends the stage with its one-line
-message; any other error keeps its traceback. `VERBOSE=1` in the
-environment also shows the native libraries' start-up lines and the
-traceback of input errors.
+message; any other error keeps its traceback; a stage stopped by a
+preemption notice (SIGTERM) exits with code 75 once it has saved.
+`VERBOSE=1` in the environment also shows the native libraries' start-up
+lines and the traceback of input errors.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import traceback
 from pipeline.run.config import ConfigError, load_config
 from pipeline.errors import InputError
 from pipeline.parallel.runtime import setup_environment, verbose
+from pipeline.run.storage import localized
 
 
 def parse(description):
@@ -32,7 +35,10 @@ def parse(description):
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     setup_environment(cfg.distribution, cfg.hardware.memory_fraction)
-    return cfg
+    try:
+        return localized(cfg)  # gs:// inputs, fetched
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 def main(description, module, function):
@@ -44,11 +50,16 @@ def main(description, module, function):
 def run_or_exit(stage, cfg):
     """Runs `stage(cfg)`; on an error prints its one line (input errors) or
     its traceback and ends the process with exit code 1, at once on a pod
-    (`hosts.leave`)."""
+    (`hosts.leave`). A stage stopped by a preemption notice, having saved
+    its work, ends with `PREEMPTED_EXIT_CODE` (75)."""
     from pipeline.parallel import hosts
+    from pipeline.parallel.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         stage(cfg)
+    except Preempted as notice:
+        print(notice, file=sys.stderr)
+        hosts.leave(PREEMPTED_EXIT_CODE)
     except Exception as error:
         if isinstance(error, InputError) and not verbose():
             print(f"error: {error}", file=sys.stderr)

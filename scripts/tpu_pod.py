@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline.run.config import ConfigError, load_config
+from pipeline.run.storage import is_bucket
 from pipeline.parallel.launch import REMOTE_REPO, Launcher, PodError, TpuPod, archive_repository, stages_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,8 @@ def main():
     parser.add_argument("--delete", action="store_true", help="with up, run, wait: delete the slice at the end")
     parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often up/run/wait ask the workers")
     parser.add_argument("--lines", type=int, default=40, help="with logs: lines of each worker's log")
-    parser.add_argument("--into", default=None, help="local folder for the fetched run folder (default: run.root)")
+    parser.add_argument("--into", default=None,
+                        help="local folder for the fetched run folder (default: run.root; runs/ for a bucket's run)")
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args()
@@ -62,7 +64,8 @@ def main():
         ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
         archive_repository(ROOT, ARCHIVE)
     start = pod.start(stages_of(args.stage), args.config, args.overrides)
-    local_root = args.into or cfg.run.root
+    # A run on a bucket needs no fetch: only the workers' logs come here.
+    local_root = args.into or ("runs" if is_bucket(cfg.run.root) else cfg.run.root)
     finish = lambda: launcher.finish(run_dir, local_root, args.poll_seconds)  # noqa: E731
     try:
         if args.step == "up":

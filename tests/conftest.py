@@ -1,7 +1,12 @@
 """Test set-up: JAX on 8 virtual CPU devices (the TPU v3-8 mesh), the tiny
-stand-in artifacts built once per session (skipped when already built)."""
+stand-in artifacts built once per session (skipped when already built), and
+a GCS emulator on loopback for the tests that write to a bucket."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pipeline.run.config import DistributionConfig
@@ -53,3 +58,38 @@ def demo_run(tiny, tmp_path_factory):
     logs = []
     scores = run_demo(cfg, log=logs.append)
     return cfg, scores, logs
+
+
+@pytest.fixture
+def gcs_bucket(tmp_path):
+    """A bucket, `gs://prompt-recovery-test`, on a GCS emulator
+    (gcp-storage-emulator, in memory, tests/standins/gcs_emulator.py) that
+    the test starts on loopback, empty.
+    The real clients of this process and of the processes it starts talk to
+    it: gcsfs (through etils.epath, Orbax's folder operations) by
+    STORAGE_EMULATOR_HOST, tensorstore (Orbax's arrays) by
+    TENSORSTORE_GCS_HTTP_URL. gcsfs's gRPC bucket-type probe, which the
+    emulator does not serve, is turned off."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "gcs-emulator.log", "w")
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "standins" / "gcs_emulator.py"), str(port),
+                               "prompt-recovery-test"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, Path(log.name).read_text()
+            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    os.environ.update(env)
+    yield "gs://prompt-recovery-test"
+    for key in env:
+        os.environ.pop(key)
+    server.terminate()
+    server.wait()

@@ -64,17 +64,22 @@ def test_rerun_resumes_without_loss_or_duplicates(tiny_cfg):
     csv_path = run_data_stage(tiny_cfg, log=logs.append)
     full = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     assert list(full.columns) == TRAIN_COLUMNS and full["id"].is_unique
-    partial = csv_path.parent / "rewrites.partial.jsonl"
-    lines = partial.read_text().splitlines(keepends=True)
-    # A crash: the final CSV never written, the last line torn half way.
+    partial = csv_path.parent / "rewrites.partial"
+    batches = sorted(partial.glob("*.jsonl"))
+    assert len(batches) == -(-len(full) // tiny_cfg.data.batch_size)  # a file per batch
+    # A crash: the final CSV never written, the last batches not finished
+    # (one of them left half written beside its name).
     csv_path.unlink()
-    partial.write_text("".join(lines[:100]) + lines[100][:20])
+    for path in batches[3:]:
+        path.unlink()
+    (partial / "c99999p0.jsonl.part").write_text('{"id": "c00000p0", "rewr')
+    kept = sum(len(path.read_text().splitlines()) for path in batches[:3])
     logs.clear()
     run_data_stage(tiny_cfg, log=logs.append)
-    assert f"100 already written, {len(full) - 100} to rewrite" in " ".join(logs)
+    assert f"{kept} already written, {len(full) - kept} to rewrite" in " ".join(logs)
     again = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     assert again.equals(full)
-    assert len(partial.read_text().splitlines()) == len(full)
+    assert sum(len(path.read_text().splitlines()) for path in partial.glob("*.jsonl")) == len(full)
 
 
 def test_resume_refuses_a_changed_plan(tiny_cfg):
@@ -126,8 +131,8 @@ def test_model_rewriter_generates_only_missing_rows(tiny_cfg):
     first = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     assert len(first) == 12 and first["id"].is_unique
     assert sum("generate: 12/12 rows" in line for line in logs) == 1
-    partial = csv_path.parent / "rewrites.partial.jsonl"
-    partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:8]))
+    partial = csv_path.parent / "rewrites.partial"
+    full_batch = keep_rows(partial, 8)  # the batch of 8 kept, the batch of 4 lost
     logs.clear()
     run_data_stage(tiny_cfg, log=logs.append)
     assert any("generate: 4/4 rows" in line for line in logs)
@@ -136,6 +141,16 @@ def test_model_rewriter_generates_only_missing_rows(tiny_cfg):
     # A batch cut short (5 of its 8 rows written): its other rows are decoded
     # again, in the same batch, and the CSV is the uninterrupted run's.
     whole = csv_path.read_bytes()
-    partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:5]))
+    keep_rows(partial, 8)
+    full_batch.write_text("".join(full_batch.read_text().splitlines(keepends=True)[:5]))
     run_data_stage(tiny_cfg, log=logs.append)
     assert csv_path.read_bytes() == whole
+
+
+def keep_rows(partial, n):
+    """Leaves only the batch file of `n` rows; returns it."""
+    (kept,) = [path for path in partial.glob("*.jsonl") if len(path.read_text().splitlines()) == n]
+    for path in partial.glob("*.jsonl"):
+        if path != kept:
+            path.unlink()
+    return kept

@@ -4,6 +4,9 @@ the same [2, 4] mesh. `make pod-test` runs these alone."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from processes import run_stage, start_stage
+from pipeline.parallel.preemption import PREEMPTED_EXIT_CODE
+from processes import ROOT, free_port, run_stage, start_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
@@ -42,6 +46,24 @@ def lora_weights(path):
     with h5py.File(path) as f:
         f.visititems(lambda name, item: found.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
     return found
+
+
+def assert_same_adapter(expected_run, got_run, atol):
+    expected = lora_weights(expected_run / "finetune" / "adapter.lora.h5")
+    got = lora_weights(got_run / "finetune" / "adapter.lora.h5")
+    assert expected.keys() == got.keys() and len(expected) > 2
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=atol, err_msg=name)
+
+
+def start_pod_finetune_until(overrides, line, log_dir):
+    """Starts finetune on two processes; returns them once process 0 printed `line`."""
+    started = start_stage("finetune", overrides, processes=2, log_dir=log_dir)
+    deadline = time.time() + 600
+    while line not in Path(started[0].log_path).read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in started), Path(started[0].log_path).read_text()
+        time.sleep(0.05)
+    return started
 
 
 def test_data_stage_writes_the_same_rewrites(runs):
@@ -74,22 +96,41 @@ def test_killed_pod_finetune_resumes_to_the_uninterrupted_adapter(runs, tmp_path
     root = tmp_path / "killed"
     shutil.copytree(pod / "data", root / "cpu_tiny" / "data")
     overrides = SETTINGS + [f"run.root={root}"]
-    started = start_stage("finetune", overrides, processes=2, log_dir=tmp_path)
-    deadline = time.time() + 600
     # checkpoint_every=3: the step-4 line comes after the step-3 checkpoint.
-    while "finetune: step 4/" not in Path(started[0].log_path).read_text():
-        assert time.time() < deadline and all(p.poll() is None for p in started), Path(started[0].log_path).read_text()
-        time.sleep(0.05)
+    started = start_pod_finetune_until(overrides, "finetune: step 4/", tmp_path)
     for process in started:
         process.kill()
         process.wait()
     outputs = run_stage("finetune", overrides, processes=2, log_dir=tmp_path)
     assert all("finetune: resuming from" in output for output in outputs)
-    expected = lora_weights(pod / "finetune" / "adapter.lora.h5")
-    got = lora_weights(root / "cpu_tiny" / "finetune" / "adapter.lora.h5")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=5e-5, err_msg=name)
+    assert_same_adapter(pod, root / "cpu_tiny", atol=5e-5)
+
+
+def test_a_preempted_pod_saves_one_step_on_every_host_and_resumes_on_another_mesh(runs, tmp_path, gcs_bucket):
+    """SIGTERM (Cloud TPU's notice) reaches one host only; both save the same
+    step into the bucket, each host its own shards, and exit with
+    PREEMPTED_EXIT_CODE. One process on a [1, 8] mesh then resumes that
+    checkpoint (each array read into its new sharding) and ends with the
+    adapter of the uninterrupted run."""
+    from etils import epath
+
+    one, pod, _ = runs
+    mirrors = tmp_path / "mirrors"  # the run root is on the bucket; its data stage's output already here
+    shutil.copytree(pod / "data", mirrors / gcs_bucket.removeprefix("gs://") / "pod" / "cpu_tiny" / "data")
+    checkpoints = f"{gcs_bucket}/pod/cpu_tiny/finetune/checkpoints"
+    overrides = SETTINGS + [f"run.root={gcs_bucket}/pod", f"run.mirrors={mirrors}"]
+    started = start_pod_finetune_until(overrides, "finetune: step 2/", tmp_path)
+    started[1].send_signal(signal.SIGTERM)
+    codes = [process.wait(timeout=300) for process in started]
+    outputs = [Path(process.log_path).read_text() for process in started]
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, outputs[0][-3000:] + outputs[1][-3000:]
+    steps = {output.split("finetune: preempted at step ")[1].split(":")[0] for output in outputs}
+    assert len(steps) == 1  # the same step on both hosts
+    (step,) = steps
+    assert max(int(p.name) for p in epath.Path(checkpoints).iterdir() if p.name.isdigit()) == int(step)
+    (output,) = run_stage("finetune", overrides + ["distribution.mesh_shape=[1,8]"], log_dir=tmp_path)
+    assert f"resuming from {checkpoints} at step {step}/" in output
+    assert_same_adapter(one, mirrors / gcs_bucket.removeprefix("gs://") / "pod" / "cpu_tiny", atol=5e-5)
 
 
 def test_no_host_is_stranded_while_process_0_works_alone(runs, tmp_path):
@@ -117,8 +158,42 @@ def test_predict_mean_prompt_and_score_agree(runs):
 
 def test_only_process_0_writes(runs):
     one, pod, _ = runs
-    # A second writer would have appended to the partial log, and opened
-    # TensorBoard event files of its own (each writer names its own file).
-    assert len((pod / "data" / "rewrites.partial.jsonl").read_text().splitlines()) == 32
+    # Every row written once; a second writer would have opened TensorBoard
+    # event files of its own (each writer names its own file).
+    assert sum(len(p.read_text().splitlines()) for p in (pod / "data" / "rewrites.partial").glob("*.jsonl")) == 32
     events = [sorted(p.parent.name for p in run.rglob("*tfevents*")) for run in (one, pod)]
     assert events[0] == events[1] and events[0]
+
+
+REACHABLE = """
+import sys
+from pipeline.run.config import DistributionConfig
+from pipeline.parallel.runtime import setup_environment
+
+port, process_id, folder = sys.argv[1:]
+cfg = DistributionConfig(multi_host=True, coordinator_address=f"localhost:{port}", num_processes=2,
+                         process_id=int(process_id), host_device_count=1)
+setup_environment(cfg)
+from pipeline.parallel import checkpoint, hosts
+
+hosts.initialize(cfg)
+checkpoint.check_reachable(folder)
+print("every host sees the folder")
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_checkpoint_folder_that_a_host_cannot_see_is_refused_on_every_host(tmp_path, shared):
+    """On a pod each host writes its own shards of a checkpoint: a folder on
+    each worker's own disk would leave every checkpoint in pieces."""
+    port = free_port()
+    folders = [tmp_path / "shared"] * 2 if shared else [tmp_path / "worker-0", tmp_path / "worker-1"]
+    started = [subprocess.Popen([sys.executable, "-c", REACHABLE, str(port), str(i), str(folders[i])], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in started]
+    if shared:
+        assert all(output.strip().endswith("every host sees the folder") for output in outputs), outputs
+    else:
+        for output in outputs:
+            assert "is not shared by every host (process(es) [1] do not see what process 0 writes there)" in output
+            assert "every host sees the folder" not in output

@@ -51,15 +51,26 @@ def tpu_pod(env, *words, check=True, timeout=1500):
     return result
 
 
-def test_up_runs_every_stage_fetches_the_run_and_the_logs_and_deletes_the_slice(cloud, tmp_path):
+def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(cloud, tmp_path, gcs_bucket):
+    """The README's command: the run root on a bucket (the tests' emulator,
+    which both workers reach), so the outputs and checkpoints are there and
+    only the workers' logs come back."""
+    from etils import epath
+
     env, data, folder = cloud
-    result = tpu_pod(env, "up", "--name=whole", *data, "--stage=all", "--delete", f"--into={tmp_path}", *SIZES)
-    run = tmp_path / "cloud_tpu_v3_32"
-    submission = pd.read_csv(run / "predict" / "submission.csv", dtype=str, keep_default_na=False)
+    env = dict(env, **{k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                                  "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")})
+    result = tpu_pod(env, "up", "--name=whole", *data, "--stage=all", "--delete", f"--into={tmp_path}", *SIZES,
+                     f"run.root={gcs_bucket}/runs")
+    run = f"{gcs_bucket}/runs/cloud_tpu_v3_32"
+    with epath.Path(f"{run}/predict/submission.csv").open() as f:
+        submission = pd.read_csv(f, dtype=str, keep_default_na=False)
     assert list(submission["id"]) == [f"t{i}" for i in range(5)] and (submission["rewrite_prompt"] != "").all()
-    assert json.loads((run / "score_holdout" / "score.json").read_text())["rows"] >= 1
+    assert json.loads(epath.Path(f"{run}/score_holdout/score.json").read_text())["rows"] >= 1
+    assert [p.name for p in epath.Path(f"{run}/finetune/checkpoints").iterdir() if p.name.isdigit()]
+    assert not (tmp_path / "cloud_tpu_v3_32" / "predict").exists()  # nothing fetched but the logs
     for worker in (0, 1):
-        log = (run / "pod-logs" / f"worker-{worker}.log").read_text()
+        log = (tmp_path / "cloud_tpu_v3_32" / "pod-logs" / f"worker-{worker}.log").read_text()
         assert f"worker {worker}: done" in log and "evaluate" in log
     assert "pod: worker 0 | " in result.stdout  # progress while waiting
     assert "setup: Python 3." in result.stdout  # each worker found (or fetched) a Python 3.11+

@@ -1,9 +1,9 @@
 """Disk plan: what a run writes, for a config, before anything runs.
 
 From the model spec (family and config.json only) and the LoRA settings: the
-adapter (`.lora.h5`, float32 factors), the training checkpoint (the factors
-and their two AdamW moments, float32; twice while a new one is written
-beside the old), the PEFT export (KerasHub's LoRA has one A per head on the
+adapter (`.lora.h5`, float32 factors), the training checkpoints (the factors
+and their two AdamW moments, float32; `train.keep_checkpoints` of them, and
+one more while a new one is written before the oldest goes), the PEFT export (KerasHub's LoRA has one A per head on the
 q, k and v kernels, so PEFT's B there is block-diagonal, heads x heads
 blocks of rank x head_dim stored dense: PEFT's format has no way to leave
 the zero blocks out), the merged transformers export (every weight in the
@@ -57,12 +57,18 @@ class DiskPlan:
     peft_export: float
     merged_export: float
     bundle: float
+    kept_checkpoints: int = 2
     limit_gib: float = None
 
     @property
+    def checkpoints(self):
+        """The checkpoints on disk at a save: those kept and the new one."""
+        return (self.kept_checkpoints + 1) * self.checkpoint
+
+    @property
     def training(self):
-        """What finetune writes: the adapter and, at a save, two checkpoints."""
-        return self.adapter + 2 * self.checkpoint
+        """What finetune writes: the adapter and the checkpoints."""
+        return self.adapter + self.checkpoints
 
     @property
     def total(self):
@@ -71,14 +77,14 @@ class DiskPlan:
     def report(self):
         rows = [
             ("adapter (finetune/adapter.lora.h5)", self.adapter),
-            ("checkpoint (finetune/checkpoint.npz; x2 while saving)", 2 * self.checkpoint),
+            (f"checkpoints (finetune/checkpoints/; {self.kept_checkpoints} kept, +1 while saving)", self.checkpoints),
             ("PEFT export (export/peft_adapter)", self.peft_export),
             ("merged export (export/transformers)", self.merged_export),
             ("Kaggle bundle (kaggle_bundle/)", self.bundle),
             ("= the run", self.total),
         ]
         lines = ["disk plan (what the run writes under run.root)"]
-        lines += [f"  {name:<52} {size / GIB:9.3f} GiB" for name, size in rows]
+        lines += [f"  {name:<60} {size / GIB:9.3f} GiB" for name, size in rows]
         if self.limit_gib:
             verdict = "fits" if self.total <= self.limit_gib * GIB else "does NOT fit"
             lines.append(f"  run.disk_limit_gib={self.limit_gib:g}: {verdict}")
@@ -91,7 +97,8 @@ def plan_disk(cfg, spec):
     merged = frozen_weight_bytes(spec, {}, {}, DTYPE_BYTES[cfg.model.dtype]) if cfg.export.merged else 0.0
     shipped = merged if cfg.kaggle.base_model == "export" else peft
     return DiskPlan(adapter=lora_bytes, checkpoint=3 * lora_bytes, peft_export=peft, merged_export=merged,
-                    bundle=shipped + WHEELS_BYTES, limit_gib=cfg.run.disk_limit_gib)
+                    bundle=shipped + WHEELS_BYTES, kept_checkpoints=cfg.train.keep_checkpoints,
+                    limit_gib=cfg.run.disk_limit_gib)
 
 
 def check_disk(plan, run_root, log=print):
@@ -103,7 +110,7 @@ def check_disk(plan, run_root, log=print):
               "bundle needs only the PEFT adapter), or put run.root on a larger disk")
     if limit and plan.total > limit * GIB:
         raise InputError(f"this run writes about {plan.total / GIB:.1f} GiB under {run_root} (adapter "
-                         f"{plan.adapter / GIB:.1f}, checkpoints {2 * plan.checkpoint / GIB:.1f}, exports and bundle "
+                         f"{plan.adapter / GIB:.1f}, checkpoints {plan.checkpoints / GIB:.1f}, exports and bundle "
                          f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}; {advice}")
     folder = Path(run_root)
     while not folder.exists():

@@ -117,6 +117,16 @@ def broadcast_object(obj):
     return pickle.loads(multihost_utils.broadcast_one_to_all(buffer).tobytes())
 
 
+def all_processes(value):
+    """Every process's `value` (a bool or a number), in process order, on
+    every process. A collective on a pod: every process must call it."""
+    if process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value))).tolist()
+
+
 def to_numpy(array):
     """The whole value of a (possibly sharded over hosts) array, on every
     process. A collective on a pod: every process must call it."""
@@ -147,12 +157,3 @@ def global_batch(array, sharding):
 
     array = np.asarray(array)
     return jax.make_array_from_process_local_data(sharding, array[local_rows(sharding, array.shape)], array.shape)
-
-
-def global_value(array, sharding):
-    """A global array of `sharding` holding `array` (the same full value on
-    every process), e.g. a weight read from a checkpoint."""
-    import jax
-
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

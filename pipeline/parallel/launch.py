@@ -122,9 +122,11 @@ class TpuPod:
 
     def fetch(self, remote_run_dir, local_root, workers):
         """Worker 0's run folder, and every worker's log beside it
-        (`<run>/pod-logs/worker-<i>.log`)."""
+        (`<run>/pod-logs/worker-<i>.log`); only the logs when the run
+        folder is on a bucket (the stages put it there)."""
         run = Path(local_root) / Path(remote_run_dir).name
-        commands = [self.copy_from_worker(f"{REMOTE_REPO}/{remote_run_dir}", local_root)]
+        on_bucket = str(remote_run_dir).startswith("gs://")
+        commands = [] if on_bucket else [self.copy_from_worker(f"{REMOTE_REPO}/{remote_run_dir}", local_root)]
         return commands + [self.copy_from_worker(f"{REMOTE_REPO}/{JOB_LOG}", log_path(run, w), worker=w)
                            for w in workers]
 

@@ -76,6 +76,10 @@ def setup_environment(distribution_cfg, memory_fraction=None):
     if memory_fraction:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(memory_fraction))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # gs:// folders (Orbax's checkpoint folders, through etils.epath) by
+    # fsspec's gcsfs rather than tf.io.gfile, whose GCS client cannot be
+    # pointed at the tests' emulator: the same client in tests and on a TPU VM.
+    os.environ.setdefault("EPATH_USE_TF", "false")
     count = distribution_cfg.host_device_count
     if count:
         flags = os.environ.get("XLA_FLAGS", "")

@@ -37,8 +37,11 @@ class ConfigError(InputError):
 
 @dataclasses.dataclass
 class RunConfig:
-    root: str = "runs"  # every run writes under <root>/<name>/
+    root: str = "runs"  # every run writes under <root>/<name>/; a gs:// bucket path too
     name: str = "default"
+    # Local copies of a bucket's run folder and of gs:// inputs
+    # (pipeline/run/storage.py).
+    mirrors: str = "runs/.bucket"
     # The most a run may write under root (a target's limit, e.g. Kaggle's
     # 20 GB working folder), checked by finetune before it trains; unset: the
     # free space alone is checked.
@@ -159,6 +162,11 @@ class TrainConfig:
     # Save a checkpoint every this many steps (and at every epoch end; 0:
     # epoch ends only). A rerun resumes from the last one.
     checkpoint_every: int = 200
+    keep_checkpoints: int = 2  # the newest ones kept (Orbax's max_to_keep)
+    # Where checkpoints go (default: <run>/finetune/checkpoints). On a pod
+    # every host writes its own shards there: a bucket (gs://...) or a
+    # folder every worker mounts.
+    checkpoint_dir: Optional[str] = None
     out: str = "finetune"
 
 

@@ -3,7 +3,10 @@
 Every run lives in `<run.root>/<run.name>/`; each stage writes into its own
 folder there (named by the stage's `out` key) and saves the resolved config
 beside its outputs. On a pod only process 0 writes. A stage's inputs default to the previous stage's outputs
-in the same run.
+in the same run. When `run.root` is a bucket (gs://...), the stages work in a
+local mirror of the run folder: each stage pulls it first (`start_stage`) and
+pushes it back when it ends, also on an error (`@pushes_run`), see
+`pipeline/run/storage.py`.
 
 Example:
 ```python
@@ -13,10 +16,12 @@ run.submission  # runs/<name>/predict/submission.csv
 ```
 """
 
+import functools
 from pathlib import Path
 
 from pipeline.parallel import hosts
 from pipeline.run.config import save_config
+from pipeline.run.storage import RunMirror, is_bucket, mirror_path
 from pipeline.errors import InputError
 from pipeline.text.tables import TEST_COLUMNS, read_header, read_table, split_rows
 
@@ -37,17 +42,37 @@ class RunDir:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.root = Path(cfg.run.root) / cfg.run.name
+        run = f"{cfg.run.root.rstrip('/')}/{cfg.run.name}"
+        self.mirror = RunMirror(run, mirror_path(run, cfg.run.mirrors)) if is_bucket(cfg.run.root) else None
+        self.root = self.mirror.local if self.mirror else Path(cfg.run.root) / cfg.run.name
 
     def start_stage(self, cfg, out):
         """Joins the pod if the config says multi_host (every stage starts
-        here); process 0 makes the stage folder and saves the config."""
+        here); process 0 pulls a bucket's run folder, makes the stage folder
+        and saves the config."""
         hosts.initialize(cfg.distribution)
         stage_dir = self.root / out
         if hosts.is_main_process():
+            if self.mirror:
+                self.mirror.pull(skip=[f"{cfg.train.out}/checkpoints"])  # Orbax reads them there
             stage_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, stage_dir / "config.yaml")
         return stage_dir
+
+    def push(self, path=None):
+        """Process 0 copies the run folder (or `path` in it) to the run's
+        bucket; nothing when the run is local."""
+        if self.mirror and hosts.is_main_process():
+            self.mirror.push(path)
+
+    @property
+    def checkpoints(self):
+        """finetune's checkpoint folder: train.checkpoint_dir, else in the
+        run folder (on the bucket itself when the run is on one)."""
+        train = self.cfg.train
+        if train.checkpoint_dir:
+            return train.checkpoint_dir
+        return f"{self.mirror.remote}/{train.out}/checkpoints" if self.mirror else self.root / train.out / "checkpoints"
 
     @property
     def data_csv(self):
@@ -144,3 +169,17 @@ class RunDir:
                 "against); `make evaluate` scores the adapter on the holdout rows of the training data "
                 "instead, or set score.truth to a CSV with id, rewrite_prompt"
             )
+
+
+def pushes_run(stage):
+    """Decorates a stage function `stage(cfg, ...)`: when it ends, also by
+    an error or a preemption, its run folder goes to the run's bucket."""
+
+    @functools.wraps(stage)
+    def run_and_push(cfg, *args, **kwargs):
+        try:
+            return stage(cfg, *args, **kwargs)
+        finally:
+            RunDir(cfg).push()
+
+    return run_and_push

@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.models.model import read_model_spec
 from pipeline.run.config import load_config
 from pipeline.text.encoder import find_piece_model
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.errors import InputError, MissingInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,7 @@ def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model, end_of_turn
     }
 
 
+@pushes_run
 def run_kaggle_bundle_stage(cfg, log=print):
     """Builds the bundle from the run's export (and mean prompt); fetches
     the wheels from the package index. Returns the bundle folder."""

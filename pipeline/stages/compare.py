@@ -18,7 +18,7 @@ from pipeline.parallel import hosts
 from pipeline.run import plots
 from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit, load_sentence_encoder, score_prompts
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.tables import SUBMISSION_COLUMNS, read_table
 
 CONSTANT_BASELINE = "Improve the text to this."
@@ -32,6 +32,7 @@ VARIANTS = {
 }
 
 
+@pushes_run
 def run_compare_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.compare.out)

@@ -3,10 +3,13 @@
 Plan: chunks of the source texts, each paired with `prompts_per_chunk`
 prompts drawn (seeded) from the pool, up to `max_rows` rows with stable ids.
 Rewrite: the instruct model (batched, chat format) or, for the offline demo,
-the rules in `rules.py`. Each finished batch is appended to
-`rewrites.partial.jsonl`, so a rerun after a crash generates only the rows
-not written yet; at the end `rewrites.csv` holds every planned row once, in
-plan order: `id, original_text, rewrite_prompt, rewritten_text`.
+the rules in `rules.py`. Each finished batch is written to a file of its
+own in `rewrites.partial/` (atomically: written beside, then renamed; on a
+bucket run also sent up at once, an object per batch, since objects cannot
+be appended to), so a rerun after a crash or a preemption notice (SIGTERM:
+the stage stops after the batch at hand, exit code 75) generates only the
+rows not written yet; at the end `rewrites.csv` holds every planned row
+once, in plan order: `id, original_text, rewrite_prompt, rewritten_text`.
 
 Example:
 ```python
@@ -17,14 +20,15 @@ csv_path = run_data_stage(cfg)
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.parallel import hosts
+from pipeline.parallel import hosts, preemption
 from pipeline.text import rules, templates
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.sources import chunk_texts, read_sources
 from pipeline.text.tables import TRAIN_COLUMNS, write_table
 from pipeline.errors import InputError, MissingInputError
@@ -62,31 +66,37 @@ def plan_rows(data_cfg, log=print):
     return pd.DataFrame(rows, columns=["id", "original_text", "rewrite_prompt"])
 
 
+@pushes_run
 def run_data_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.data.out)
-    partial_path = stage_dir / "rewrites.partial.jsonl"
+    partial = stage_dir / "rewrites.partial"
 
     def plan_and_resume():
         plan = plan_rows(cfg.data, log)
-        _check_plan_unchanged(stage_dir / "plan.json", plan, cfg, partial_path)
-        return plan, set(_read_partial(partial_path, set(plan["id"]), log))
+        _check_plan_unchanged(stage_dir / "plan.json", plan, cfg, partial)
+        run.push(stage_dir / "plan.json")
+        return plan, set(_read_partial(partial, set(plan["id"]), log))
 
     # Process 0 plans and reads what is done; every host gets the same.
     plan, done = hosts.share_from_main(plan_and_resume)
     todo = ~plan["id"].isin(done).to_numpy()
     log(f"data: {len(plan)} rows planned, {len(done)} already written, {int(todo.sum())} to rewrite")
     if todo.any():
-        partial = open(partial_path, "a", encoding="utf-8") if hosts.is_main_process() else None
-        for batch in _rewrite(cfg, plan, todo, log):
-            if partial:
-                partial.write("".join(json.dumps(row) + "\n" for row in batch))
-                partial.flush()
-        if partial:
-            partial.close()
+        written = int((~todo).sum())
+        with preemption.watching() as notice:
+            for number, batch in enumerate(_rewrite(cfg, plan, todo, log), start=1):
+                if hosts.is_main_process():
+                    run.push(_write_batch(partial, batch))
+                written += len(batch)
+                if notice.reached(number):
+                    raise preemption.Preempted(
+                        f"data: preempted with {written}/{len(plan)} rows written to {partial}; rerun the "
+                        "stage to rewrite the rest"
+                    )
     if not hosts.is_main_process():
         return run.data_csv
-    rewritten = _read_partial(partial_path, set(plan["id"]), log)
+    rewritten = _read_partial(partial, set(plan["id"]), log)
     out = plan.assign(rewritten_text=plan["id"].map(rewritten))[TRAIN_COLUMNS]
     empty = int((out["rewritten_text"].str.strip() == "").sum())
     if empty:
@@ -139,9 +149,9 @@ def _chat_turn(cfg):
     return read_model_spec(cfg.model.preset).family.chat_turn if cfg.data.chat_format else None
 
 
-def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
-    """A partial file only resumes the setup it was written with: the plan,
-    and everything that changes how a row is rewritten."""
+def _check_plan_unchanged(plan_path, plan, cfg, partial):
+    """Finished batches only resume the setup they were written with: the
+    plan, and everything that changes how a row is rewritten."""
     data = cfg.data
     setup = [data.template, data.rewriter]
     if data.rewriter == "model":
@@ -150,33 +160,35 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial_path):
     digest = hashlib.sha256(
         pd.util.hash_pandas_object(plan, index=False).values.tobytes() + json.dumps(setup).encode()
     ).hexdigest()
-    if plan_path.exists() and partial_path.exists():
+    if plan_path.exists() and partial.exists():
         if json.loads(plan_path.read_text())["digest"] != digest:
             raise InputError(
-                f"{partial_path} was written for another plan or setup (sources, prompts, chunking, "
+                f"{partial} was written for another plan or setup (sources, prompts, chunking, "
                 "seed, template, chat format, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
                 "it to start over, or use another run.name"
             )
     plan_path.write_text(json.dumps({"digest": digest, "rows": len(plan)}))
 
 
-def _read_partial(path, planned_ids, log):
-    """id -> rewritten_text of the complete lines of the partial file. A
-    line cut short by a crash is dropped (its row is generated again)."""
+def _write_batch(partial, batch):
+    """Writes one finished batch of {'id', 'rewritten_text'} rows into its
+    own file in the folder `partial` (beside, then renamed: a kill leaves
+    the whole file or none); returns the file."""
+    partial.mkdir(parents=True, exist_ok=True)
+    path = partial / f"{batch[0]['id']}.jsonl"
+    part = path.with_name(path.name + ".part")
+    part.write_text("".join(json.dumps(row) + "\n" for row in batch), encoding="utf-8")
+    os.replace(part, path)
+    return path
+
+
+def _read_partial(partial, planned_ids, log):
+    """id -> rewritten_text of the rows in the finished batches' files."""
     done = {}
-    if not path.exists():
-        return done
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for line in lines:
-        try:
+    for path in sorted(partial.glob("*.jsonl")) if partial.exists() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not line.endswith("\n") or row is None or row.get("id") not in planned_ids:
-            log(f"data: ignoring an incomplete line in {path}")
-            continue
-        done[row["id"]] = row["rewritten_text"]
-    if lines and not lines[-1].endswith("\n"):
-        # Drop the torn tail so the next append starts on a fresh line.
-        path.write_text("".join(l for l in lines if l.endswith("\n")), encoding="utf-8")
+            if row["id"] not in planned_ids:
+                raise InputError(f"{path}: row {row['id']!r} is not in the plan; delete {partial} to start over")
+            done[row["id"]] = row["rewritten_text"]
     return done

@@ -46,7 +46,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.models.families.registry import FAMILIES, by_backbone_class
 from pipeline.models.model import load_adapter, load_model, read_model_spec
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 
 
 def hf_weight(kind, value):
@@ -111,6 +111,7 @@ def transformers_name(transformers_format, path):
     )
 
 
+@pushes_run
 def run_export_stage(cfg, log=print):
     """Writes `<run>/export/transformers/` (the merged model; with
     `export.merged`) and `<run>/export/peft_adapter/` (with `export.peft`).

@@ -4,6 +4,9 @@ Reads the data CSV, splits it (train / validation / holdout, contiguous),
 trains LoRA weights with the loss on response tokens only, and writes into
 the run's finetune folder: `adapter.lora.h5` (+ `adapter.json`),
 `history.json`, `loss_curve.png` and TensorBoard logs (`tensorboard/`).
+Checkpoints (`checkpoints/`, or `train.checkpoint_dir`) let a rerun resume,
+also after a preemption notice (SIGTERM), at which the stage saves the step
+every host has reached and exits with `PREEMPTED_EXIT_CODE`.
 
 Example:
 ```python
@@ -21,16 +24,16 @@ import keras
 import numpy as np
 
 from pipeline.models import flops
-from pipeline.parallel import hosts
+from pipeline.parallel import hosts, preemption
 from pipeline.run import plots
 from pipeline.text.batching import TrainingBatches, evaluation_batches
-from pipeline.parallel.checkpoint import CheckpointStore, Progress
+from pipeline.parallel.checkpoint import CheckpointStore, Progress, check_reachable
 from pipeline.models.disk import check_disk, plan_disk
 from pipeline.parallel.distribution import data_sharding
 from pipeline.models.lora_training import compile_lora_training
 from pipeline.models.model import enable_lora, family_of, forward_inputs, load_model, read_model_spec, save_adapter
 from pipeline.text.recovery import RecoveryFormatter
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.parallel.runtime import set_seed
 from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
 from pipeline.errors import InputError
@@ -55,8 +58,10 @@ def load_splits(csv_path, split_cfg, log=print):
 
 def checkpoint_settings(cfg, rows):
     """Everything that shapes the training trajectory (a checkpoint resumes
-    only under the same); the number of epochs is not among them, so a
-    finished run can be trained on for more."""
+    only under the same). The number of epochs is not among them, so a
+    finished run can be trained on for more, nor the mesh: a checkpoint
+    resumes on another mesh or number of hosts (the same steps, with sums
+    taken in another order)."""
     tc = cfg.train
     digest = hashlib.sha256(b"".join(ids.tobytes() + b"|" for ids in rows.ids)).hexdigest()
     return {
@@ -70,7 +75,6 @@ def checkpoint_settings(cfg, rows):
         "train.learning_rate": tc.learning_rate,
         "train.weight_decay": tc.weight_decay,
         "train.seed": tc.seed,
-        "distribution.mesh_shape": list(cfg.distribution.mesh_shape),
     }
 
 
@@ -97,6 +101,7 @@ def local_batches(rows, batches, batch_size, family):
     return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
 
 
+@pushes_run
 def run_finetune_stage(cfg, log=print):
     tc = cfg.train
     run = RunDir(cfg)
@@ -106,6 +111,8 @@ def run_finetune_stage(cfg, log=print):
         raise InputError(
             f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
         )
+    if tc.keep_checkpoints < 1:
+        raise InputError(f"train.keep_checkpoints={tc.keep_checkpoints}: keep at least 1 checkpoint to resume from")
     # Before any weight is loaded: will what the run writes fit?
     plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
     hosts.share_from_main(lambda: check_disk(plan, run.root, log))
@@ -122,9 +129,14 @@ def run_finetune_stage(cfg, log=print):
         f"real, length_step={tc.length_step})"
     )
     compile_lora_training(causal_lm, tc)
-    store = CheckpointStore(stage_dir / "checkpoint.npz", checkpoint_settings(cfg, train_rows))
-    progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
-    train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log)
+    check_reachable(run.checkpoints)
+    store = CheckpointStore(run.checkpoints, checkpoint_settings(cfg, train_rows), tc.keep_checkpoints)
+    try:
+        progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
+        with preemption.watching() as notice:
+            train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, notice, log)
+    finally:
+        store.close()  # waits for the last save
     save_adapter(causal_lm, cfg.lora, run.adapter)
     if hosts.is_main_process():
         write_history(stage_dir, progress, batches)
@@ -152,17 +164,18 @@ def resume(store, causal_lm, total_steps, log):
     """The checkpoint's progress, loaded into the model (or a fresh start)."""
     progress = store.restore(causal_lm) or Progress()
     if progress.step >= total_steps:
-        log(f"finetune: {store.path} is at step {progress.step}/{total_steps}: training is complete "
+        log(f"finetune: {store.folder} is at step {progress.step}/{total_steps}: training is complete "
             "(delete it to train again)")
     elif progress.step:
-        log(f"finetune: resuming from {store.path} at step {progress.step}/{total_steps}")
+        log(f"finetune: resuming from {store.folder} at step {progress.step}/{total_steps}")
     return progress
 
 
-def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, log):
+def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, notice, log):
     """Trains from `progress.step` to the last epoch's end: one `fit` per
     epoch (the first one from where the checkpoint left off), validation and
-    a checkpoint after each."""
+    a checkpoint after each. Raises `Preempted` once `notice` has come and
+    the step every host reached is saved."""
     tc = cfg.train
     per_epoch = batches.steps_per_epoch
     val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)
@@ -172,7 +185,8 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
         len(keras.distribution.list_devices()),
     )
     step_log = StepLog(progress, per_epoch * tc.epochs, log)
-    callbacks = [step_log, Checkpointing(store, progress, tc.checkpoint_every, per_epoch)]
+    checkpointing = Checkpointing(store, progress, tc.checkpoint_every, per_epoch, notice)
+    callbacks = [step_log, checkpointing]
     if hosts.is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
     family = family_of(causal_lm)
@@ -198,6 +212,8 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
             progress.epochs.setdefault(key, []).append(value)
         store.save(causal_lm, progress)
         _log_epoch(log, epoch, tc.epochs, logs, measured)
+        if checkpointing.preempted:  # noticed at this epoch's last step
+            checkpointing.stop()
 
 
 def write_history(stage_dir, progress, batches):
@@ -275,17 +291,35 @@ class StepLog(keras.callbacks.Callback):
 
 class Checkpointing(keras.callbacks.Callback):
     """Saves a checkpoint every `every` steps (0: only at epoch ends, which
-    the stage saves itself, after validation)."""
+    the stage saves itself, after validation), and at the step where every
+    host has reached a preemption notice, after which it stops training
+    (`Preempted`). At an epoch's last step it leaves both to the stage, so
+    that the checkpoint holds the epoch's validation."""
 
-    def __init__(self, store, progress, every, steps_per_epoch):
+    def __init__(self, store, progress, every, steps_per_epoch, notice):
         super().__init__()
         self.store = store
         self.progress = progress
         self.every = every
         self.steps_per_epoch = steps_per_epoch
+        self.notice = notice
+        self.preempted = False
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.progress.step
-        if self.every and step % self.every == 0 and step % self.steps_per_epoch:
+        self.preempted = self.notice.reached(step)
+        if step % self.steps_per_epoch == 0:
+            return
+        if self.preempted or (self.every and step % self.every == 0):
             self.model.jax_state_sync()  # fit keeps the newest values to itself
             self.store.save(self.model, self.progress)
+        if self.preempted:
+            self.stop()
+
+    def stop(self):
+        """Waits for the checkpoint of this step, then ends the stage."""
+        self.store.wait()
+        raise preemption.Preempted(
+            f"finetune: preempted at step {self.progress.step}: its checkpoint is in {self.store.folder}; "
+            "rerun the stage to resume there"
+        )

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from pipeline.parallel import hosts
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.encoder import embed, find_piece_model, load_sentence_encoder
 from pipeline.text.token_limit import TokenLimit
 from pipeline.text.tables import read_table, split_rows
@@ -127,6 +127,7 @@ def best_constant(cache, candidates, train_targets, holdout_targets):
     return best, float(MeanScore(cache, holdout_targets)([best])[0])
 
 
+@pushes_run
 def run_mean_prompt_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.mean_prompt.out)

@@ -24,10 +24,11 @@ from pipeline.parallel import hosts
 from pipeline.models.generation import BatchedGenerator
 from pipeline.models.model import load_adapter, load_model
 from pipeline.text.recovery import RecoveryFormatter
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.tables import write_table
 
 
+@pushes_run
 def run_predict_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.predict.out)

@@ -18,10 +18,11 @@ import pandas as pd
 from pipeline.parallel import hosts
 from pipeline.run import plots
 from pipeline.text.encoder import load_sentence_encoder, score_prompts
-from pipeline.run.run_dir import RunDir
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.tables import SUBMISSION_COLUMNS, TableError, read_table, split_rows
 
 
+@pushes_run
 def run_score_stage(cfg, log=print):
     run = RunDir(cfg)
     stage_dir = run.start_stage(cfg, cfg.score.out)

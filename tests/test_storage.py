@@ -1,0 +1,106 @@
+"""Runs and inputs on a bucket (the tests' GCS emulator): the run folder's
+mirror, inputs fetched from gs://, and the data stage resuming from what
+the bucket alone holds."""
+
+import shutil
+
+import pandas as pd
+import pytest
+from etils import epath
+
+from pipeline.errors import MissingInputError
+from pipeline.run.config import load_config
+from pipeline.run.storage import RunMirror, localize, localized, mirror_path
+from pipeline.stages.data import run_data_stage
+
+
+def objects(url):
+    """The keys under `url`, relative to it (gcsfs, as the pipeline lists them)."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    prefix = url.removeprefix("gs://") + "/"
+    return sorted(key.removeprefix(prefix) for key in fs.find(url))
+
+
+def test_push_and_pull_copy_what_changed_and_leave_out_the_skipped_folders(gcs_bucket, tmp_path):
+    local = tmp_path / "run"
+    (local / "data").mkdir(parents=True)
+    (local / "data" / "rewrites.csv").write_text("id\nr1\n")
+    (local / "finetune" / "checkpoints" / "3").mkdir(parents=True)
+    (local / "finetune" / "checkpoints" / "3" / "state").write_bytes(b"\0" * 10)
+    mirror = RunMirror(f"{gcs_bucket}/runs/x", local)
+    mirror.push()
+    assert objects(f"{gcs_bucket}/runs/x") == ["data/rewrites.csv", "finetune/checkpoints/3/state"]
+    (local / "data" / "rewrites.csv").write_text("id\nr2\n")  # same size, other bytes
+    mirror.push(local / "data")
+    assert epath.Path(f"{gcs_bucket}/runs/x/data/rewrites.csv").read_text() == "id\nr2\n"
+
+    fresh = RunMirror(f"{gcs_bucket}/runs/x", tmp_path / "elsewhere")
+    fresh.pull(skip=["finetune/checkpoints"])
+    assert (fresh.local / "data" / "rewrites.csv").read_text() == "id\nr2\n"
+    assert not (fresh.local / "finetune").exists()
+
+
+def test_inputs_on_a_bucket_are_fetched_once_into_the_mirrors(gcs_bucket, tmp_path):
+    epath.Path(f"{gcs_bucket}/inputs/prompts.txt").write_text("Make it rhyme.\n")
+    epath.Path(f"{gcs_bucket}/inputs/preset/config.json").write_text("{}")
+    epath.Path(f"{gcs_bucket}/inputs/preset/assets/tokenizer.model").write_bytes(b"spm")
+    mirrors = tmp_path / "mirrors"
+    assert localize("prompts/rewrite_prompts.txt", mirrors) == "prompts/rewrite_prompts.txt"
+    prompts = localize(f"{gcs_bucket}/inputs/prompts.txt", mirrors)
+    assert open(prompts).read() == "Make it rhyme.\n"
+    preset = localize(f"{gcs_bucket}/inputs/preset", mirrors)
+    assert preset == str(mirror_path(f"{gcs_bucket}/inputs/preset", mirrors))
+    assert open(f"{preset}/assets/tokenizer.model", "rb").read() == b"spm"
+    with pytest.raises(MissingInputError, match="inputs/nothing: no such object or folder in the bucket"):
+        localize(f"{gcs_bucket}/inputs/nothing", mirrors)
+
+    cfg = localized(load_config(None, [f"run.mirrors={mirrors}", f"data.prompts={gcs_bucket}/inputs/prompts.txt",
+                                       f"model.preset={gcs_bucket}/inputs/preset", "predict.adapter=none"]))
+    assert (cfg.data.prompts, cfg.model.preset, cfg.predict.adapter) == (prompts, preset, "none")
+    assert cfg.score.encoder == load_config(None).score.encoder  # not on a bucket: left as it is
+
+
+def test_a_data_stage_on_a_bucket_resumes_from_the_bucket_alone(tiny_cfg, gcs_bucket, tmp_path):
+    mirrors = tmp_path / "mirrors"
+    tiny_cfg.run.root, tiny_cfg.run.mirrors, tiny_cfg.data.max_rows = f"{gcs_bucket}/runs", str(mirrors), 40
+    csv_path = run_data_stage(tiny_cfg, log=lambda *_: None)
+    expected = csv_path.read_bytes()
+    run = f"{gcs_bucket}/runs/{tiny_cfg.run.name}"
+    batches = [name for name in objects(run) if name.startswith("data/rewrites.partial/")]
+    assert len(batches) == 40 // tiny_cfg.data.batch_size  # an object per finished batch
+    assert epath.Path(f"{run}/data/rewrites.csv").read_bytes() == expected  # pushed when the stage ended
+    # A preempted slice: the local disk gone, the stage cut short after 2 batches.
+    shutil.rmtree(mirrors)
+    epath.Path(f"{run}/data/rewrites.csv").unlink()
+    for name in batches[2:]:
+        epath.Path(f"{run}/{name}").unlink()
+    logs = []
+    assert run_data_stage(tiny_cfg, log=logs.append).read_bytes() == expected
+    assert f"{2 * tiny_cfg.data.batch_size} already written" in " ".join(logs)
+    assert epath.Path(f"{run}/data/rewrites.csv").read_bytes() == expected
+    assert pd.read_csv(csv_path)["id"].is_unique
+
+
+@pytest.mark.slow
+def test_the_demo_on_a_bucket_scores_what_it_scores_locally(demo_run, gcs_bucket, tmp_path):
+    """Every stage of the demo with run.root on the bucket (checkpoints
+    included), from an empty mirror."""
+    import dataclasses
+
+    from pipeline.workflows.demo import run_demo
+
+    cfg, scores, _ = demo_run
+    on_bucket = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, root=f"{gcs_bucket}/runs", mirrors=str(tmp_path / "mirrors")))
+    assert run_demo(on_bucket, log=lambda *_: None) == scores
+    run = f"{gcs_bucket}/runs/{cfg.run.name}"
+    assert [p.name for p in epath.Path(f"{run}/finetune/checkpoints").iterdir() if p.name.isdigit()]
+    local = f"{cfg.run.root}/{cfg.run.name}"
+    for name in ("data/rewrites.csv", "predict/submission.csv", "score/score.json", "mean_prompt/mean_prompt.txt",
+                 "compare/compare.json"):
+        assert epath.Path(f"{run}/{name}").exists(), name
+    for name in ("data/rewrites.csv", "predict/submission.csv", "mean_prompt/mean_prompt.txt"):
+        assert epath.Path(f"{run}/{name}").read_bytes() == open(f"{local}/{name}", "rb").read(), name
