@@ -33,9 +33,9 @@ def test_plan_matches_the_files_the_demo_run_writes(demo_run):
     checkpoints = sorted(Path(run, "finetune", "checkpoints").iterdir(), key=lambda p: int(p.name))
     assert len(checkpoints) == cfg.train.keep_checkpoints
     size = sum(f.stat().st_size for f in checkpoints[-1].rglob("*") if f.is_file())
-    # Orbax compresses the arrays and adds its b-tree and metadata files:
-    # measured 1.41x the arrays on the tiny model (whose metadata weighs most).
-    assert 0.8 * plan.checkpoint <= size <= 1.6 * plan.checkpoint, (plan.checkpoint, size)
+    # Orbax compresses the arrays (zstd) and adds its metadata files:
+    # measured 1.04x the arrays on the tiny model.
+    assert 0.8 * plan.checkpoint <= size <= 1.2 * plan.checkpoint, (plan.checkpoint, size)
 
 
 def test_kaggle_configs_fit_the_working_folder_and_say_what_to_change_when_not(tmp_path):
