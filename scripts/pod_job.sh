@@ -8,12 +8,14 @@
 #
 # STATE is running, done, failed (a stage exited non-zero: STAGE CODE, and
 # the TIME it ended, in seconds since 1970, to tell which worker failed first),
-# stopped (the job died without an exit code: killed, out of memory,
-# preempted) or none. Everything the stages print goes to runs/pod-job/log,
+# preempted (the stage saved its work at a preemption notice and exited with
+# 75, PREEMPTED_EXIT_CODE: STAGE 75 TIME), stopped (the job died without an
+# exit code: killed, out of memory, the machine taken) or none. Everything the stages print goes to runs/pod-job/log,
 # which a dropped ssh connection does not end.
 set -u
 cd "$(dirname "$0")/.."
 JOB=runs/pod-job
+PREEMPTED=75  # pipeline/parallel/preemption.py's PREEMPTED_EXIT_CODE
 # Cloud TPU tells a worker its number through the metadata server.
 worker=${TPU_WORKER_ID:-$(curl -s -m 5 -H Metadata-Flavor:Google \
     http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number 2>/dev/null || echo "?")}
@@ -37,6 +39,8 @@ case "${1:-}" in
       echo "$stage" > $JOB/stage
       make "$stage" CONFIG="$config" REQUIREMENTS=requirements-tpu.txt ARGS="$overrides"
       code=$?
+      # make exits with 2 whatever its recipe's code; it prints that code last.
+      if [ $code -ne 0 ] && tail -n 3 $JOB/log | grep -qE "\] Error $PREEMPTED\$"; then code=$PREEMPTED; fi
       if [ $code -ne 0 ]; then
         echo "$stage" > $JOB/failed_stage
         date +%s.%N > $JOB/failed_at
@@ -53,6 +57,7 @@ case "${1:-}" in
     elif running; then echo "worker $worker: running $(cat $JOB/stage 2>/dev/null)"
     elif [ ! -f $JOB/exit_code ]; then echo "worker $worker: stopped $(cat $JOB/stage 2>/dev/null)"
     elif [ "$(cat $JOB/exit_code)" = 0 ]; then echo "worker $worker: done"
+    elif [ "$(cat $JOB/exit_code)" = $PREEMPTED ]; then echo "worker $worker: preempted $(cat $JOB/failed_stage) $PREEMPTED $(cat $JOB/failed_at)"
     else echo "worker $worker: failed $(cat $JOB/failed_stage) $(cat $JOB/exit_code) $(cat $JOB/failed_at)"
     fi
     ;;

@@ -12,7 +12,11 @@ copies `runs/<run.name>` back from worker 0 with every worker's log
 (`runs/<run.name>/pod-logs/`) and, with --delete, deletes the slice, also
 when a step failed. If this machine's connection drops, the stages go on:
 `status` and `logs` show them, `wait` waits again (and fetches), `fetch`
-copies what there is. `create`, `setup`, `start`, `run` (start + wait) and
+copies what there is. With --spot the slice is a queued resource; `up
+--retries N` then makes it again when Cloud TPU takes it back, up to N
+times, and goes on from the stage it was taken during (for a run on a
+bucket, which the next slice resumes from), reporting each preemption and,
+during finetune, the steps it cost. `create`, `setup`, `start`, `run` (start + wait) and
 `delete` do one step each. --dry-run prints the gcloud commands only.
 """
 
@@ -37,7 +41,10 @@ def main():
     parser.add_argument("--zone", required=True, help="e.g. europe-west4-a (v3 slices)")
     parser.add_argument("--accelerator-type", default="v3-32")
     parser.add_argument("--runtime-version", default="tpu-ubuntu2204-base")
-    parser.add_argument("--spot", action="store_true", help="a spot (preemptible) slice")
+    parser.add_argument("--spot", action="store_true",
+                        help="a spot slice, requested as a queued resource (give it to delete and wait too)")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="with up: how many times a preempted slice is made again and the run resumed")
     parser.add_argument("--project", default=None)
     parser.add_argument("--config", default="configs/cloud_tpu_v3_32.yaml")
     parser.add_argument("--stage", choices=["all", "data", "finetune", "mean-prompt", "predict", "evaluate", "score",
@@ -57,6 +64,11 @@ def main():
         sys.exit(f"config error: {e}")
     if not cfg.distribution.multi_host:
         sys.exit(f"config error: {args.config} does not set distribution.multi_host: true; a pod needs it")
+    if args.retries < 0:
+        sys.exit(f"--retries {args.retries}: give 0 or more")
+    if args.retries and not is_bucket(cfg.run.root):
+        sys.exit(f"--retries needs run.root on a bucket (gs://...), not {cfg.run.root}: a preempted slice's disks go "
+                 "with it, and the next slice resumes from what the bucket holds")
     pod = TpuPod(args.name, args.zone, args.accelerator_type, args.runtime_version, args.spot, args.project)
     launcher = Launcher(pod, dry_run=args.dry_run)
     run_dir = f"{cfg.run.root}/{cfg.run.name}"
@@ -69,10 +81,9 @@ def main():
     finish = lambda: launcher.finish(run_dir, local_root, args.poll_seconds)  # noqa: E731
     try:
         if args.step == "up":
-            launcher.execute([pod.create()])
             with launcher.deleting(args.delete):
-                launcher.execute([*pod.setup(ARCHIVE, args.data), start])
-                finish()
+                launcher.up(pod.setup(ARCHIVE, args.data), lambda stages: pod.start(stages, args.config, args.overrides),
+                            stages_of(args.stage), args.poll_seconds, finish, args.retries)
         elif args.step in ("run", "wait"):
             with launcher.deleting(args.delete):
                 if args.step == "run":
@@ -87,8 +98,11 @@ def main():
                 print(launcher.output(pod.job_log(worker, args.lines)), end="")
         elif args.step == "fetch":
             launcher.fetch(run_dir, local_root)
+        elif args.step == "create":
+            launcher.create()
+            launcher.wait_ready(args.poll_seconds)
         else:
-            launcher.execute({"create": [pod.create()], "setup": pod.setup(ARCHIVE, args.data), "start": [start],
+            launcher.execute({"setup": pod.setup(ARCHIVE, args.data), "start": [start],
                               "delete": [pod.delete()]}[args.step])
     except PodError as error:
         sys.exit(f"tpu_pod {args.step}: {error}")

@@ -1,7 +1,14 @@
+import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
+from pathlib import Path
+
+import pytest
 
 from pipeline.parallel.launch import archive_repository
 from processes import ROOT
@@ -15,7 +22,7 @@ def dry_run(*args):
 
 
 def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
-    commands = dry_run("up", "--name", "pr", "--zone", "europe-west4-a", "--spot", "--project", "p1",
+    commands = dry_run("up", "--name", "pr", "--zone", "europe-west4-a", "--project", "p1",
                        "--data", "data/test.csv", "--stage", "finetune", "--delete", "lora.rank=8", "train.epochs=2")
     verbs = [c[4] for c in commands]
     assert verbs == ["create", "scp", "ssh", "scp", "ssh", "ssh",  # create, copy, unpack, data, setup, start
@@ -24,7 +31,7 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
     assert all(c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] for c in commands)
     assert all("--zone=europe-west4-a" in c and "--project=p1" in c for c in commands)
     create = commands[0]
-    assert create[5] == "pr" and "--accelerator-type=v3-32" in create and "--spot" in create
+    assert create[5] == "pr" and "--accelerator-type=v3-32" in create and "--spot" not in create
     assert "--version=tpu-ubuntu2204-base" in create
     assert commands[1][5:7] == ["--recurse", "--worker=all"] and commands[1][7].endswith("repo.tar.gz")
     assert commands[1][8] == "pr:~/"
@@ -40,6 +47,46 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
     assert "--worker=0" in fetch_run and fetch_run[7:9] == ["pr:prompt-recovery/runs/cloud_tpu_v3_32", "runs"]
     assert fetch_log[7:9] == ["pr:prompt-recovery/runs/pod-job/log", "runs/cloud_tpu_v3_32/pod-logs/worker-0.log"]
     assert commands[12][5:7] == ["pr", "--quiet"]
+
+
+def test_a_spot_slice_is_a_queued_resource_waited_for_and_deleted_with_its_node():
+    commands = dry_run("up", "--name", "pr", "--zone", "z", "--spot", "--retries", "2", "--stage", "finetune",
+                       "--delete", "run.root=gs://b/runs")
+    groups_and_verbs = [tuple(c[3:5]) for c in commands]
+    assert groups_and_verbs[:2] == [("queued-resources", "create"), ("queued-resources", "describe")]
+    assert groups_and_verbs[-1] == ("queued-resources", "delete")
+    assert all(group == "tpu-vm" for group, _ in groups_and_verbs[2:-1])
+    create = commands[0]
+    assert create[5] == "pr" and "--node-id=pr" in create and "--spot" in create
+    assert "--runtime-version=tpu-ubuntu2204-base" in create and "--accelerator-type=v3-32" in create
+    assert "--force" in commands[-1] and "--quiet" in commands[-1]
+
+
+def test_retries_need_a_run_on_a_bucket():
+    result = subprocess.run([sys.executable, "scripts/tpu_pod.py", "up", "--name", "pr", "--zone", "z", "--spot",
+                             "--retries", "1", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "--retries needs run.root on a bucket" in result.stderr
+
+
+def test_the_worker_job_tells_a_preempted_stage_from_a_failed_one(tmp_path):
+    """pod_job.sh under make, whose own exit code is 2 either way: a recipe
+    exiting with PREEMPTED_EXIT_CODE is `preempted`, another code `failed`."""
+    from pipeline.parallel.launch import WorkerStatus
+    from pipeline.parallel.preemption import PREEMPTED_EXIT_CODE
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "pod_job.sh", tmp_path / "scripts")
+    (tmp_path / "Makefile").write_text(f"finetune:\n\texit {PREEMPTED_EXIT_CODE}\ndata:\n\texit 3\n")
+    env = dict(os.environ, TPU_WORKER_ID="0")
+    for stage, state, code in [("finetune", "preempted", PREEMPTED_EXIT_CODE), ("data", "failed", 2)]:
+        subprocess.run(["bash", "scripts/pod_job.sh", "start", "c.yaml", "", stage], cwd=tmp_path, env=env, check=True)
+        deadline = time.time() + 60
+        while (line := subprocess.run(["bash", "scripts/pod_job.sh", "status"], cwd=tmp_path, env=env,
+                                      capture_output=True, text=True).stdout.strip()).startswith("worker 0: running"):
+            assert time.time() < deadline
+            time.sleep(0.1)
+        status = WorkerStatus.parse(line)
+        assert (status.state, status.stage, status.exit_code) == (state, stage, code), line
 
 
 def test_all_runs_the_makefiles_stages():
@@ -64,3 +111,70 @@ def test_archive_holds_the_tracked_files(tmp_path):
         names = set(f.getnames())
     assert {"Makefile", "pipeline/run/config.py", "requirements-tpu.txt"} <= names
     assert not any(n.startswith((".venv/", "artifacts/", "runs/")) for n in names)
+
+
+@pytest.fixture
+def standin_cloud(tmp_path, monkeypatch):
+    """The stand-in gcloud first on PATH, and a repository of two files for
+    its workers: pod_job.sh and a Makefile whose `data` target waits until
+    the test lets it end (it marks that it is waiting)."""
+    monkeypatch.setenv("PATH", f"{ROOT / 'tests' / 'standins'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("STANDIN_GCLOUD_ROOT", str(tmp_path / "slices"))
+    monkeypatch.setenv("STANDIN_GCLOUD_PYTHON", sys.executable)
+    monkeypatch.setenv("STAGE_MAY_END", str(tmp_path / "may-end"))
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "pod_job.sh", repo / "scripts")
+    (repo / "Makefile").write_text("data:\n\ttest -f $(STAGE_MAY_END) || (touch $(STAGE_MAY_END).waiting; sleep 600)\n")
+    return tmp_path, [repo / "scripts", repo / "Makefile"]
+
+
+def run_preempted_once(folder, files, retries):
+    """`Launcher.up` of a spot slice whose stage Cloud TPU (the stand-in's
+    preempt) takes back while it runs; returns (what up raised or None,
+    what the launcher said)."""
+    import threading
+
+    from pipeline.parallel.launch import Launcher, PodError, TpuPod
+
+    pod = TpuPod("spot", "standin-a", spot=True)
+    said = []
+    launcher = Launcher(pod, log=said.append)
+
+    def take_back():
+        deadline = time.time() + 120
+        while not (Path(f"{os.environ['STAGE_MAY_END']}.waiting").exists() and "pod: worker 1: running data" in said):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        Path(os.environ["STAGE_MAY_END"]).touch()  # the next slice's stage ends at once
+        subprocess.run(["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"], check=True)
+
+    preempting = threading.Thread(target=take_back)
+    preempting.start()
+    raised = None
+    try:
+        with launcher.deleting(True):
+            launcher.up([pod.copy_to_workers(files, "~/prompt-recovery/")], lambda stages: pod.start(stages, "c.yaml", []),
+                        ["data"], 0.2, lambda: launcher.wait(0.2), retries)
+    except PodError as error:
+        raised = error
+    preempting.join()
+    assert not (folder / "slices" / "spot").exists() and not (folder / "slices" / "queued" / "spot.json").exists()
+    return raised, "\n".join(said)
+
+
+def test_a_preempted_spot_slice_is_requested_again_and_its_stage_started_again(standin_cloud):
+    folder, files = standin_cloud
+    raised, said = run_preempted_once(folder, files, retries=1)
+    assert raised is None, said
+    assert re.search(r"pod: the slice was preempted during data \(SUSPEND(ING|ED)\); preemption 1: deleting the slice", said)
+    assert said.count("queued-resources create spot") == 2 and "pod: worker 0: done" in said
+    assert "pod: 1 preemption(s): preempted during data\n" in said
+
+
+def test_a_preemption_past_the_retries_ends_up_saying_what_to_do(standin_cloud):
+    folder, files = standin_cloud
+    raised, said = run_preempted_once(folder, files, retries=0)
+    assert raised is not None and said.count("queued-resources create spot") == 1
+    assert re.match(r"the slice was preempted during data \(SUSPEND(ING|ED)\); --retries 0 used up: run `up` again "
+                    "with the same arguments", str(raised)), str(raised)

@@ -3,6 +3,7 @@ configs' multi-host path) gives what one process with 8 devices gives on
 the same [2, 4] mesh. `make pod-test` runs these alone."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -197,3 +198,49 @@ def test_a_checkpoint_folder_that_a_host_cannot_see_is_refused_on_every_host(tmp
         for output in outputs:
             assert "is not shared by every host (process(es) [1] do not see what process 0 writes there)" in output
             assert "every host sees the folder" not in output
+
+
+LOAD_ADAPTER = """
+import sys
+from pipeline.run.config import load_config
+from pipeline.parallel.runtime import setup_environment
+
+port, process_id, adapter, preset = sys.argv[1:]
+cfg = load_config(None, [f"model.preset={preset}", "distribution.multi_host=true", "distribution.num_processes=2",
+                         f"distribution.coordinator_address=localhost:{port}", f"distribution.process_id={process_id}",
+                         "distribution.host_device_count=4", "distribution.mesh_shape=[2,4]"])
+setup_environment(cfg.distribution)
+from pipeline import keras_internals
+from pipeline.models.model import load_adapter, load_model
+from pipeline.parallel import hosts
+
+hosts.initialize(cfg.distribution)
+causal_lm, _ = load_model(cfg, [8])
+how = load_adapter(causal_lm, adapter)
+layers = keras_internals.lora_layers(causal_lm.backbone).values()
+total = sum(float(abs(hosts.to_numpy(layer.lora_kernel_b.value)).sum()) for layer in layers)
+print(f"adapter {how}: {total:.6f}")
+"""
+
+
+def test_an_adapter_every_host_sees_is_read_by_each_and_one_only_process_0_sees_is_sent(runs, tiny, tmp_path):
+    """predict's adapter on a pod: where every host has the file (a bucket
+    run: each fetches it; a shared folder) none is sent through a
+    collective; a file on worker 0's disk alone still loads on every host."""
+    _, pod, _ = runs
+    adapter = pod / "finetune" / "adapter.lora.h5"
+    seen = {}
+    for shared in (True, False):
+        port = free_port()
+        paths = [adapter, adapter if shared else tmp_path / "worker-1" / "adapter.lora.h5"]
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process: 4 devices, from the config
+        started = [subprocess.Popen([sys.executable, "-c", LOAD_ADAPTER, str(port), str(i), str(paths[i]), str(tiny.preset)],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for i in range(2)]
+        outputs = [process.communicate(timeout=600)[0] for process in started]
+        lines = [[line for line in output.splitlines() if line.startswith("adapter ")] for output in outputs]
+        assert all(len(found) == 1 for found in lines), outputs
+        seen[shared] = {found[0] for found in lines}
+    (read_by_each,), (sent,) = seen[True], seen[False]
+    assert read_by_each.startswith("adapter read by every host: ") and sent.startswith("adapter sent by process 0: ")
+    assert read_by_each.split(": ")[1] == sent.split(": ")[1] and float(sent.split(": ")[1]) > 0

@@ -3,12 +3,14 @@ command, against a stand-in `gcloud` (tests/standins/gcloud) first on PATH
 that plays a 2-worker slice on this machine: each worker a folder, `ssh
 --worker=all` a process per worker, the two forming a pod over gloo.
 
-Three paths: the whole run (`up ... --delete`), a stage failing on one
-worker, and this machine's connection dropping mid-run.
+Four paths: the whole run (`up ... --delete`), a spot slice taken back
+mid-training and made again (`up --spot --retries 1`), a stage failing on
+one worker, and this machine's connection dropping mid-run.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,8 +41,23 @@ def cloud(tiny, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAKEFLAGS", "MAKELEVEL")}
     env.update(PATH=f"{ROOT / 'tests' / 'standins'}{os.pathsep}{env['PATH']}", STANDIN_GCLOUD_ROOT=str(folder / "slices"),
                STANDIN_GCLOUD_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
-    data = [f"--data={path}" for path in (tiny.preset, tiny.encoder, folder / "source_texts.csv", folder / "test.csv")]
+    prompts = list(rules.RULES)
+    rows = [(f"r{i}", paragraphs[i % len(paragraphs)], prompts[i % len(prompts)]) for i in range(64)]
+    pd.DataFrame([(i, text, prompt, rules.rewrite(prompt, text)) for i, text, prompt in rows],
+                 columns=["id", "original_text", "rewrite_prompt", "rewritten_text"]).to_csv(folder / "train.csv", index=False)
+    data = [f"--data={path}" for path in (tiny.preset, tiny.encoder, folder / "source_texts.csv", folder / "test.csv",
+                                          folder / "train.csv")]
     return env, data, folder
+
+
+def with_emulator(env):
+    """The environment that points gcsfs and tensorstore at the tests' emulator."""
+    return dict(env, **{k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                                   "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")})
+
+
+def log_of_worker_0(into):
+    return (into / "cloud_tpu_v3_32" / "pod-logs" / "worker-0.log").read_text()
 
 
 def tpu_pod(env, *words, check=True, timeout=1500):
@@ -58,8 +75,7 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
     from etils import epath
 
     env, data, folder = cloud
-    env = dict(env, **{k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                                  "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")})
+    env = with_emulator(env)
     result = tpu_pod(env, "up", "--name=whole", *data, "--stage=all", "--delete", f"--into={tmp_path}", *SIZES,
                      f"run.root={gcs_bucket}/runs")
     run = f"{gcs_bucket}/runs/cloud_tpu_v3_32"
@@ -72,9 +88,54 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
     for worker in (0, 1):
         log = (tmp_path / "cloud_tpu_v3_32" / "pod-logs" / f"worker-{worker}.log").read_text()
         assert f"worker {worker}: done" in log and "evaluate" in log
+    # Process 0 pulled the run folder from the bucket, process 1 fetched the
+    # adapter itself: no host sent it to the other.
+    assert "(read by every host)" in log_of_worker_0(tmp_path)
     assert "pod: worker 0 | " in result.stdout  # progress while waiting
     assert "setup: Python 3." in result.stdout  # each worker found (or fetched) a Python 3.11+
     assert not (folder / "slices" / "whole").exists()
+
+
+def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_uninterrupted_adapter(
+        cloud, tmp_path, gcs_bucket):
+    """`up --spot --retries 1`: Cloud TPU (the stand-in's `preempt`) takes the
+    slice back during finetune: SIGTERM to every process, then the workers'
+    disks go. The launcher notices, deletes the request, asks again, sets the
+    new slice up and starts finetune there, which resumes from the bucket;
+    the adapter equals that of a run nobody interrupted."""
+    import fsspec
+    from test_pod import assert_same_adapter
+
+    env, data, folder = cloud
+    env = with_emulator(env)
+    overrides = [*SIZES, f"run.root={gcs_bucket}/runs", "train.data=data/train.csv", "train.epochs=2"]
+    tpu_pod(env, "up", "--name=steady", *data, "--stage=finetune", "--delete", f"--into={tmp_path}", *overrides,
+            "run.name=steady")
+    launcher = subprocess.Popen(
+        [sys.executable, "scripts/tpu_pod.py", "up", "--name=spot", "--zone=standin-a", "--poll-seconds=1", "--spot",
+         "--retries=1", *data, "--stage=finetune", "--delete", f"--into={tmp_path}", *overrides, "run.name=spot"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker_log = folder / "slices" / "spot" / "worker-0" / "prompt-recovery" / "runs" / "pod-job" / "log"
+    deadline = time.time() + 900
+    while not (worker_log.exists() and "finetune: step 2/" in worker_log.read_text()):
+        assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
+        time.sleep(0.05)
+    preempt = subprocess.run(["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert preempt.returncode == 0, preempt.stderr
+    output, _ = launcher.communicate(timeout=1500)
+    assert launcher.returncode == 0, output[-6000:]
+    assert re.search(r"pod: the slice was preempted during finetune \(SUSPEND(ING|ED)\); preemption 1:", output), output[-6000:]
+    assert output.count("+ gcloud compute tpus queued-resources create spot") == 2
+    (resumed,) = re.findall(r"pod: preempted during finetune .*resumed at step (\d+)", output)
+    assert int(resumed) >= 2  # the step the SIGTERM checkpoint holds, not a fresh start
+    assert "pod: 1 preemption(s): preempted during finetune" in output
+    assert not (folder / "slices" / "spot").exists() and not (folder / "slices" / "queued" / "spot.json").exists()
+    gcs = fsspec.filesystem("gs")
+    for name in ("steady", "spot"):
+        (tmp_path / name / "finetune").mkdir(parents=True)
+        gcs.get(f"{gcs_bucket}/runs/{name}/finetune/adapter.lora.h5", str(tmp_path / name / "finetune" / "adapter.lora.h5"))
+    assert_same_adapter(tmp_path / "steady", tmp_path / "spot", atol=1e-6)
 
 
 def test_a_stage_failing_on_one_worker_is_named_its_logs_fetched_and_the_slice_deleted(cloud, tmp_path):

@@ -22,6 +22,7 @@ from pipeline.models.families.registry import by_backbone_class
 from pipeline.models.families.family import ModelSpec
 from pipeline.parallel.distribution import build_distribution
 from pipeline.parallel.runtime import quiet_native_logs
+from pipeline.run.storage import adapter_settings_path
 
 # The projections of a Gemma decoder block, by their KerasHub layer names
 # (the names lora.target_layers matches); `GemmaDecoder` and the export read them.
@@ -134,7 +135,7 @@ def save_adapter(causal_lm, lora_cfg, path):
         return
     path = Path(path)
     keras_internals.write_lora_file(path, keras_internals.lora_rank(backbone), factors)
-    _adapter_settings_path(path).write_text(
+    adapter_settings_path(path).write_text(
         json.dumps(
             {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},
             indent=2,
@@ -143,8 +144,10 @@ def save_adapter(causal_lm, lora_cfg, path):
 
 
 def load_adapter(causal_lm, path):
-    """Enables LoRA as the adapter was trained and loads its weights. On a
-    pod process 0 reads the files and sends them to the others."""
+    """Enables LoRA as the adapter was trained and loads its weights; says
+    how the hosts got them. Every host reads its own copy (a run on a bucket
+    gives each one: see RunDir.predict_adapter) and keeps its shards; only
+    when some host of a pod lacks the file does process 0 send it to all."""
     import tempfile
 
     from pipeline.parallel import hosts
@@ -155,15 +158,15 @@ def load_adapter(causal_lm, path):
             raise MissingInputError(
                 f"adapter {path} not found; run the finetune stage first or set predict.adapter"
             )
-        return json.loads(_adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()
+        return json.loads(adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()
 
-    settings, weights = hosts.share_from_main(read)
+    if all(hosts.all_processes(Path(path).exists())):
+        (settings, weights), how = read(), "read by every host"
+    else:
+        (settings, weights), how = hosts.share_from_main(read), "sent by process 0"
     enable_lora(causal_lm, LoraConfig(**settings))
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / "adapter.lora.h5"
         copy.write_bytes(weights)
         causal_lm.backbone.load_lora_weights(str(copy))
-
-
-def _adapter_settings_path(path):
-    return path.with_name(path.name.removesuffix(".lora.h5") + ".json")
+    return how

@@ -10,6 +10,14 @@ worker 0 (the only writer) and every worker's log, and delete the slice when
 asked, also after a failure. A dropped connection stops only the waiting:
 `status`, `logs`, `wait` and `fetch` pick the run up again.
 
+A spot slice is requested as a queued resource (Cloud TPU's way to ask for
+spot capacity and to ask again), and waited for until it is ACTIVE. When
+Cloud TPU takes it back, the workers get SIGTERM (the stages save and exit
+with PREEMPTED_EXIT_CODE), the queued resource goes SUSPENDING, then
+SUSPENDED with the workers' disks gone: `wait` raises `SlicePreempted`,
+and `Launcher.up`, given retries, deletes the request and makes the slice
+again, for a run whose outputs are on a bucket to resume there.
+
 Each step is one gcloud command, built here as an argument list, so that
 `--dry-run` prints exactly what would run.
 
@@ -25,6 +33,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import shlex
 import subprocess
 import tarfile
@@ -37,8 +46,23 @@ JOB_LOG = "runs/pod-job/log"  # each worker's log, in the repository (scripts/po
 ALL_STAGES = ["data", "finetune", "mean-prompt", "predict", "evaluate"]  # the Makefile's `all`
 
 
+PREEMPTED_STATES = ("SUSPENDING", "SUSPENDED", "PREEMPTED")  # a queued resource's, a node's
+STEP_LINE = re.compile(r"finetune: step (\d+)/")
+RESUMED_LINE = re.compile(r"finetune: resuming from .* at step (\d+)/")
+
+
 class PodError(RuntimeError):
     """A step of a pod run failed; the message says which and what to do."""
+
+
+class SlicePreempted(PodError):
+    """Cloud TPU took the slice back (or its stages saved at a preemption
+    notice) during `stage`."""
+
+    def __init__(self, stage, state):
+        super().__init__(f"the slice was preempted {f'during {stage}' if stage else 'before a stage was seen running'} "
+                         f"({state})")
+        self.stage = stage
 
 
 @dataclasses.dataclass
@@ -46,7 +70,7 @@ class WorkerStatus:
     """One line of `pod_job.sh status`: worker N: STATE [STAGE [CODE TIME]]."""
 
     worker: str
-    state: str  # none, running, done, failed, stopped
+    state: str  # none, running, done, failed, preempted, stopped
     stage: str = ""
     exit_code: Optional[int] = None
     failed_at: Optional[float] = None  # seconds since 1970
@@ -74,17 +98,25 @@ class TpuPod:
     spot: bool = False
     project: Optional[str] = None
 
-    def _gcloud(self, *words):
-        command = ["gcloud", "compute", "tpus", "tpu-vm", *words, f"--zone={self.zone}"]
+    def _gcloud(self, *words, group="tpu-vm"):
+        command = ["gcloud", "compute", "tpus", group, *words, f"--zone={self.zone}"]
         return command + ([f"--project={self.project}"] if self.project else [])
 
     def create(self):
-        command = self._gcloud("create", self.name, f"--accelerator-type={self.accelerator_type}",
-                               f"--version={self.runtime_version}")
-        return command + (["--spot"] if self.spot else [])
+        """A spot slice is a queued resource of the same name as its node."""
+        if self.spot:
+            return self._gcloud("create", self.name, f"--node-id={self.name}", f"--accelerator-type={self.accelerator_type}",
+                                f"--runtime-version={self.runtime_version}", "--spot", group="queued-resources")
+        return self._gcloud("create", self.name, f"--accelerator-type={self.accelerator_type}",
+                            f"--version={self.runtime_version}")
 
     def describe(self):
         return self._gcloud("describe", self.name, "--format=json")
+
+    def describe_request(self):
+        """The queued resource of a spot slice, whose state says whether the
+        slice is there (ACTIVE) or was taken back (SUSPENDING, SUSPENDED)."""
+        return self._gcloud("describe", self.name, "--format=json", group="queued-resources")
 
     def ssh(self, remote_command, worker="all"):
         return self._gcloud("ssh", self.name, f"--worker={worker}", f"--command={remote_command}")
@@ -96,6 +128,9 @@ class TpuPod:
         return self._gcloud("scp", "--recurse", f"--worker={worker}", f"{self.name}:{remote_path}", str(local_path))
 
     def delete(self):
+        """A spot slice: the queued resource, with its node (--force)."""
+        if self.spot:
+            return self._gcloud("delete", self.name, "--force", "--quiet", group="queued-resources")
         return self._gcloud("delete", self.name, "--quiet")
 
     def setup(self, repo_archive, data_paths):
@@ -131,6 +166,26 @@ class TpuPod:
                            for w in workers]
 
 
+@dataclasses.dataclass
+class Preemption:
+    """A slice taken back during `stage`; for finetune, the step worker 0's
+    log showed last and the step the next slice resumed at."""
+
+    stage: str
+    step_reached: Optional[int] = None
+    resumed_at: Optional[int] = None
+
+    def __str__(self):
+        said = f"preempted during {self.stage}" if self.stage else "preempted before a stage was seen running"
+        if self.stage != "finetune" or self.resumed_at is None:
+            return said
+        if self.step_reached is None:
+            return f"{said} before its first step line; resumed at step {self.resumed_at}"
+        lost = max(0, self.step_reached - self.resumed_at)
+        return (f"{said} at step {self.step_reached} (the last that worker 0's log showed), resumed at step "
+                f"{self.resumed_at}: {lost} step(s) lost")
+
+
 def log_path(local_run_dir, worker):
     return Path(local_run_dir) / "pod-logs" / f"worker-{worker}.log"
 
@@ -161,6 +216,10 @@ class Launcher:
         self.pod = pod
         self.dry_run = dry_run
         self.log = log
+        self.stage = ""  # the stage the workers were last seen running
+        self.step_reached = None  # the newest finetune step in worker 0's log
+        self.preemptions = []  # Preemption, one per slice taken back
+        self.slice_exists = None  # None: not known (made by an earlier command)
 
     def execute(self, commands, tolerate=False):
         """Runs the commands in order; a failure raises PodError (with
@@ -193,28 +252,65 @@ class Launcher:
             found.append(WorkerStatus.parse(lines[-1]) if lines else WorkerStatus(str(worker), "unknown"))
         return found
 
-    def wait(self, poll_seconds, progress_lines=3):
+    def slice_state(self):
+        """The queued resource's state for a spot slice, the node's
+        otherwise; None when gcloud cannot describe it."""
+        try:
+            described = json.loads(self.output(self.pod.describe_request() if self.pod.spot else self.pod.describe()) or "{}")
+        except PodError:
+            return None
+        state = described.get("state", "")
+        return state.get("state", "") if isinstance(state, dict) else state
+
+    def wait_ready(self, poll_seconds):
+        """Waits for a spot slice's queued resource to be ACTIVE (it may wait
+        for capacity); a plain `create` returns with the slice READY."""
+        seen = None
+        while self.pod.spot:
+            state = self.slice_state()
+            if self.dry_run or state == "ACTIVE":
+                return
+            if state != seen:
+                self.log(f"pod: the queued resource {self.pod.name} is {state}")
+                seen = state
+            if state in (None, "FAILED", *PREEMPTED_STATES):
+                raise PodError(f"the queued resource {self.pod.name} is {state}; see `gcloud compute tpus "
+                               f"queued-resources describe {self.pod.name} --zone={self.pod.zone}`")
+            time.sleep(poll_seconds)
+
+    def wait(self, poll_seconds, progress_lines=10):
         """Polls every worker until the job ends; prints state changes and
-        worker 0's newest log lines. Raises PodError naming the stage and
-        worker of a failure."""
-        seen, last_lines, workers = {}, [], self.workers()
+        worker 0's newest log lines. Raises SlicePreempted when the slice is
+        taken back (or its stages saved at a preemption notice), PodError
+        naming the stage and worker of a failure."""
+        seen, last_lines, workers = {}, [], None
         while True:
-            statuses = self.statuses(workers)
+            try:
+                workers = self.workers() if workers is None else workers
+                statuses = self.statuses(workers)
+                lines = self.output(self.pod.job_log(0, progress_lines)).splitlines()
+            except PodError:
+                self._raise_if_preempted("")
+                raise
             if self.dry_run:
-                self.output(self.pod.job_log(0, progress_lines))
                 return statuses
             for status in statuses:
                 if seen.get(status.worker) != str(status):
                     self.log(f"pod: {status}")
                     seen[status.worker] = str(status)
-            lines = self.output(self.pod.job_log(0, progress_lines)).splitlines()
+                self.stage = status.stage if status.state == "running" else self.stage
             for line in lines[len(_overlap(last_lines, lines)):]:
                 self.log(f"pod: worker 0 | {line}")
+                self._follow(line)
             last_lines = lines
             broken = [s for s in statuses if s.state not in ("running", "done")]
-            if broken:
+            # A preempted host's peers are saving the same step: let them finish.
+            if broken and not (all(s.state == "preempted" for s in broken) and any(s.state == "running" for s in statuses)):
                 # The first to fail: the others may have failed because it did.
                 first = min(broken, key=lambda s: s.failed_at if s.failed_at is not None else float("inf"))
+                if any(s.state == "preempted" for s in broken):
+                    raise SlicePreempted(first.stage, "exit code 75: the stages saved at a preemption notice")
+                self._raise_if_preempted(first.stage)
                 if first.state == "failed":
                     raise PodError(f"stage {first.stage} failed on worker {first.worker} (make exited {first.exit_code})")
                 during = f" during {first.stage}" if first.stage else ""
@@ -222,6 +318,55 @@ class Launcher:
             if all(s.state == "done" for s in statuses):
                 return statuses
             time.sleep(poll_seconds)
+
+    def _raise_if_preempted(self, stage):
+        preempted = self._preempted(stage)
+        if preempted:
+            raise preempted from None
+
+    def _preempted(self, stage):
+        state = self.slice_state()
+        return SlicePreempted(stage or self.stage, state) if state in PREEMPTED_STATES else None
+
+    def _follow(self, line):
+        """Keeps the step finetune reached, and reports what a preemption
+        cost once the stage resumes (or starts over)."""
+        resumed, step = RESUMED_LINE.search(line), STEP_LINE.search(line)
+        pending = [p for p in self.preemptions if p.stage == "finetune" and p.resumed_at is None]
+        if pending and (resumed or step):
+            pending[-1].resumed_at = int(resumed.group(1)) if resumed else 0
+            self.log(f"pod: {pending[-1]}")
+        if step:
+            self.step_reached = int(step.group(1))
+
+    def up(self, setup, start, stages, poll_seconds, finish, retries=0):
+        """Creates the slice, sets it up and starts `start(stages)`, then
+        `finish()`. When the slice is preempted and `retries` allow, deletes
+        it, makes it again and starts again from the stage it was taken
+        during (the stages resume from what the bucket holds)."""
+        while True:
+            self.create()
+            try:
+                self.wait_ready(poll_seconds)
+                self.execute([*setup, start(stages)])
+                finish()
+                break
+            except PodError as error:
+                preempted = error if isinstance(error, SlicePreempted) else self._preempted(stages[0])
+                if preempted is None:
+                    raise
+                while self.slice_state() == "SUSPENDING":  # the stages' notice time: a delete would cut their save
+                    time.sleep(1)
+                if len(self.preemptions) >= retries:
+                    raise PodError(f"{preempted}; --retries {retries} used up: run `up` again with the same "
+                                   "arguments to go on from what the run folder holds") from None
+                reached = self.step_reached if preempted.stage == "finetune" else None
+                self.preemptions.append(Preemption(preempted.stage, reached))
+                self.log(f"pod: {preempted}; preemption {len(self.preemptions)}: deleting the slice and requesting it again")
+                self.delete()
+                stages = stages[stages.index(preempted.stage):] if preempted.stage in stages else stages
+        if self.preemptions:
+            self.log(f"pod: {len(self.preemptions)} preemption(s): " + "; ".join(map(str, self.preemptions)))
 
     def fetch(self, remote_run_dir, local_root, tolerate=False):
         """Worker 0's run folder and every worker's log."""
@@ -238,6 +383,8 @@ class Launcher:
         logs are."""
         try:
             self.wait(poll_seconds)
+        except SlicePreempted:
+            raise
         except PodError as error:
             self.log(f"pod: {error}; fetching what there is")
             local_run = self.fetch(remote_run_dir, local_root, tolerate=True)
@@ -246,15 +393,24 @@ class Launcher:
         if not self.dry_run:
             self.log(f"pod: done; the run folder and the workers' logs are in {local_run}")
 
+    def create(self):
+        self.slice_exists = False
+        self.execute([self.pod.create()])
+        self.slice_exists = True
+
+    def delete(self):
+        self.execute([self.pod.delete()])
+        self.slice_exists = False
+
     @contextlib.contextmanager
     def deleting(self, delete):
         """Deletes the slice on the way out when asked, whatever happened
-        inside (a slice left behind goes on billing)."""
+        inside (a slice left behind goes on billing), unless there is none."""
         try:
             yield self
         finally:
-            if delete:
-                self.execute([self.pod.delete()])
+            if delete and self.slice_exists is not False:
+                self.delete()
 
 
 def _overlap(old, new):

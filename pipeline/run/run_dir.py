@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.parallel import hosts
 from pipeline.run.config import save_config
-from pipeline.run.storage import RunMirror, is_bucket, mirror_path
+from pipeline.run.storage import RunMirror, adapter_settings_path, is_bucket, mirror_path
 from pipeline.errors import InputError
 from pipeline.text.tables import TEST_COLUMNS, read_header, read_table, split_rows
 
@@ -114,7 +114,13 @@ class RunDir:
     def _chosen_adapter(self, choice):
         if choice == "none":
             return None
-        return self.adapter if choice == "run" else Path(choice)
+        if choice != "run":
+            return Path(choice)
+        if self.mirror and not hosts.is_main_process():
+            # Process 0 pulled the run folder; each other host fetches the adapter itself.
+            for path in (self.adapter, adapter_settings_path(self.adapter)):
+                self.mirror.fetch(path)
+        return self.adapter
 
     @property
     def transformers_model(self):

@@ -32,6 +32,7 @@ mirror.push()  # what the stage wrote
 
 import base64
 import hashlib
+import os
 from pathlib import Path
 
 from pipeline.errors import MissingInputError
@@ -89,7 +90,10 @@ def _copy_down(fs, url, local, skip=()):
         target = local / key if key else local
         if not _same(target, info):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{url}/{key}" if key else url, str(target))
+            # Beside, then renamed: a reader (another host of a pod sharing the folder) sees all or nothing.
+            part = target.with_name(f"{target.name}.part-{os.getpid()}")
+            fs.get_file(f"{url}/{key}" if key else url, str(part))
+            os.replace(part, target)
     return len(objects)
 
 
@@ -117,6 +121,12 @@ class RunMirror:
         holds otherwise, except those under the `skip` folders."""
         _copy_down(_filesystem(), self.remote, self.local, skip)
 
+    def fetch(self, path):
+        """Copies down one file of the run (`path`, in the local copy) when
+        the local copy lacks it or holds it otherwise."""
+        relative = Path(path).relative_to(self.local).as_posix()
+        _copy_down(_filesystem(), f"{self.remote}/{relative}", Path(path))
+
     def push(self, path=None):
         """Copies up the files of the local copy (or of `path`, a file or
         folder in it) that the bucket lacks or holds otherwise."""
@@ -134,6 +144,13 @@ class RunMirror:
                 fs.put_file(str(file), f"{base}/{key}" if key else base)
 
 
+def adapter_settings_path(path):
+    """The settings file beside an adapter (`x.lora.h5` -> `x.json`); a
+    bucket URL stays a string."""
+    beside = str(path).removesuffix(".lora.h5") + ".json"
+    return beside if is_bucket(path) else Path(beside)
+
+
 def localized(cfg):
     """`cfg` with each gs:// input replaced by its local copy (fetched into
     `run.mirrors` when missing or changed): source texts, prompt pool,
@@ -147,7 +164,7 @@ def localized(cfg):
     def adapter(choice):
         if choice in ("run", "none") or not is_bucket(choice):
             return choice
-        local(choice.removesuffix(".lora.h5") + ".json")  # the settings beside it
+        local(adapter_settings_path(choice))
         return local(choice)
 
     def combine_part(part):

@@ -46,9 +46,8 @@ def run_predict_stage(cfg, log=print):
     log(f"predict: {len(df)} rows from {run.predict_input} (rows: {cfg.predict.rows})")
     causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
     adapter = run.predict_adapter
-    if adapter:
-        load_adapter(causal_lm, adapter)
-    log(f"predict: adapter {adapter or 'none (base model)'}")
+    how = load_adapter(causal_lm, adapter) if adapter else None
+    log(f"predict: adapter {adapter} ({how})" if adapter else "predict: adapter none (base model)")
     formatter = RecoveryFormatter(
         tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     )
