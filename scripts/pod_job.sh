@@ -10,8 +10,9 @@
 # the TIME it ended, in seconds since 1970, to tell which worker failed first),
 # preempted (the stage saved its work at a preemption notice and exited with
 # 75, PREEMPTED_EXIT_CODE: STAGE 75 TIME), stopped (the job died without an
-# exit code: killed, out of memory, the machine taken) or none. Everything the stages print goes to runs/pod-job/log,
-# which a dropped ssh connection does not end.
+# exit code: killed, out of memory, the machine taken) or none. Everything
+# the stages print goes to runs/pod-job/log, which a dropped ssh connection
+# does not end.
 set -u
 cd "$(dirname "$0")/.."
 JOB=runs/pod-job

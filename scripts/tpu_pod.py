@@ -16,8 +16,9 @@ copies what there is. With --spot the slice is a queued resource; `up
 --retries N` then makes it again when Cloud TPU takes it back, up to N
 times, and goes on from the stage it was taken during (for a run on a
 bucket, which the next slice resumes from), reporting each preemption and,
-during finetune, the steps it cost. `create`, `setup`, `start`, `run` (start + wait) and
-`delete` do one step each. --dry-run prints the gcloud commands only.
+during finetune, the steps it cost. `create`, `setup`, `start`, `run`
+(start + wait) and `delete` do one step each. --dry-run prints the gcloud
+commands only.
 """
 
 import argparse
