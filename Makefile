@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan model-table bench tiny tiny-default clean
+.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan model-table docs-tables bench tiny tiny-default clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,17 @@ tiny-default: $(STAMP)
 demo: $(STAMP)
 	PYTHONUNBUFFERED=1 $(call RUN,demo)
 
+# Both print the 20 slowest tests at the end.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=20 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest --durations=20 -m "not slow" tests
+
+# ruff (pyproject.toml): the formatter's check, then the linter.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 pod-test: $(STAMP)
 	$(PY) -m pytest -m pod tests
@@ -68,6 +74,10 @@ memory-plan: $(STAMP) $(if $(CONFIG),,tiny-default)
 
 model-table: $(STAMP)
 	$(PY) scripts/model_table.py
+
+# The tables of docs/ that the code computes, written into their pages.
+docs-tables: $(STAMP)
+	$(PY) scripts/docs_tables.py
 
 bench: $(STAMP) tiny-default
 	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py

@@ -35,6 +35,7 @@ is each family's stand-in architecture, `tiny` Gemma's.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -76,12 +77,14 @@ def random_lm(spec, lora):
     import keras
     import keras_hub
 
-    from pipeline.run.config import LoraConfig
     from pipeline.models.model import enable_lora
+    from pipeline.run.config import LoraConfig
 
     keras.config.set_dtype_policy("bfloat16")
     backbone = getattr(keras_hub.models, spec.family.backbone_class)(**spec.config)
-    causal_lm = getattr(keras_hub.models, spec.family.causal_lm_class)(backbone=backbone, preprocessor=None)
+    causal_lm = getattr(keras_hub.models, spec.family.causal_lm_class)(
+        backbone=backbone, preprocessor=None
+    )
     if lora:
         enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value"]))
     return causal_lm
@@ -94,11 +97,21 @@ def fit_tokens_per_second(causal_lm, batch, length, steps, sample_weight):
 
     rng = np.random.default_rng(0)
     rows = batch * steps
-    x = forward_inputs(family_of(causal_lm), {"token_ids": rng.integers(1, 1000, (rows, length)).astype("int32"),
-                                              "padding_mask": np.ones((rows, length), bool)})
+    x = forward_inputs(
+        family_of(causal_lm),
+        {
+            "token_ids": rng.integers(1, 1000, (rows, length)).astype("int32"),
+            "padding_mask": np.ones((rows, length), bool),
+        },
+    )
     y = rng.integers(1, 1000, (rows, length)).astype("int32")
     weight = np.ones((rows, length), "float32") if sample_weight else None
-    fit = lambda: causal_lm.fit(x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # noqa: E731
+
+    def fit():
+        causal_lm.fit(
+            x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0
+        )
+
     return rows * length / timed(fit, 1)
 
 
@@ -131,25 +144,37 @@ def pipeline_case(name, args):
     causal_lm = random_lm(spec, lora=True)
     compile_lora_training(causal_lm, TrainConfig(learning_rate=1e-4))
     batch, length = training_shape(spec)
-    tokens_per_second = fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=True)
-    result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second": tokens_per_second,
-                           "mfu": flops.mfu(tokens_per_second, flops.train_flops_per_token(spec, length),
-                                            args.peak_tflops, 1)}}
+    tokens_per_second = fit_tokens_per_second(
+        causal_lm, batch, length, args.steps, sample_weight=True
+    )
+    result = {
+        "training": {
+            "batch": batch,
+            "sequence_length": length,
+            "tokens_per_second": tokens_per_second,
+            "mfu": flops.mfu(
+                tokens_per_second, flops.train_flops_per_token(spec, length), args.peak_tflops, 1
+            ),
+        }
+    }
     decoder = make_decoder(causal_lm, [-1])  # no stop: every row decodes all its tokens
     result["decoder"] = type(decoder).__name__
     result["decoding"] = {}
     for rows in args.sweep:
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
-        seconds = timed(lambda: decoder(token_ids, padding_mask, NEW_TOKENS), 1)
+        seconds = timed(functools.partial(decoder, token_ids, padding_mask, NEW_TOKENS), 1)
         step = seconds / NEW_TOKENS  # the prefill is counted in: a bound on the step time
         floor = step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS) / (args.bandwidth_gbs * 1e9)
         result["decoding"][rows] = {
-            "new_tokens_per_second": rows * NEW_TOKENS / seconds, "ms_per_step": 1e3 * step,
-            "floor_ms_per_step": 1e3 * floor, "fraction_of_bandwidth_floor": floor / step,
+            "new_tokens_per_second": rows * NEW_TOKENS / seconds,
+            "ms_per_step": 1e3 * step,
+            "floor_ms_per_step": 1e3 * floor,
+            "fraction_of_bandwidth_floor": floor / step,
         }
         if isinstance(decoder, GemmaDecoder):  # XLA's count needs the decoder's own step
-            result["decoding"][rows]["bytes_accessed_ratio"] = (step_bytes_accessed(decoder, rows, PROMPT + NEW_TOKENS)
-                                                                / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS))
+            result["decoding"][rows]["bytes_accessed_ratio"] = step_bytes_accessed(
+                decoder, rows, PROMPT + NEW_TOKENS
+            ) / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS)
     return result
 
 
@@ -158,16 +183,25 @@ def keras_hub_case(name, args):
 
     spec = architecture(name)
     causal_lm = random_lm(spec, lora=True)
-    causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-4),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    causal_lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     batch, length = training_shape(spec)
-    result = {"training": {"batch": batch, "sequence_length": length, "tokens_per_second":
-                           fit_tokens_per_second(causal_lm, batch, length, args.steps, sample_weight=False)},
-              "decoding": {}}
+    result = {
+        "training": {
+            "batch": batch,
+            "sequence_length": length,
+            "tokens_per_second": fit_tokens_per_second(
+                causal_lm, batch, length, args.steps, sample_weight=False
+            ),
+        },
+        "decoding": {},
+    }
     for rows in args.sweep:
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
         inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-        seconds = timed(lambda: causal_lm.generate(inputs, stop_token_ids=None), 1)
+        seconds = timed(functools.partial(causal_lm.generate, inputs, stop_token_ids=None), 1)
         result["decoding"][rows] = {"new_tokens_per_second": rows * NEW_TOKENS / seconds}
     return result
 
@@ -179,18 +213,38 @@ def data_case(name, args):
 
     causal_lm = random_lm(architecture(name), lora=False)
     new_tokens = REFERENCE_MAX_LENGTH - REFERENCE_PROMPT
-    one_row = dict(zip(("token_ids", "padding_mask"), prompts(1, REFERENCE_PROMPT, REFERENCE_MAX_LENGTH)))
-    reference_seconds = timed(lambda: causal_lm.generate(one_row, stop_token_ids=None), args.reference_rows)
+    one_row = dict(
+        zip(
+            ("token_ids", "padding_mask"),
+            prompts(1, REFERENCE_PROMPT, REFERENCE_MAX_LENGTH),
+            strict=True,
+        )
+    )
+    reference_seconds = timed(
+        lambda: causal_lm.generate(one_row, stop_token_ids=None), args.reference_rows
+    )
     rows = args.data_rows
     bucket = -(-REFERENCE_PROMPT // 64) * 64  # the data stage's prompt bucket (length_step 64)
     token_ids, padding_mask = prompts(rows, REFERENCE_PROMPT, bucket + new_tokens)
     decoder = make_decoder(causal_lm, [-1])
     batch_seconds = timed(lambda: decoder(token_ids, padding_mask, new_tokens), 1)
-    reference = {"rows_per_second": 1 / reference_seconds, "new_tokens_per_second": new_tokens / reference_seconds}
-    batched = {"rows": rows, "rows_per_second": rows / batch_seconds, "new_tokens_per_second": rows * new_tokens / batch_seconds}
-    return {"new_tokens_per_row": new_tokens, "reference_one_row_per_generate": reference, "decoder_batch": batched,
-            "rows_per_second_ratio": batched["rows_per_second"] / reference["rows_per_second"],
-            "new_tokens_per_second_ratio": batched["new_tokens_per_second"] / reference["new_tokens_per_second"]}
+    reference = {
+        "rows_per_second": 1 / reference_seconds,
+        "new_tokens_per_second": new_tokens / reference_seconds,
+    }
+    batched = {
+        "rows": rows,
+        "rows_per_second": rows / batch_seconds,
+        "new_tokens_per_second": rows * new_tokens / batch_seconds,
+    }
+    return {
+        "new_tokens_per_row": new_tokens,
+        "reference_one_row_per_generate": reference,
+        "decoder_batch": batched,
+        "rows_per_second_ratio": batched["rows_per_second"] / reference["rows_per_second"],
+        "new_tokens_per_second_ratio": batched["new_tokens_per_second"]
+        / reference["new_tokens_per_second"],
+    }
 
 
 def hf_case(name, args):
@@ -205,7 +259,9 @@ def hf_case(name, args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     config = transformers.AutoConfig.for_model(**hf_config(spec))
-    model = transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(
+        device=device, dtype=torch.bfloat16
+    )
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch, length = training_shape(spec)
@@ -217,16 +273,27 @@ def hf_case(name, args):
         optimizer.zero_grad()
         sync()
 
-    result = {"training": {"batch": batch, "sequence_length": length,
-                           "tokens_per_second": batch * length / timed(train_step, args.steps)}, "decoding": {},
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    result = {
+        "training": {
+            "batch": batch,
+            "sequence_length": length,
+            "tokens_per_second": batch * length / timed(train_step, args.steps),
+        },
+        "decoding": {},
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+    }
     model.eval()
     for rows in args.sweep:
         prompt = torch.full((rows, PROMPT), 5, device=device)
 
-        def generate():
+        def generate(prompt=prompt):
             with torch.no_grad():
-                model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+                model.generate(
+                    input_ids=prompt,
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                )
             sync()
 
         result["decoding"][rows] = {"new_tokens_per_second": rows * NEW_TOKENS / timed(generate, 1)}
@@ -245,8 +312,13 @@ def hf_config(spec):
     written_as = spec.family.transformers_format(spec.config)
     if written_as.config:
         return dict(written_as.config(spec.config), architectures=[written_as.architecture])
-    small = random_lm(type(spec)(spec.family, dict(spec.config, num_layers=min(spec.dims.num_layers, 6),
-                                                   vocabulary_size=256)), lora=False)
+    small = random_lm(
+        type(spec)(
+            spec.family,
+            dict(spec.config, num_layers=min(spec.dims.num_layers, 6), vocabulary_size=256),
+        ),
+        lora=False,
+    )
     config = transformers_config(small.backbone)
     config.update(vocab_size=spec.dims.vocabulary_size, num_hidden_layers=spec.dims.num_layers)
     if "layer_types" in config:
@@ -268,14 +340,26 @@ def versions():
 
 def run_case(arch, case, args):
     """One case in a fresh process; its result (the last line it prints)."""
-    command = [sys.executable, __file__, "--case", f"{arch}:{case}", "--peak-tflops", str(args.peak_tflops),
-               "--bandwidth-gbs", str(args.bandwidth_gbs)] + (["--quick"] if args.quick else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        f"{arch}:{case}",
+        "--peak-tflops",
+        str(args.peak_tflops),
+        "--bandwidth-gbs",
+        str(args.bandwidth_gbs),
+    ] + (["--quick"] if args.quick else [])
     # The HF case builds a small Keras backbone for its config: on the CPU,
     # so that JAX does not take the accelerator's memory from torch.
     env = dict(os.environ, JAX_PLATFORMS="cpu") if case == "hf" else None
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
-        return {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return {
+            "failed": done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else f"exit {done.returncode}"
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -286,22 +370,35 @@ def ratios(results):
     for other in ("keras_hub", "hf"):
         theirs = results.get(other, {})
         if "training" in pipeline and "training" in theirs:
-            out[f"training_vs_{other}"] = pipeline["training"]["tokens_per_second"] / theirs["training"]["tokens_per_second"]
+            out[f"training_vs_{other}"] = (
+                pipeline["training"]["tokens_per_second"] / theirs["training"]["tokens_per_second"]
+            )
         for rows, ours in pipeline.get("decoding", {}).items():
             if rows in theirs.get("decoding", {}):
-                out[f"decoding_{rows}_rows_vs_{other}"] = (ours["new_tokens_per_second"]
-                                                          / theirs["decoding"][rows]["new_tokens_per_second"])
+                out[f"decoding_{rows}_rows_vs_{other}"] = (
+                    ours["new_tokens_per_second"]
+                    / theirs["decoding"][rows]["new_tokens_per_second"]
+                )
     return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architectures", default="gemma_2b,gemma_7b",
-                        help="comma-separated names of the families' architectures (gemma_7b, mistral_7b, "
-                        "llama3_8b, qwen3_8b, ...) or <family>_tiny")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak of one device (H100/H200: 989)")
-    parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
+    parser.add_argument(
+        "--architectures",
+        default="gemma_2b,gemma_7b",
+        help="comma-separated names of the families' architectures (gemma_7b, mistral_7b, "
+        "llama3_8b, qwen3_8b, ...) or <family>_tiny",
+    )
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="bf16 peak of one device (H100/H200: 989)"
+    )
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps, batch sweep 8 and 32")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_gpu.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # ARCH:CASE, run in this process
@@ -310,8 +407,8 @@ def main():
     args.sweep = [8, 32] if args.quick else [8, 32, 64, 128]
     args.data_rows = 32 if args.quick else 64
 
-    from pipeline.run.config import load_config
     from pipeline.parallel.runtime import setup_environment
+    from pipeline.run.config import load_config
 
     if args.case:
         setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
@@ -324,11 +421,19 @@ def main():
         print(json.dumps(result))
         return
     # This process never starts JAX: it would hold the accelerator the cases need.
-    result = {"device": None, "versions": versions(), "quick": args.quick, "peak_tflops": args.peak_tflops,
-              "bandwidth_gbs": args.bandwidth_gbs, "date": time.strftime("%Y-%m-%d")}
+    result = {
+        "device": None,
+        "versions": versions(),
+        "quick": args.quick,
+        "peak_tflops": args.peak_tflops,
+        "bandwidth_gbs": args.bandwidth_gbs,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     for arch in args.architectures.split(","):
         cases = {case: run_case(arch, case, args) for case in args.cases.split(",")}
-        result["device"] = result["device"] or next((c["device"] for c in cases.values() if "device" in c), None)
+        result["device"] = result["device"] or next(
+            (c["device"] for c in cases.values() if "device" in c), None
+        )
         result[arch] = dict(cases, ratios=ratios(cases))
         print(json.dumps({arch: result[arch]}, indent=2), flush=True)
     out = Path(args.out)

@@ -11,17 +11,17 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.run.config import DistributionConfig
 from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 setup_environment(DistributionConfig())
 
+from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts  # noqa: E402
+from pipeline.stages.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
 from pipeline.text.encoder import load_sentence_encoder  # noqa: E402
 from pipeline.text.token_limit import TokenLimit  # noqa: E402
-from pipeline.stages.mean_prompt import EmbeddingCache, MeanScore, beam_search, build_vocabulary  # noqa: E402
-from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts  # noqa: E402
 
 
 def main():
@@ -34,7 +34,9 @@ def main():
     scored = []
     counting = lambda candidates: scored.append(len(candidates)) or objective(candidates)  # noqa: E731
     start = time.perf_counter()
-    best, history = beam_search(counting, vocabulary, beam_width=20, steps=8, fits=limit, moves="edit", log=lambda *_: None)
+    best, history = beam_search(
+        counting, vocabulary, beam_width=20, steps=8, fits=limit, moves="edit", log=lambda *_: None
+    )
     seconds = time.perf_counter() - start
     result = {
         "machine": "CPU (tiny stand-in encoder)",

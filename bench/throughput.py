@@ -23,7 +23,6 @@ Writes bench/results/throughput.json.
     make bench
 """
 
-
 import argparse
 import json
 import time
@@ -31,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.run.config import load_config
 from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
 
 def length_mix(n_rows, seed=0):
     """Rows shaped like the reference data: original texts of 20-256 words
@@ -57,23 +57,33 @@ def time_generation(causal_lm, tokenizer, prompts, batch_size, max_new_tokens, d
     """The data stage's generation; a first pass compiles every bucket."""
     from pipeline.models.generation import BatchedGenerator
 
-    generator = BatchedGenerator(causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None, decode=decode)
+    generator = BatchedGenerator(
+        causal_lm, tokenizer, batch_size, max_new_tokens, log=lambda *_: None, decode=decode
+    )
     for _ in generator.generate(prompts):
         pass
     start = time.perf_counter()
     for _ in generator.generate(prompts):
         pass
     seconds = time.perf_counter() - start
-    return {"rows_per_second": len(prompts) / seconds, "new_tokens_per_second": generator.new_tokens / seconds,
-            "compiled_shapes": len(generator.programs), "seconds": seconds, "rows": len(prompts),
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    return {
+        "rows_per_second": len(prompts) / seconds,
+        "new_tokens_per_second": generator.new_tokens / seconds,
+        "compiled_shapes": len(generator.programs),
+        "seconds": seconds,
+        "rows": len(prompts),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def keras_hub_decode(causal_lm, stops):
     """KerasHub's own `generate` in the decoder's calling convention."""
 
     def decode(token_ids, padding_mask, max_new_tokens):
-        out = causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=stops)
+        out = causal_lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=stops
+        )
         return out["token_ids"]
 
     return decode
@@ -88,7 +98,8 @@ def time_reference_generation(causal_lm, tokenizer, texts):
     from pipeline.text.tokens import tokenize_batch
 
     reference = keras_hub.models.GemmaCausalLM(
-        backbone=causal_lm.backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
+        backbone=causal_lm.backbone,
+        preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer),
     )
     reference.generate(texts[0], max_length=512)  # warm-up: compile
     start = time.perf_counter()
@@ -96,17 +107,21 @@ def time_reference_generation(causal_lm, tokenizer, texts):
         reference.generate(text, max_length=512)
     seconds = time.perf_counter() - start
     new_tokens = sum(512 - len(ids) for ids in tokenize_batch(tokenizer, texts, add_bos=True))
-    return {"rows_per_second": len(texts) / seconds, "new_tokens_per_second": new_tokens / seconds,
-            "seconds": seconds, "rows": len(texts)}
+    return {
+        "rows_per_second": len(texts) / seconds,
+        "new_tokens_per_second": new_tokens / seconds,
+        "seconds": seconds,
+        "rows": len(texts),
+    }
 
 
 def time_training(causal_lm, formatter, df, batch_size, length_step):
     """Real tokens/s of the pipeline's train step over one epoch of the
     stage's batch plan; a first pass over the same batches compiles every shape."""
-    from pipeline.text.batching import TrainingBatches
-    from pipeline.run.config import TrainConfig
     from pipeline.models.lora_training import compile_lora_training
     from pipeline.models.model import family_of, forward_inputs
+    from pipeline.run.config import TrainConfig
+    from pipeline.text.batching import TrainingBatches
 
     rows, _ = formatter.encode(df)
     plan = TrainingBatches(rows, batch_size, formatter.sequence_length, length_step, seed=0)
@@ -119,23 +134,26 @@ def time_training(causal_lm, formatter, df, batch_size, length_step):
     for x, y, w in batches:
         causal_lm.train_on_batch(x, y, sample_weight=w)
     seconds = time.perf_counter() - start
-    return {"real_tokens_per_second": plan.real_tokens / seconds,
-            "real_fraction": plan.real_tokens / plan.computed_tokens,
-            "batches": len(batches), "seconds": seconds, "compiled_shapes": len({x["token_ids"].shape for x, _, _ in batches})}
+    return {
+        "real_tokens_per_second": plan.real_tokens / seconds,
+        "real_fraction": plan.real_tokens / plan.computed_tokens,
+        "batches": len(batches),
+        "seconds": seconds,
+        "compiled_shapes": len({x["token_ids"].shape for x, _, _ in batches}),
+    }
 
 
 def cpu_benchmark(args):
+    import keras_hub
     import pandas as pd
 
-    from pipeline.stages.data import plan_rows
-    from pipeline.text.tokens import stop_token_ids, tokenize_batch
-    from pipeline.models.model import enable_lora, load_model
-    from pipeline.text.recovery import RecoveryFormatter
     from pipeline.models.families import gemma
-    from pipeline.text.templates import format_rewrite_request
+    from pipeline.models.model import enable_lora, load_model
     from pipeline.models.tiny import BACKBONE_CONFIG, TINY_DIR, build_tiny_artifacts
-
-    import keras_hub
+    from pipeline.stages.data import plan_rows
+    from pipeline.text.recovery import RecoveryFormatter
+    from pipeline.text.templates import format_rewrite_request
+    from pipeline.text.tokens import stop_token_ids, tokenize_batch
 
     build_tiny_artifacts(ROOT / TINY_DIR)
     cfg = load_config(None)
@@ -150,19 +168,30 @@ def cpu_benchmark(args):
         backbone=keras_hub.models.GemmaBackbone(**BACKBONE_CONFIG), preprocessor=None
     )
     plan = plan_rows(cfg.data, log=lambda *_: None).head(args.generation_rows)
-    requests = [format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, gemma.CHAT_TURN)
-                for r in plan.itertuples()]
+    requests = [
+        format_rewrite_request(
+            cfg.data.template, r.rewrite_prompt, r.original_text, gemma.CHAT_TURN
+        )
+        for r in plan.itertuples()
+    ]
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
     reference = time_reference_generation(writer, tokenizer, requests[: args.reference_rows])
     pipeline = time_generation(writer, tokenizer, prompts, batch_size, max_new_tokens)
     keras_hub_batched = time_generation(
-        writer, tokenizer, prompts, batch_size, max_new_tokens, decode=keras_hub_decode(writer, stop_token_ids(tokenizer, gemma.END_OF_TURN))
+        writer,
+        tokenizer,
+        prompts,
+        batch_size,
+        max_new_tokens,
+        decode=keras_hub_decode(writer, stop_token_ids(tokenizer, gemma.END_OF_TURN)),
     )
 
     decode_bytes = decode_bytes_benchmark(writer)
     enable_lora(causal_lm, cfg.lora)
     df = pd.DataFrame(length_mix(args.training_rows))
-    formatter = RecoveryFormatter(tokenizer, cfg.train.template, args.sequence_length, cfg.train.max_response_tokens)
+    formatter = RecoveryFormatter(
+        tokenizer, cfg.train.template, args.sequence_length, cfg.train.max_response_tokens
+    )
     df, _ = formatter.fit_texts(df)
     fixed = time_training(causal_lm, formatter, df, cfg.train.batch_size, None)
     bucketed = time_training(causal_lm, formatter, df, cfg.train.batch_size, args.length_step)
@@ -181,11 +210,15 @@ def cpu_benchmark(args):
             "length_buckets": dict(bucketed, length_step=args.length_step),
         },
         "generation_speedup": pipeline["rows_per_second"] / reference["rows_per_second"],
-        "generation_new_tokens_per_second_ratio": pipeline["new_tokens_per_second"] / reference["new_tokens_per_second"],
-        "generation_decoder_vs_keras_hub_generate": pipeline["rows_per_second"] / keras_hub_batched["rows_per_second"],
+        "generation_new_tokens_per_second_ratio": pipeline["new_tokens_per_second"]
+        / reference["new_tokens_per_second"],
+        "generation_decoder_vs_keras_hub_generate": pipeline["rows_per_second"]
+        / keras_hub_batched["rows_per_second"],
         "training_speedup": bucketed["real_tokens_per_second"] / fixed["real_tokens_per_second"],
         "decode_bytes": decode_bytes,
-        "decode_bytes_accessed_ratio": {name: figures["ratio"] for name, figures in decode_bytes.items()},
+        "decode_bytes_accessed_ratio": {
+            name: figures["ratio"] for name, figures in decode_bytes.items()
+        },
     }
 
 
@@ -195,9 +228,17 @@ def decode_bytes(causal_lm, rows, length):
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
 
     decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
-    accessed, floor = step_bytes_accessed(decoder, rows, length), step_floor_bytes(decoder, rows, length)
-    return {"rows": rows, "cache_length": length, "bytes_accessed": int(accessed), "floor_bytes": int(floor),
-            "ratio": accessed / floor}
+    accessed, floor = (
+        step_bytes_accessed(decoder, rows, length),
+        step_floor_bytes(decoder, rows, length),
+    )
+    return {
+        "rows": rows,
+        "cache_length": length,
+        "bytes_accessed": int(accessed),
+        "floor_bytes": int(floor),
+        "ratio": accessed / floor,
+    }
 
 
 def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
@@ -231,9 +272,15 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generation-rows", type=int, default=64)
-    parser.add_argument("--reference-rows", type=int, default=8, help="rows for the slow one-per-call method")
-    parser.add_argument("--generation-batch", type=int, help="default: data.batch_size of the embedded default")
-    parser.add_argument("--max-new-tokens", type=int, help="default: data.max_new_tokens of the embedded default")
+    parser.add_argument(
+        "--reference-rows", type=int, default=8, help="rows for the slow one-per-call method"
+    )
+    parser.add_argument(
+        "--generation-batch", type=int, help="default: data.batch_size of the embedded default"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="default: data.max_new_tokens of the embedded default"
+    )
     parser.add_argument("--training-rows", type=int, default=96)
     parser.add_argument("--sequence-length", type=int, default=1792)
     parser.add_argument("--length-step", type=int, default=128)
@@ -245,14 +292,26 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per call)")
-    print(f"  new tokens/s: {result['generation_new_tokens_per_second_ratio']:.1f}x; "
-          f"decoder vs KerasHub generate on the same buckets: {result['generation_decoder_vs_keras_hub_generate']:.1f}x")
-    print(f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs fixed padding)")
+    print(
+        f"generation_speedup: {result['generation_speedup']:.1f}x (rows/s, pipeline vs one row per "
+        "call)"
+    )
+    print(
+        f"  new tokens/s: {result['generation_new_tokens_per_second_ratio']:.1f}x; "
+        "decoder vs KerasHub generate on the same buckets: "
+        f"{result['generation_decoder_vs_keras_hub_generate']:.1f}x"
+    )
+    print(
+        f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs "
+        "fixed padding)"
+    )
     ratio = result["decode_bytes_accessed_ratio"]
-    print(f"decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): tiny {ratio['tiny']:.2f}, "
-          f"2-layer slices at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}, "
-          f"at Gemma-2B width {ratio['gemma_2b_width_2_layers']:.2f}")
+    print(
+        "decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): tiny "
+        f"{ratio['tiny']:.2f}, "
+        f"2-layer slices at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}, "
+        f"at Gemma-2B width {ratio['gemma_2b_width_2_layers']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ SUPPORTED_VERSIONS = {"keras": "3.15.", "keras-hub": "0.32."}
 
 def check_versions(installed):
     """installed: {"keras": version, "keras-hub": version}."""
-    wrong = [f"{name} {installed[name]}" for name, prefix in SUPPORTED_VERSIONS.items()
-             if not installed[name].startswith(prefix)]
+    wrong = [
+        f"{name} {installed[name]}"
+        for name, prefix in SUPPORTED_VERSIONS.items()
+        if not installed[name].startswith(prefix)
+    ]
     if wrong:
         supported = " and ".join(f"{name} {prefix}x" for name, prefix in SUPPORTED_VERSIONS.items())
         raise ImportError(
@@ -63,9 +66,13 @@ def initialize_distribution(job_addresses, num_processes, process_id, shutdown_t
     import jax
 
     initialize = jax.distributed.initialize
-    jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=shutdown_timeout_seconds)
+    jax.distributed.initialize = functools.partial(
+        initialize, shutdown_timeout_seconds=shutdown_timeout_seconds
+    )
     try:
-        keras.distribution.initialize(job_addresses=job_addresses, num_processes=num_processes, process_id=process_id)
+        keras.distribution.initialize(
+            job_addresses=job_addresses, num_processes=num_processes, process_id=process_id
+        )
     finally:
         jax.distributed.initialize = initialize
 
@@ -93,7 +100,9 @@ def load_backbone(preset, backbone_class, dtype, **config_overrides):
     `from_preset` passes no config override on to the backbone."""
     from keras_hub.src.utils.preset_utils import get_preset_loader
 
-    return get_preset_loader(str(preset)).load_backbone(backbone_class, True, dtype=dtype, **config_overrides)
+    return get_preset_loader(str(preset)).load_backbone(
+        backbone_class, True, dtype=dtype, **config_overrides
+    )
 
 
 def lora_layers(backbone):
@@ -150,24 +159,31 @@ def gemma_blocks(backbone):
     blocks = []
     for block in backbone.transformer_layers:
         attention = block.attention
-        blocks.append(GemmaBlock(
-            attention=attention,
-            pre_attention_norm=block.pre_attention_norm,
-            query=attention.query_dense,
-            key=attention.key_dense,
-            value=attention.value_dense,
-            attention_output=attention.output_dense,
-            post_attention_norm=block.post_attention_norm if block.use_post_attention_norm else None,
-            pre_ffw_norm=block.pre_ffw_norm,
-            ffw_gating=block.gating_ffw,
-            ffw_gating_2=block.gating_ffw_2,
-            ffw_linear=block.ffw_linear,
-            post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
-            query_scale_dim=(attention.head_dim if attention.query_head_dim_normalize
-                             else attention.hidden_dim // attention.num_query_heads),
-            logit_soft_cap=attention.logit_soft_cap,
-            sliding_window=attention.use_sliding_window_attention,
-        ))
+        blocks.append(
+            GemmaBlock(
+                attention=attention,
+                pre_attention_norm=block.pre_attention_norm,
+                query=attention.query_dense,
+                key=attention.key_dense,
+                value=attention.value_dense,
+                attention_output=attention.output_dense,
+                post_attention_norm=block.post_attention_norm
+                if block.use_post_attention_norm
+                else None,
+                pre_ffw_norm=block.pre_ffw_norm,
+                ffw_gating=block.gating_ffw,
+                ffw_gating_2=block.gating_ffw_2,
+                ffw_linear=block.ffw_linear,
+                post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
+                query_scale_dim=(
+                    attention.head_dim
+                    if attention.query_head_dim_normalize
+                    else attention.hidden_dim // attention.num_query_heads
+                ),
+                logit_soft_cap=attention.logit_soft_cap,
+                sliding_window=attention.use_sliding_window_attention,
+            )
+        )
     return blocks
 
 

@@ -17,24 +17,28 @@ import importlib
 import sys
 import traceback
 
-from pipeline.run.config import ConfigError, load_config
 from pipeline.errors import InputError
 from pipeline.parallel.runtime import setup_environment, verbose
+from pipeline.run.config import ConfigError, load_config
 from pipeline.run.storage import localized
 
 
 def parse(description):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--config", default=None, help="YAML config (default: configs/cpu_tiny.yaml, the embedded default)"
+        "--config",
+        default=None,
+        help="YAML config (default: configs/cpu_tiny.yaml, the embedded default)",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. lora.rank=8 train.epochs=2")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. lora.rank=8 train.epochs=2"
+    )
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    setup_environment(cfg.distribution, cfg.hardware.memory_fraction)
+    setup_environment(cfg.distribution, cfg.hardware.memory_fraction, cfg.run.compilation_cache)
     try:
         return localized(cfg)  # gs:// inputs, fetched
     except InputError as e:

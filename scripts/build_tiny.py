@@ -9,18 +9,23 @@ fixed seeds.
 
 import argparse
 
-from pipeline.run.config import DistributionConfig
-from pipeline.parallel.runtime import setup_environment
 from pipeline.models.tiny import TINY_DIR
+from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(TINY_DIR))
     parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--default-only", action="store_true",
-                        help="only what the embedded default uses (the tiny Gemma and the encoder)")
+    parser.add_argument(
+        "--default-only",
+        action="store_true",
+        help="only what the embedded default uses (the tiny Gemma and the encoder)",
+    )
     args = parser.parse_args()
     setup_environment(DistributionConfig(host_device_count=0))
     from pipeline.models.tiny import build_tiny_artifacts
 
-    build_tiny_artifacts(args.out, pretrain_steps=args.pretrain_steps, other_families=not args.default_only)
+    build_tiny_artifacts(
+        args.out, pretrain_steps=args.pretrain_steps, other_families=not args.default_only
+    )

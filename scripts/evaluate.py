@@ -1,4 +1,6 @@
-"""Evaluate: score and compare predict's rows, or, when they have no true prompts (test.csv), the holdout rows of the training data (<run>/predict_holdout, score_holdout, compare_holdout)."""
+"""Evaluate: score and compare predict's rows, or, when they have no true prompts
+(test.csv), the holdout rows of the training data (<run>/predict_holdout,
+score_holdout, compare_holdout)."""
 
 import _cli
 

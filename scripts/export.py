@@ -1,4 +1,5 @@
-"""Export stage: the run's adapter merged into Gemma, in Hugging Face transformers format -> <run>/export/."""
+"""Export stage: the run's adapter merged into the model, in Hugging Face
+transformers format, and alone in PEFT's -> <run>/export/."""
 
 import _cli
 

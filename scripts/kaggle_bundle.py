@@ -1,4 +1,5 @@
-"""Kaggle bundle: wheels, code, adapter and settings for an offline notebook -> <run>/kaggle_bundle/."""
+"""Kaggle bundle: wheels, code, adapter and settings for an offline notebook
+-> <run>/kaggle_bundle/."""
 
 import _cli
 

@@ -22,8 +22,22 @@ BUNDLE = Path(__file__).resolve().parent
 def install(bundle):
     wheels = bundle / "wheels"
     project = [str(w) for w in sorted(wheels.glob("prompt_recovery-*.whl"))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheels),
-                    "-r", str(bundle / "requirements.txt"), *project], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "-r",
+            str(bundle / "requirements.txt"),
+            *project,
+        ],
+        check=True,
+    )
     importlib.invalidate_caches()
 
 
@@ -31,8 +45,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", help="competition CSV (default: settings.json's input)")
     parser.add_argument("--output", help="submission CSV (default: settings.json's output)")
-    parser.add_argument("--base-model", help="transformers folder of the base model (default: settings.json's)")
-    parser.add_argument("--no-install", action="store_true", help="the wheels are installed already")
+    parser.add_argument(
+        "--base-model", help="transformers folder of the base model (default: settings.json's)"
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="the wheels are installed already"
+    )
     args = parser.parse_args()
     if not args.no_install:
         install(BUNDLE)
@@ -43,7 +61,9 @@ def main():
     if args.base_model:
         settings["base_model"] = args.base_model
     try:
-        run_transformers_predict(settings, BUNDLE, args.input or settings["input"], args.output or settings["output"])
+        run_transformers_predict(
+            settings, BUNDLE, args.input or settings["input"], args.output or settings["output"]
+        )
     except InputError as e:  # bad input: one line; anything else keeps its traceback
         sys.exit(f"error: {e}")
 

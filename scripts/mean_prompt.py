@@ -1,4 +1,5 @@
-"""Mean-prompt stage: beam search for one high-scoring prompt -> <run>/mean_prompt/mean_prompt.txt."""
+"""Mean-prompt stage: beam search for one high-scoring prompt
+-> <run>/mean_prompt/mean_prompt.txt."""
 
 import _cli
 

@@ -1,4 +1,5 @@
-"""Memory and disk plans: per-device memory of a config's training and generation, and what its run writes; whether each fits.
+"""Memory and disk plans: per-device memory of a config's training and
+generation, and what its run writes; whether each fits.
 
 Reads only the model's config.json (no weights, no devices needed).
 """

@@ -25,9 +25,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.parallel.launch import (
+    REMOTE_REPO,
+    Launcher,
+    PodError,
+    TpuPod,
+    archive_repository,
+    stages_of,
+)
 from pipeline.run.config import ConfigError, load_config
 from pipeline.run.storage import is_bucket
-from pipeline.parallel.launch import REMOTE_REPO, Launcher, PodError, TpuPod, archive_repository, stages_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,27 +43,66 @@ ARCHIVE = ROOT / "runs" / "tpu-pod" / "repo.tar.gz"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("step", choices=STEPS)
     parser.add_argument("--name", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True, help="e.g. europe-west4-a (v3 slices)")
     parser.add_argument("--accelerator-type", default="v3-32")
     parser.add_argument("--runtime-version", default="tpu-ubuntu2204-base")
-    parser.add_argument("--spot", action="store_true",
-                        help="a spot slice, requested as a queued resource (give it to delete and wait too)")
-    parser.add_argument("--retries", type=int, default=0,
-                        help="with up: how many times a preempted slice is made again and the run resumed")
+    parser.add_argument(
+        "--spot",
+        action="store_true",
+        help="a spot slice, requested as a queued resource (give it to delete and wait too)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="with up: how many times a preempted slice is made again and the run resumed",
+    )
     parser.add_argument("--project", default=None)
     parser.add_argument("--config", default="configs/cloud_tpu_v3_32.yaml")
-    parser.add_argument("--stage", choices=["all", "data", "finetune", "mean-prompt", "predict", "evaluate", "score",
-                                            "compare", "export"], default="all")
-    parser.add_argument("--data", action="append", default=[], help="file or folder to copy to data/ on every worker")
-    parser.add_argument("--delete", action="store_true", help="with up, run, wait: delete the slice at the end")
-    parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often up/run/wait ask the workers")
-    parser.add_argument("--lines", type=int, default=40, help="with logs: lines of each worker's log")
-    parser.add_argument("--into", default=None,
-                        help="local folder for the fetched run folder (default: run.root; runs/ for a bucket's run)")
-    parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
+    parser.add_argument(
+        "--stage",
+        choices=[
+            "all",
+            "data",
+            "finetune",
+            "mean-prompt",
+            "predict",
+            "evaluate",
+            "score",
+            "compare",
+            "export",
+        ],
+        default="all",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="file or folder to copy to data/ on every worker",
+    )
+    parser.add_argument(
+        "--delete", action="store_true", help="with up, run, wait: delete the slice at the end"
+    )
+    parser.add_argument(
+        "--poll-seconds", type=float, default=30.0, help="how often up/run/wait ask the workers"
+    )
+    parser.add_argument(
+        "--lines", type=int, default=40, help="with logs: lines of each worker's log"
+    )
+    parser.add_argument(
+        "--into",
+        default=None,
+        help="local folder for the fetched run folder "
+        "(default: run.root; runs/ for a bucket's run)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the gcloud commands, run nothing"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args()
     try:
@@ -64,13 +110,21 @@ def main():
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     if not cfg.distribution.multi_host:
-        sys.exit(f"config error: {args.config} does not set distribution.multi_host: true; a pod needs it")
+        sys.exit(
+            f"config error: {args.config} does not set distribution.multi_host: true; a pod needs "
+            "it"
+        )
     if args.retries < 0:
         sys.exit(f"--retries {args.retries}: give 0 or more")
     if args.retries and not is_bucket(cfg.run.root):
-        sys.exit(f"--retries needs run.root on a bucket (gs://...), not {cfg.run.root}: a preempted slice's disks go "
-                 "with it, and the next slice resumes from what the bucket holds")
-    pod = TpuPod(args.name, args.zone, args.accelerator_type, args.runtime_version, args.spot, args.project)
+        sys.exit(
+            f"--retries needs run.root on a bucket (gs://...), not {cfg.run.root}: a preempted "
+            "slice's disks go "
+            "with it, and the next slice resumes from what the bucket holds"
+        )
+    pod = TpuPod(
+        args.name, args.zone, args.accelerator_type, args.runtime_version, args.spot, args.project
+    )
     launcher = Launcher(pod, dry_run=args.dry_run)
     run_dir = f"{cfg.run.root}/{cfg.run.name}"
     if args.step in ("up", "setup") and not args.dry_run:
@@ -83,8 +137,14 @@ def main():
     try:
         if args.step == "up":
             with launcher.deleting(args.delete):
-                launcher.up(pod.setup(ARCHIVE, args.data), lambda stages: pod.start(stages, args.config, args.overrides),
-                            stages_of(args.stage), args.poll_seconds, finish, args.retries)
+                launcher.up(
+                    pod.setup(ARCHIVE, args.data),
+                    lambda stages: pod.start(stages, args.config, args.overrides),
+                    stages_of(args.stage),
+                    args.poll_seconds,
+                    finish,
+                    args.retries,
+                )
         elif args.step in ("run", "wait"):
             with launcher.deleting(args.delete):
                 if args.step == "run":
@@ -95,7 +155,10 @@ def main():
                 print(status)
         elif args.step == "logs":
             for worker in launcher.workers():
-                print(f"=== worker {worker}: the last {args.lines} lines of ~/{REMOTE_REPO}/runs/pod-job/log")
+                print(
+                    f"=== worker {worker}: the last {args.lines} lines of "
+                    f"~/{REMOTE_REPO}/runs/pod-job/log"
+                )
                 print(launcher.output(pod.job_log(worker, args.lines)), end="")
         elif args.step == "fetch":
             launcher.fetch(run_dir, local_root)
@@ -103,8 +166,13 @@ def main():
             launcher.create()
             launcher.wait_ready(args.poll_seconds)
         else:
-            launcher.execute({"setup": pod.setup(ARCHIVE, args.data), "start": [start],
-                              "delete": [pod.delete()]}[args.step])
+            launcher.execute(
+                {
+                    "setup": pod.setup(ARCHIVE, args.data),
+                    "start": [start],
+                    "delete": [pod.delete()],
+                }[args.step]
+            )
     except PodError as error:
         sys.exit(f"tpu_pod {args.step}: {error}")
 

@@ -1,6 +1,7 @@
-"""Test set-up: JAX on 8 virtual CPU devices (the TPU v3-8 mesh), the tiny
-stand-in artifacts built once per session (skipped when already built), and
-a GCS emulator on loopback for the tests that write to a bucket."""
+"""Test set-up: JAX on 8 virtual CPU devices (the TPU v3-8 mesh) with a
+persistent compilation cache, the tiny stand-in artifacts built once per
+session (skipped when already built), and a GCS emulator on loopback for the
+tests that write to a bucket."""
 
 import os
 import socket
@@ -9,12 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.run.config import DistributionConfig
 from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-setup_environment(DistributionConfig(host_device_count=8))
+# One compilation cache for the session and every process it starts, kept
+# between sessions: most of the suite's time is XLA compiling the same small
+# programs in processes of their own.
+setup_environment(
+    DistributionConfig(host_device_count=8),
+    compilation_cache=ROOT / "artifacts" / "compilation_cache",
+)
 
 import pytest  # noqa: E402
 
@@ -32,14 +39,17 @@ def tiny_cfg(tiny, tmp_path):
     from pipeline.run.config import load_config
 
     os.chdir(ROOT)  # config paths are relative to the repository root
-    return load_config(None, [f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"])
+    return load_config(
+        None,
+        [f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"],
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny):
     """(GemmaCausalLM without preprocessor, tokenizer) on the (1, 8) mesh."""
-    from pipeline.run.config import load_config
     from pipeline.models.model import load_model
+    from pipeline.run.config import load_config
 
     cfg = load_config(None, [f"model.preset={tiny.preset}"])
     return load_model(cfg, [8])
@@ -54,7 +64,9 @@ def demo_run(tiny, tmp_path_factory):
 
     os.chdir(ROOT)
     root = tmp_path_factory.mktemp("demo")
-    cfg = load_config(None, [f"run.root={root}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"])
+    cfg = load_config(
+        None, [f"run.root={root}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"]
+    )
     logs = []
     scores = run_demo(cfg, log=logs.append)
     return cfg, scores, logs
@@ -74,8 +86,16 @@ def gcs_bucket(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "gcs-emulator.log", "w")
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "standins" / "gcs_emulator.py"), str(port),
-                               "prompt-recovery-test"], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "standins" / "gcs_emulator.py"),
+            str(port),
+            "prompt-recovery-test",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 60
     while True:
         try:
@@ -85,8 +105,12 @@ def gcs_bucket(tmp_path):
             assert server.poll() is None and time.time() < deadline, Path(log.name).read_text()
             time.sleep(0.2)
     url = f"http://127.0.0.1:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env = {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
     os.environ.update(env)
     yield "gs://prompt-recovery-test"
     for key in env:

@@ -44,9 +44,15 @@ def start_stage(script, overrides, processes=1, devices=8, log_dir=None):
     started = []
     for process_id in range(processes):
         log = open(log_dir / f"{script}.{process_id}.log", "w")
-        command = [sys.executable, f"scripts/{script}.py", *overrides,
-                   *host_overrides(process_id, processes, port, devices)]
-        started.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        command = [
+            sys.executable,
+            f"scripts/{script}.py",
+            *overrides,
+            *host_overrides(process_id, processes, port, devices),
+        ]
+        started.append(
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
         started[-1].log_path = log.name
     return started
 
@@ -63,6 +69,6 @@ def run_stage(script, overrides, processes=1, devices=8, log_dir=None, timeout=9
             if process.poll() is None:
                 process.kill()
     outputs = [Path(p.log_path).read_text() for p in started]
-    for process, output in zip(started, outputs):
+    for process, output in zip(started, outputs, strict=True):
         assert process.returncode == 0, f"{script} failed ({process.returncode}):\n{output[-4000:]}"
     return outputs

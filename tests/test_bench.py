@@ -20,17 +20,41 @@ def test_gpu_benchmark_runs_every_case_in_its_own_process_on_the_tiny_architectu
     position ids as model inputs)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "throughput_gpu.json"
-    done = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--architectures", "tiny,gemma4_tiny", "--quick",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_throughput.py",
+            "--architectures",
+            "tiny,gemma4_tiny",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["device"] and result["quick"] and {"jax", "keras", "keras-hub"} <= set(result["versions"])
+    assert (
+        result["device"]
+        and result["quick"]
+        and {"jax", "keras", "keras-hub"} <= set(result["versions"])
+    )
     for name, decoder in (("tiny", "GemmaDecoder"), ("gemma4_tiny", "KerasHubStepDecoder")):
         tiny = result[name]
-        assert not [case for case in ("pipeline", "keras_hub", "data", "hf") if "failed" in tiny[case]], tiny
+        assert not [
+            case for case in ("pipeline", "keras_hub", "data", "hf") if "failed" in tiny[case]
+        ], tiny
         assert tiny["pipeline"]["decoder"] == decoder
         assert set(tiny["pipeline"]["decoding"]) == {"8", "32"}
         assert tiny["pipeline"]["decoding"]["32"]["fraction_of_bandwidth_floor"] > 0
-        assert ("bytes_accessed_ratio" in tiny["pipeline"]["decoding"]["32"]) == (decoder == "GemmaDecoder")
+        assert ("bytes_accessed_ratio" in tiny["pipeline"]["decoding"]["32"]) == (
+            decoder == "GemmaDecoder"
+        )
         assert tiny["data"]["decoder_batch"]["rows"] == 32
-        assert {"training_vs_keras_hub", "training_vs_hf", "decoding_32_rows_vs_keras_hub"} <= set(tiny["ratios"])
+        assert {"training_vs_keras_hub", "training_vs_hf", "decoding_32_rows_vs_keras_hub"} <= set(
+            tiny["ratios"]
+        )

@@ -3,6 +3,7 @@ virtual environment that has only torch (as Kaggle's image has), with no
 package index, and run: the submission is the predict stage's."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -11,29 +12,74 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.run.run_dir import RunDir
 from pipeline.stages.bundle import run_kaggle_bundle_stage
+from pipeline.stages.export import run_export_stage
 from pipeline.text.combine import combine_parts
 from pipeline.text.encoder import find_piece_model
-from pipeline.text.token_limit import TokenLimit
-from pipeline.stages.export import run_export_stage
-from pipeline.run.run_dir import RunDir
 from pipeline.text.tables import write_table
+from pipeline.text.token_limit import TokenLimit
 
 
 def with_changes(cfg, **sections):
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **changes)
-                                       for name, changes in sections.items()})
+    return dataclasses.replace(
+        cfg,
+        **{
+            name: dataclasses.replace(getattr(cfg, name), **changes)
+            for name, changes in sections.items()
+        },
+    )
 
 
 def test_bundle_refuses_parts_the_notebook_cannot_have(tiny_cfg):
     cfg = with_changes(tiny_cfg, predict={"combine": ["model", "other_submission.csv"]})
-    with pytest.raises(ValueError, match="combines only model and mean_prompt; 'other_submission.csv'"):
+    with pytest.raises(
+        ValueError, match="combines only model and mean_prompt; 'other_submission.csv'"
+    ):
         run_kaggle_bundle_stage(cfg, log=lambda *_: None)
 
 
 def test_bundle_asks_for_the_export_first(tiny_cfg):
-    with pytest.raises(FileNotFoundError, match="peft_adapter not found; run the export stage first"):
+    with pytest.raises(
+        FileNotFoundError, match="peft_adapter not found; run the export stage first"
+    ):
         run_kaggle_bundle_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_the_bundle_ships_the_adapter_and_the_notebook_loads_it(tiny_cfg, monkeypatch):
+    """The wheels' download aside (the slow test below installs them), the
+    bundle holds the run's PEFT adapter, its settings name it, and the
+    notebook's predict loads the base model with it."""
+    from pipeline.kaggle import transformers_predict
+    from pipeline.stages import bundle as bundle_stage
+
+    run = RunDir(tiny_cfg)
+    (run.peft_adapter).mkdir(parents=True)
+    (run.peft_adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(bundle_stage, "fetch_wheels", lambda *args: None)
+    bundle = run_kaggle_bundle_stage(tiny_cfg, log=lambda *_: None)
+    settings = json.loads((bundle / "settings.json").read_text())
+    assert (bundle / settings["adapter"] / "adapter_config.json").read_text() == "{}"
+
+    class Loaded(Exception):
+        """What comes after loading is the slow test's."""
+
+    loaded = []
+
+    def load_model(model_dir, adapter_dir, torch_dtype):
+        loaded.append(adapter_dir)
+        raise Loaded
+
+    monkeypatch.setattr(transformers_predict, "load_model", load_model)
+    write_table(
+        pd.DataFrame({"id": ["r1"], "original_text": ["a"], "rewritten_text": ["b"]}),
+        bundle / "test.csv",
+    )
+    with pytest.raises(Loaded):
+        transformers_predict.run_transformers_predict(
+            settings, bundle, bundle / "test.csv", bundle / "out.csv", log=lambda *_: None
+        )
+    assert loaded == [bundle / "peft_adapter"]
 
 
 @pytest.mark.slow
@@ -46,8 +92,15 @@ def test_bundle_installs_offline_and_writes_the_pipelines_submission(demo_run, t
     base_cfg = with_changes(cfg, export={"adapter": "none", "out": "export_base", "peft": False})
     base_model = Path(run_export_stage(base_cfg, **quiet)["transformers"])
     bundle = run_kaggle_bundle_stage(cfg, **quiet)
-    assert {p.name for p in bundle.iterdir()} == {"config.yaml", "kaggle_predict.py", "requirements.txt",
-                                                  "settings.json", "wheels", "peft_adapter", "piece_model.model"}
+    assert {p.name for p in bundle.iterdir()} == {
+        "config.yaml",
+        "kaggle_predict.py",
+        "requirements.txt",
+        "settings.json",
+        "wheels",
+        "peft_adapter",
+        "piece_model.model",
+    }
 
     run = RunDir(cfg)
     test_csv = tmp_path / "test.csv"
@@ -60,15 +113,32 @@ def test_bundle_installs_offline_and_writes_the_pipelines_submission(demo_run, t
     offline = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
     offline["PIP_CONFIG_FILE"] = os.devnull  # no index, no find-links but the bundle's
     submission = tmp_path / "submission.csv"
-    done = subprocess.run([python, str(bundle / "kaggle_predict.py"), "--input", str(test_csv), "--output",
-                           str(submission), "--base-model", str(base_model)],
-                          cwd=tmp_path, env=offline, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            python,
+            str(bundle / "kaggle_predict.py"),
+            "--input",
+            str(test_csv),
+            "--output",
+            str(submission),
+            "--base-model",
+            str(base_model),
+        ],
+        cwd=tmp_path,
+        env=offline,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
     outputs = pd.read_csv(run.raw_outputs, dtype=str, keep_default_na=False)
     limit = TokenLimit(find_piece_model(cfg.score.encoder), cfg.mean_prompt.max_tokens)
-    expected, _ = combine_parts([list(outputs["rewrite_prompt"]), [run.mean_prompt.read_text().strip()] * len(outputs)],
-                                cfg.predict.separator, cfg.predict.fallback, limit.cut)
+    expected, _ = combine_parts(
+        [list(outputs["rewrite_prompt"]), [run.mean_prompt.read_text().strip()] * len(outputs)],
+        cfg.predict.separator,
+        cfg.predict.fallback,
+        limit.cut,
+    )
     written = pd.read_csv(submission, dtype=str, keep_default_na=False)
     assert list(written["id"]) == list(outputs["id"])
     assert list(written["rewrite_prompt"]) == expected

@@ -22,8 +22,11 @@ def test_sources_txt_csv_jsonl(tmp_path):
     pd.DataFrame({"text": ["from csv"]}).to_csv(tmp_path / "b.csv", index=False)
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "from jsonl"}) + "\n")
     texts = read_sources(
-        [SourceConfig(str(tmp_path / "a.txt")), SourceConfig(str(tmp_path / "b.csv"), "text"),
-         SourceConfig(str(tmp_path / "c.jsonl"), "body")]
+        [
+            SourceConfig(str(tmp_path / "a.txt")),
+            SourceConfig(str(tmp_path / "b.csv"), "text"),
+            SourceConfig(str(tmp_path / "c.jsonl"), "body"),
+        ]
     )
     assert texts == ["first para", "second para", "from csv", "from jsonl"]
     with pytest.raises(ValueError, match="b.csv: missing column 'missing'"):
@@ -39,13 +42,19 @@ def test_sources_without_a_usable_chunk_stop_the_plan(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="data.sources: no text chunk kept"):
         plan_rows(tiny_cfg.data, log=lambda *_: None)
     (tmp_path / "empty_pool.txt").write_text("# only a comment\n\n")
-    tiny_cfg.data.sources, tiny_cfg.data.prompts = [SourceConfig("demo/texts.txt")], str(tmp_path / "empty_pool.txt")
+    tiny_cfg.data.sources, tiny_cfg.data.prompts = (
+        [SourceConfig("demo/texts.txt")],
+        str(tmp_path / "empty_pool.txt"),
+    )
     with pytest.raises(ValueError, match="empty_pool.txt holds no prompt"):
         plan_rows(tiny_cfg.data, log=lambda *_: None)
 
 
 def test_plan_is_seeded_and_pairs_distinct_prompts(tiny_cfg):
-    a, b = plan_rows(tiny_cfg.data, log=lambda *_: None), plan_rows(tiny_cfg.data, log=lambda *_: None)
+    a, b = (
+        plan_rows(tiny_cfg.data, log=lambda *_: None),
+        plan_rows(tiny_cfg.data, log=lambda *_: None),
+    )
     assert a.equals(b) and a["id"].is_unique
     per_chunk = a.groupby("original_text")["rewrite_prompt"].agg(lambda p: p.is_unique)
     assert per_chunk.all() and set(a["rewrite_prompt"]) <= set(RULES)
@@ -53,8 +62,13 @@ def test_plan_is_seeded_and_pairs_distinct_prompts(tiny_cfg):
 
 def test_rules_leave_a_trace():
     text = "The cat sat. The dog ran."
-    assert rewrite("Convert this text into all capital letters.", text) == "THE CAT SAT. THE DOG RAN."
-    assert rewrite("Reverse the order of the sentences in this text.", text) == "The dog ran. The cat sat."
+    assert (
+        rewrite("Convert this text into all capital letters.", text) == "THE CAT SAT. THE DOG RAN."
+    )
+    assert (
+        rewrite("Reverse the order of the sentences in this text.", text)
+        == "The dog ran. The cat sat."
+    )
     with pytest.raises(ValueError, match="no rewrite rule"):
         rewrite("Unknown prompt.", text)
 
@@ -94,7 +108,9 @@ def test_resume_refuses_a_changed_model_setup(tiny_cfg):
     tiny_cfg.data.prompts = "prompts/rewrite_prompts.txt"
     logs = []
     run_data_stage(tiny_cfg, log=logs.append)
-    assert any("rewrite(s) reached data.max_new_tokens=4" in line for line in logs)  # the tiny model rambles on
+    assert any(
+        "rewrite(s) reached data.max_new_tokens=4" in line for line in logs
+    )  # the tiny model rambles on
     tiny_cfg.data.max_new_tokens = 5
     with pytest.raises(ValueError, match="written for another plan or setup"):
         run_data_stage(tiny_cfg, log=lambda *_: None)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.models.decoding import GemmaDecoder
-from pipeline.parallel.runtime import set_seed
 from pipeline.models.tiny import BACKBONE_CONFIG
+from pipeline.parallel.runtime import set_seed
 
 LENGTH = 96
 
@@ -33,7 +33,9 @@ def data_parallel():
 
 
 def keras_hub_tokens(causal_lm, token_ids, padding_mask):
-    out = causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None)
+    out = causal_lm.generate(
+        {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
+    )
     return np.asarray(out["token_ids"])
 
 
@@ -42,7 +44,9 @@ def assert_decoder_matches_keras_hub(causal_lm, lengths, seed, max_new_tokens, *
     ones up to each row's bound. Returns the decoded tokens."""
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(seed), lengths)
     expected = keras_hub_tokens(causal_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], **decoder_args)(token_ids, padding_mask, max_new_tokens)
+    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], **decoder_args)(
+        token_ids, padding_mask, max_new_tokens
+    )
     for row, n in enumerate(lengths):
         end = min(n + max_new_tokens, LENGTH)
         np.testing.assert_array_equal(decoded[row, :end], expected[row, :end], err_msg=f"row {row}")
@@ -63,7 +67,9 @@ def sharded_lora_lm(tiny_model):
 
 
 def test_greedy_tokens_match_keras_hub_on_the_sharded_model_with_lora(sharded_lora_lm):
-    assert_decoder_matches_keras_hub(sharded_lora_lm, [3, 17, 30, 30, 41, 8, 25, 12], seed=0, max_new_tokens=40)
+    assert_decoder_matches_keras_hub(
+        sharded_lora_lm, [3, 17, 30, 30, 41, 8, 25, 12], seed=0, max_new_tokens=40
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -72,17 +78,28 @@ def test_grouped_query_attention_matches_keras_hub(kv_heads):
     2B), which the model axis cannot shard: data parallel, as the
     distribution check advises for 2B on 8 devices."""
     with data_parallel():
-        assert_decoder_matches_keras_hub(random_lm(3, num_key_value_heads=kv_heads), [7, 19, 26, 4, 30, 12, 9, 21],
-                                         seed=3, max_new_tokens=30)
+        assert_decoder_matches_keras_hub(
+            random_lm(3, num_key_value_heads=kv_heads),
+            [7, 19, 26, 4, 30, 12, 9, 21],
+            seed=3,
+            max_new_tokens=30,
+        )
 
 
 def test_gemma_2_style_blocks_match_keras_hub():
     causal_lm = random_lm(
-        2, use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
-        final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=16,
+        2,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0,
+        use_sliding_window_attention=True,
+        sliding_window_size=16,
         query_head_dim_normalize=False,
     )
-    assert_decoder_matches_keras_hub(causal_lm, [20, 5, 33, 11], seed=2, max_new_tokens=50, max_spans=7)
+    assert_decoder_matches_keras_hub(
+        causal_lm, [20, 5, 33, 11], seed=2, max_new_tokens=50, max_spans=7
+    )
 
 
 def test_on_the_model_parallel_mesh_decoding_gathers_only_the_argmax_candidates(sharded_lora_lm):
@@ -93,7 +110,12 @@ def test_on_the_model_parallel_mesh_decoding_gathers_only_the_argmax_candidates(
     import re
 
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [5, 9, 30, 12, 7, 3, 22, 16])
-    text = GemmaDecoder(sharded_lora_lm, stop_token_ids=[1]).lower(token_ids, padding_mask, 16).compile().as_text()
+    text = (
+        GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])
+        .lower(token_ids, padding_mask, 16)
+        .compile()
+        .as_text()
+    )
     gathered = re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* all-(?:gather|to-all)\(", text)
     assert gathered and set(gathered) == {"8,8"}  # (rows, devices)
 
@@ -137,9 +159,14 @@ def test_bfloat16_rows_end_at_a_stop_token_as_in_keras_hub():
     lengths = [9, 22, 15, 30]
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(6), lengths)
     stop = int(keras_hub_tokens(causal_lm, token_ids, padding_mask)[0, lengths[0] + 2])
-    expected = np.asarray(causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask},
-                                             stop_token_ids=[stop])["token_ids"])
-    decoded = GemmaDecoder(causal_lm, stop_token_ids=[stop])(token_ids, padding_mask, max_new_tokens=40)
+    expected = np.asarray(
+        causal_lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=[stop]
+        )["token_ids"]
+    )
+    decoded = GemmaDecoder(causal_lm, stop_token_ids=[stop])(
+        token_ids, padding_mask, max_new_tokens=40
+    )
     for row, n in enumerate(lengths):
         generated = list(expected[row, n : n + 40])
         end = n + (generated.index(stop) + 1 if stop in generated else 40)
@@ -153,7 +180,9 @@ def test_a_stop_token_inside_a_prompt_does_not_end_the_row(sharded_lora_lm):
     expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
     generated = set(expected[1, 30:50].tolist())
     stop = next(int(t) for t in token_ids[1, 6:30] if t not in generated)  # in the prompt only
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[stop])(token_ids, padding_mask, max_new_tokens=20)
+    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[stop])(
+        token_ids, padding_mask, max_new_tokens=20
+    )
     np.testing.assert_array_equal(decoded[1, :50], expected[1, :50])
 
 
@@ -164,7 +193,11 @@ def test_lora_is_merged_into_each_kernel_once_per_call_not_per_step(sharded_lora
 
     kernel = keras.layers.EinsumDense.kernel
     reads = []
-    monkeypatch.setattr(keras.layers.EinsumDense, "kernel", property(lambda layer: reads.append(layer) or kernel.fget(layer)))
+    monkeypatch.setattr(
+        keras.layers.EinsumDense,
+        "kernel",
+        property(lambda layer: reads.append(layer) or kernel.fget(layer)),
+    )
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [5, 9])
     GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, 8)
     backbone = sharded_lora_lm.backbone

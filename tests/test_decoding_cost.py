@@ -2,10 +2,10 @@
 decoder must read: the figures `make bench` reports."""
 
 import pytest
+from test_decoding import data_parallel, random_lm
 
 from pipeline.models.decoding import GemmaDecoder
 from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
-from test_decoding import data_parallel, random_lm
 
 
 @pytest.mark.parametrize("kv_heads, head_dim", [(8, 64), (1, 256)])
@@ -15,7 +15,9 @@ def test_a_decoding_step_reads_the_cache_once(kv_heads, head_dim):
     With one key/value head (Gemma 2B's shape, head_dim as 2B's) a cache
     axis of one entry once made XLA copy the whole cache at every step."""
     with data_parallel():
-        decoder = GemmaDecoder(random_lm(0, head_dim=head_dim, num_key_value_heads=kv_heads), stop_token_ids=[1])
+        decoder = GemmaDecoder(
+            random_lm(0, head_dim=head_dim, num_key_value_heads=kv_heads), stop_token_ids=[1]
+        )
     growth = step_bytes_accessed(decoder, 32, 1280) - step_bytes_accessed(decoder, 32, 640)
     floor_growth = step_floor_bytes(decoder, 32, 1280) - step_floor_bytes(decoder, 32, 640)
     # layers x (key, value) x rows x positions x kv heads x dims x bytes

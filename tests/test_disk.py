@@ -4,12 +4,12 @@ the refusal before training when a run will not fit."""
 from pathlib import Path
 
 import pytest
-
-from pipeline.run.config import load_config
-from pipeline.models.disk import check_disk, plan_disk
-from pipeline.errors import InputError
-from pipeline.models.memory import GIB
 from specs import GEMMA_7B, GEMMA_TINY
+
+from pipeline.errors import InputError
+from pipeline.models.disk import check_disk, plan_disk
+from pipeline.models.memory import GIB
+from pipeline.run.config import load_config
 
 
 @pytest.mark.slow
@@ -43,15 +43,21 @@ def test_kaggle_configs_fit_the_working_folder_and_say_what_to_change_when_not(t
     plan = plan_disk(cfg, GEMMA_7B)
     assert plan.total < cfg.run.disk_limit_gib * GIB and plan.merged_export == 0
     check_disk(plan, tmp_path)
-    merged = plan_disk(load_config("configs/kaggle_tpu_v3_8.yaml", ["export.merged=true"]), GEMMA_7B)
+    merged = plan_disk(
+        load_config("configs/kaggle_tpu_v3_8.yaml", ["export.merged=true"]), GEMMA_7B
+    )
     assert merged.merged_export > 15 * GIB  # Gemma 7B in bfloat16
-    with pytest.raises(InputError, match=r"more than run.disk_limit_gib=18.6; .*set export.merged=false"):
+    with pytest.raises(
+        InputError, match=r"more than run.disk_limit_gib=18.6; .*set export.merged=false"
+    ):
         check_disk(merged, tmp_path)
     assert "does NOT fit" in merged.report()
 
 
 def test_peft_export_stores_the_block_diagonal_b_dense():
-    rank4 = load_config("configs/kaggle_tpu_v3_8.yaml", ["lora.rank=4", "lora.target_layers=[query]"])
+    rank4 = load_config(
+        "configs/kaggle_tpu_v3_8.yaml", ["lora.rank=4", "lora.target_layers=[query]"]
+    )
     plan = plan_disk(rank4, GEMMA_7B)
     heads, hidden, head_dim, layers = 16, 3072, 256, 28
     a, b = heads * hidden * 4, heads * head_dim * heads * 4
@@ -64,10 +70,27 @@ def test_finetune_refuses_a_run_that_will_not_fit_before_it_loads_the_model(tiny
     from pipeline.stages.finetune import run_finetune_stage
 
     train_csv = Path(tiny_cfg.run.root) / "train.csv"
-    pd.DataFrame({"id": [f"r{i}" for i in range(40)], "original_text": ["a text"] * 40,
-                  "rewrite_prompt": ["Make it shorter."] * 40, "rewritten_text": ["text"] * 40}).to_csv(train_csv, index=False)
+    pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(40)],
+            "original_text": ["a text"] * 40,
+            "rewrite_prompt": ["Make it shorter."] * 40,
+            "rewritten_text": ["text"] * 40,
+        }
+    ).to_csv(train_csv, index=False)
     tiny_cfg.train.data, tiny_cfg.run.disk_limit_gib = str(train_csv), 1e-6
     logs = []
     with pytest.raises(InputError, match="more than run.disk_limit_gib=1e-06"):
         run_finetune_stage(tiny_cfg, log=logs.append)
     assert not any("LoRA rank" in line for line in logs)  # stopped before the model was loaded
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_the_checkpoint_being_written_counts_beside_the_kept_ones(keep):
+    """Orbax writes the new checkpoint before it deletes the oldest one."""
+    cfg = load_config("configs/kaggle_tpu_v3_8.yaml", [f"train.keep_checkpoints={keep}"])
+    plan = plan_disk(cfg, GEMMA_7B)
+    assert plan.checkpoints == (keep + 1) * plan.checkpoint
+    assert plan.total == pytest.approx(
+        plan.adapter + (keep + 1) * plan.checkpoint + plan.peft_export + plan.bundle
+    )

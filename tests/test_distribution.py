@@ -1,14 +1,19 @@
 import keras
 import keras_hub
 import pytest
+from specs import GEMMA_7B, GEMMA_TINY
 
-from pipeline.run.config import DistributionConfig, LoraConfig
 from pipeline.models.families import gemma
 from pipeline.models.families.gemma import gemma_layout_axes
 from pipeline.models.model import enable_lora, model_distribution
 from pipeline.models.tiny import BACKBONE_CONFIG
-from pipeline.parallel.distribution import DistributionError, check_batch_sizes, check_mesh, check_shardable
-from specs import GEMMA_7B, GEMMA_TINY
+from pipeline.parallel.distribution import (
+    DistributionError,
+    check_batch_sizes,
+    check_mesh,
+    check_shardable,
+)
+from pipeline.run.config import DistributionConfig, LoraConfig
 
 # Expected PartitionSpec of every Gemma weight on the (1, 8) ("batch",
 # "model") mesh; LoRA factors are sharded like the kernel they adapt.
@@ -48,7 +53,10 @@ def test_every_weight_sharded_as_on_tpu_v3_8(tiny):
     assert isinstance(distribution, keras.distribution.ModelParallel)
     with distribution.scope():
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(str(tiny.preset), preprocessor=None)
-        enable_lora(causal_lm, LoraConfig(rank=4, target_layers=["query", "value", "ffw_gating", "ffw_linear"]))
+        enable_lora(
+            causal_lm,
+            LoraConfig(rank=4, target_layers=["query", "value", "ffw_gating", "ffw_linear"]),
+        )
     weights = causal_lm.backbone.weights
     assert any("lora_kernel_a" in w.path for w in weights)
     for w in weights:
@@ -70,7 +78,10 @@ def test_model_axis_of_one_is_data_parallel():
 
 
 def test_mesh_must_match_device_count():
-    with pytest.raises(DistributionError, match=r"needs 16 devices but 8 are visible; set distribution.mesh_shape=\[1,8\]"):
+    with pytest.raises(
+        DistributionError,
+        match=r"needs 16 devices but 8 are visible; set distribution.mesh_shape=\[1,8\]",
+    ):
         check_mesh([2, 8], ["batch", "model"], 8)
     check_mesh([1, 8], ["batch", "model"], 8)
 
@@ -84,11 +95,19 @@ def test_batch_must_divide_data_axis():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("vocabulary_size", 1020), ("num_query_heads", 6), ("num_key_value_heads", 1), ("intermediate_dim", 200)],
+    [
+        ("vocabulary_size", 1020),
+        ("num_query_heads", 6),
+        ("num_key_value_heads", 1),
+        ("intermediate_dim", 200),
+    ],
 )
 def test_unshardable_dimension_named_before_loading(field, value):
     config = dict(BACKBONE_CONFIG, **{field: value})
-    with pytest.raises(DistributionError, match=rf"{field.split('_dim')[0]}.*does not divide by the 'model' mesh axis \(8\)"):
+    with pytest.raises(
+        DistributionError,
+        match=rf"{field.split('_dim')[0]}.*does not divide by the 'model' mesh axis \(8\)",
+    ):
         check_shardable(LAYOUT, gemma.gemma_weight_dims(config), [1, 8], ["batch", "model"])
 
 
@@ -106,6 +125,8 @@ def test_gemma_2b_kv_heads_cannot_be_split_on_v3_8():
 
 
 def test_layout_as_data_is_kerashubs(tiny):
-    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "shard"], keras.distribution.list_devices())
+    mesh = keras.distribution.DeviceMesh(
+        (2, 4), ["data", "shard"], keras.distribution.list_devices()
+    )
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh, "shard", "data")
     assert {k: tuple(layout_map[k].axes) for k in layout_map} == gemma_layout_axes("data", "shard")

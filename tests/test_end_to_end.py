@@ -33,11 +33,25 @@ def test_demo_adapter_beats_base_model(demo_run):
     assert search["steps"][-1]["holdout"] > search["best_single_target_prompt"]["holdout"]
     assert (root / "mean_prompt" / "mean_prompt.txt").read_text().strip() == search["mean_prompt"]
     compare = json.loads((root / "compare" / "compare.json").read_text())["scores"]
-    assert set(compare) == {"constant: Improve the text to this.", "mean prompt", "model",
-                            "model + mean prompt", "mean prompt + model"}
+    assert set(compare) == {
+        "constant: Improve the text to this.",
+        "mean prompt",
+        "model",
+        "model + mean prompt",
+        "mean prompt + model",
+    }
     assert compare["model"] == pytest.approx(scores["fine-tuned"])
     assert (root / "compare" / "compare.png").exists()
-    for stage in ("data", "finetune", "mean_prompt", "predict", "score", "predict_base", "score_base", "compare"):
+    for stage in (
+        "data",
+        "finetune",
+        "mean_prompt",
+        "predict",
+        "score",
+        "predict_base",
+        "score_base",
+        "compare",
+    ):
         assert (root / stage / "config.yaml").exists(), stage
 
 
@@ -45,10 +59,14 @@ def test_stage_script_reports_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 1\n")
     result = subprocess.run(
-        [sys.executable, "scripts/score.py", "--config", str(bad)], capture_output=True, text=True,
+        [sys.executable, "scripts/score.py", "--config", str(bad)],
+        capture_output=True,
+        text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"config error: {bad}: unknown key 'train.epochz'; known keys here: ")
+    assert last_line.startswith(
+        f"config error: {bad}: unknown key 'train.epochz'; known keys here: "
+    )
     assert "epochs" in last_line and "Traceback" not in result.stderr

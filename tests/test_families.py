@@ -12,20 +12,20 @@ import keras_hub
 import numpy as np
 import pandas as pd
 import pytest
+from processes import ROOT, run_stage
+from test_pod import lora_weights
 
 from pipeline.errors import InputError
 from pipeline.models import flops
 from pipeline.models.families import llama_style
-from pipeline.models.families.registry import FAMILIES
 from pipeline.models.families.family import ModelSpec
+from pipeline.models.families.registry import FAMILIES
 from pipeline.models.memory import plan_memory
 from pipeline.models.model import enable_lora, model_distribution, read_model_spec
 from pipeline.models.step_decoding import KerasHubStepDecoder
 from pipeline.parallel.distribution import DistributionError, check_shardable
 from pipeline.parallel.runtime import set_seed
 from pipeline.run.config import DistributionConfig, LoraConfig, load_config
-from processes import ROOT, run_stage
-from test_pod import lora_weights
 
 OTHER_FAMILIES = [name for name in FAMILIES if name != "gemma"]
 MESH = DistributionConfig(mesh_shape=[1, 8])
@@ -38,7 +38,9 @@ def random_causal_lm(family, **overrides):
     set_seed(0)
     with model_distribution(MESH, ModelSpec(family, config), [8]).scope():
         backbone = getattr(keras_hub.models, family.backbone_class)(**config, dtype="float32")
-        return getattr(keras_hub.models, family.causal_lm_class)(backbone=backbone, preprocessor=None)
+        return getattr(keras_hub.models, family.causal_lm_class)(
+            backbone=backbone, preprocessor=None
+        )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -64,53 +66,80 @@ def test_weight_dims_layout_and_flops_cover_the_backbone(name):
     for w in matrices:
         assert w.path in dims, f"{w.path} is missing from {name}'s weight_dims"
         assert tuple(w.shape) == tuple(size for _, size in dims[w.path]), w.path
-        sharded = [a for a in next((axes for pattern, axes in layout.items() if re.fullmatch(pattern, w.path)), ())
-                   if a is not None]
+        sharded = [
+            a
+            for a in next(
+                (axes for pattern, axes in layout.items() if re.fullmatch(pattern, w.path)), ()
+            )
+            if a is not None
+        ]
         assert ("model" in sharded) == (not w.value.sharding.is_fully_replicated), w.path
     assert {w.path for w in matrices} == set(dims)
     untied = "token_embedding/reverse_embeddings" in dims  # the input embedding is a lookup
-    lookups = {"per_layer_token_embedding/embeddings"} | ({"token_embedding/embeddings"} if untied else set())
+    lookups = {"per_layer_token_embedding/embeddings"} | (
+        {"token_embedding/embeddings"} if untied else set()
+    )
     matmuls = sum(int(np.prod(w.shape)) for w in matrices if w.path not in lookups)
     assert flops.matmul_parameter_count(spec) == matmuls
 
 
 def test_llama_style_layout_is_kerashubs_llama_layout_map():
-    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "shard"], keras.distribution.list_devices())
+    mesh = keras.distribution.DeviceMesh(
+        (2, 4), ["data", "shard"], keras.distribution.list_devices()
+    )
     layout_map = keras_hub.models.Llama3Backbone.get_layout_map(mesh, "shard", "data")
     ours = llama_style.llama_style_layout_axes("data", "shard")
     assert {k: tuple(layout_map[k].axes) for k in layout_map} == {
-        k: v for k, v in ours.items() if k != "token_embedding/reverse_embeddings"}
+        k: v for k, v in ours.items() if k != "token_embedding/reverse_embeddings"
+    }
 
 
 def test_mesh_check_says_which_dimension_to_change():
     gemma3_4b = ModelSpec(FAMILIES["gemma3"], FAMILIES["gemma3"].architectures["gemma3_4b"])
     layout = FAMILIES["gemma3"].layout_axes("batch", "model")
-    with pytest.raises(DistributionError, match=r"num_key_value_heads=4 .* 'model' mesh axis \(8\)"):
+    with pytest.raises(
+        DistributionError, match=r"num_key_value_heads=4 .* 'model' mesh axis \(8\)"
+    ):
         check_shardable(layout, gemma3_4b.weight_dims(), [1, 8], ["batch", "model"])
     check_shardable(layout, gemma3_4b.weight_dims(), [2, 4], ["batch", "model"])
     mistral = FAMILIES["mistral"]
-    check_shardable(mistral.layout_axes("batch", "model"),
-                    ModelSpec(mistral, mistral.architectures["mistral_7b"]).weight_dims(), [1, 8], ["batch", "model"])
+    check_shardable(
+        mistral.layout_axes("batch", "model"),
+        ModelSpec(mistral, mistral.architectures["mistral_7b"]).weight_dims(),
+        [1, 8],
+        ["batch", "model"],
+    )
 
 
 def test_a_preset_of_another_family_a_vision_tower_or_experts_is_refused(tmp_path):
     other = tmp_path / "phi"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"class_name": "Phi3Backbone", "config": {}}))
-    with pytest.raises(InputError, match=r"is a Phi3Backbone, which the pipeline does not run; it runs gemma "
-                                         r"\(GemmaBackbone\), gemma3 .*mistral.*llama3.*qwen3"):
+    with pytest.raises(
+        InputError,
+        match=r"is a Phi3Backbone, which the pipeline does not run; it runs gemma "
+        r"\(GemmaBackbone\), gemma3 .*mistral.*llama3.*qwen3",
+    ):
         read_model_spec(other)
     vision = tmp_path / "gemma3_vision"
     vision.mkdir()
-    config = dict(FAMILIES["gemma3"].tiny_config, vision_encoder={"class_name": "Gemma3VisionEncoder"})
-    (vision / "config.json").write_text(json.dumps({"class_name": "Gemma3Backbone", "config": config}))
+    config = dict(
+        FAMILIES["gemma3"].tiny_config, vision_encoder={"class_name": "Gemma3VisionEncoder"}
+    )
+    (vision / "config.json").write_text(
+        json.dumps({"class_name": "Gemma3Backbone", "config": config})
+    )
     with pytest.raises(InputError, match="vision tower.*gemma3_instruct_4b_text"):
         read_model_spec(vision)
     experts = tmp_path / "gemma4_moe"
     experts.mkdir()
     config = dict(FAMILIES["gemma4"].tiny_config, enable_moe_block=True, num_experts=8)
-    (experts / "config.json").write_text(json.dumps({"class_name": "Gemma4Backbone", "config": config}))
-    with pytest.raises(InputError, match="mixture-of-experts.*take a dense one: gemma4_instruct_2b"):
+    (experts / "config.json").write_text(
+        json.dumps({"class_name": "Gemma4Backbone", "config": config})
+    )
+    with pytest.raises(
+        InputError, match="mixture-of-experts.*take a dense one: gemma4_instruct_2b"
+    ):
         read_model_spec(experts)
 
 
@@ -127,8 +156,11 @@ def test_gemma4_preset_loads_its_text_decoder_alone(tmp_path):
         set_seed(0)
         backbone = keras_hub.models.Gemma4Backbone(**family.tiny_config, dtype="float32")
         text_only = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
-        tokenizer = keras_hub.models.Gemma4Tokenizer(proto=(ROOT / "artifacts/tiny/tokenizer.spm").read_bytes(),
-                                                     has_vision_tokens=False, has_video_tokens=False)
+        tokenizer = keras_hub.models.Gemma4Tokenizer(
+            proto=(ROOT / "artifacts/tiny/tokenizer.spm").read_bytes(),
+            has_vision_tokens=False,
+            has_video_tokens=False,
+        )
         text_only.preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
         with_tower = with_vision_tower(family, text_only)
     assert with_tower.backbone.vision_encoder is not None
@@ -142,7 +174,9 @@ def test_gemma4_preset_loads_its_text_decoder_alone(tmp_path):
         np.testing.assert_array_equal(np.asarray(w.value), saved[w.path], err_msg=w.path)
     ids = np.arange(3, 13, dtype="int32")[None]
     inputs = forward_inputs(family, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)})
-    np.testing.assert_allclose(np.asarray(causal_lm(inputs)), np.asarray(text_only(inputs)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(causal_lm(inputs)), np.asarray(text_only(inputs)), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -153,18 +187,12 @@ def test_memory_plan_of_every_published_architecture(name):
     family = FAMILIES[name]
     for architecture, config in family.architectures.items():
         spec = ModelSpec(family, config)
-        total = sum(int(np.prod([size for _, size in sizes])) for sizes in spec.weight_dims().values())
+        total = sum(
+            int(np.prod([size for _, size in sizes])) for sizes in spec.weight_dims().values()
+        )
         plan = plan_memory(cfg, spec)
         assert total * 2 / 8 <= plan.frozen <= total * 2 / 8 * 1.2, architecture
         assert plan.kv_cache > 0 and plan.activations > 0
-
-
-def test_readme_model_table_is_the_memory_plans():
-    from pipeline.models.model_table import TARGET_CONFIGS, markdown_table, model_table
-
-    block = (ROOT / "README.md").read_text().split("<!-- model-table -->\n")[1].split("\n<!-- /model-table -->")[0]
-    table = markdown_table(model_table({name: load_config(ROOT / path) for name, path in TARGET_CONFIGS.items()}))
-    assert block == table, "README's model table is out of date: paste `python scripts/model_table.py` into it"
 
 
 def ragged_prompts(rng, lengths, length, vocabulary_size):
@@ -197,10 +225,17 @@ def test_kerashub_gemma3_generate_fails_without_a_preprocessor():
         causal_lm.generate(inputs, stop_token_ids=[1])
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("gemma3", {"sliding_window_size": 8}), ("mistral", {"sliding_window": 8}), ("llama3", {}), ("qwen3", {}),
-    ("gemma4", {"sliding_window_size": 8}),
-], ids=["gemma3-window-8", "mistral-window-8", "llama3", "qwen3", "gemma4-window-8"])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("gemma3", {"sliding_window_size": 8}),
+        ("mistral", {"sliding_window": 8}),
+        ("llama3", {}),
+        ("qwen3", {}),
+        ("gemma4", {"sliding_window_size": 8}),
+    ],
+    ids=["gemma3-window-8", "mistral-window-8", "llama3", "qwen3", "gemma4-window-8"],
+)
 def test_step_decoder_gives_kerashubs_greedy_tokens_whatever_the_batch(name, overrides):
     """On the (1, 8) mesh, LoRA on: a batch of ragged prompts, padded to one
     bucket, decodes each row to the tokens `generate` gives it alone. Gemma
@@ -212,12 +247,16 @@ def test_step_decoder_gives_kerashubs_greedy_tokens_whatever_the_batch(name, ove
         if "lora_kernel_b" in layer.path:  # zeros at first: make the adapter count
             layer.assign(rng.normal(0, 0.05, layer.shape).astype("float32"))
     lengths, new_tokens, length = [5, 19, 12], 12, 40
-    token_ids, padding_mask = ragged_prompts(rng, lengths, length, causal_lm.backbone.vocabulary_size)
+    token_ids, padding_mask = ragged_prompts(
+        rng, lengths, length, causal_lm.backbone.vocabulary_size
+    )
     stop = [int(token_ids[0, 0])]  # some id: rows that write it end there
     decoded = KerasHubStepDecoder(causal_lm, stop)(token_ids, padding_mask, new_tokens)
     for row, n in enumerate(lengths):
-        alone = {"token_ids": token_ids[row : row + 1, : n + new_tokens],
-                 "padding_mask": padding_mask[row : row + 1, : n + new_tokens]}
+        alone = {
+            "token_ids": token_ids[row : row + 1, : n + new_tokens],
+            "padding_mask": padding_mask[row : row + 1, : n + new_tokens],
+        }
         expected = list(np.asarray(kerashub_greedy_tokens(causal_lm, alone, stop))[0, n:])
         got = list(decoded[row, n : n + new_tokens])
         end = expected.index(stop[0]) + 1 if stop[0] in expected else new_tokens
@@ -248,7 +287,9 @@ def family_presets(tiny):
     # In a child process: the builder seeds TensorFlow (for its tf.data
     # shuffle), which here would break the session's tokenizers (see
     # runtime.set_seed).
-    subprocess.run([sys.executable, "-c", BUILD_FAMILIES, str(root), *OTHER_FAMILIES], cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-c", BUILD_FAMILIES, str(root), *OTHER_FAMILIES], cwd=ROOT, check=True
+    )
     return {name: root / f"{name}_tiny" for name in OTHER_FAMILIES}
 
 
@@ -258,20 +299,36 @@ def test_chat_turn_ends_at_a_stop_token(family_presets, name):
     from pipeline.text.tokens import stop_token_ids, tokenize_batch
 
     family = FAMILIES[name]
-    tokenizer = getattr(keras_hub.models, family.tokenizer_class).from_preset(str(family_presets[name]))
+    tokenizer = getattr(keras_hub.models, family.tokenizer_class).from_preset(
+        str(family_presets[name])
+    )
     stops = stop_token_ids(tokenizer, family.end_of_turn)
-    (ids,) = tokenize_batch(tokenizer, [family.chat_turn.format(content="Make it rhyme.")], add_bos=True)
+    (ids,) = tokenize_batch(
+        tokenizer, [family.chat_turn.format(content="Make it rhyme.")], add_bos=True
+    )
     assert (ids[0] == tokenizer.start_token_id) == (tokenizer.start_token_id is not None)
-    end_of_turn = tokenizer.token_to_id(family.end_of_turn) if family.end_of_turn else tokenizer.end_token_id
+    end_of_turn = (
+        tokenizer.token_to_id(family.end_of_turn) if family.end_of_turn else tokenizer.end_token_id
+    )
     assert end_of_turn in stops
     if family.end_of_turn:  # one piece, inside the request's own turn
         assert end_of_turn in ids
 
 
 def family_settings(root, preset, tiny):
-    return [f"run.root={root}", f"model.preset={preset}", f"score.encoder={tiny.encoder}", "data.rewriter=model",
-            "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=24", "data.max_new_tokens=12",
-            "train.epochs=1", "predict.max_new_tokens=8", "mean_prompt.steps=2", "mean_prompt.beam_width=4"]
+    return [
+        f"run.root={root}",
+        f"model.preset={preset}",
+        f"score.encoder={tiny.encoder}",
+        "data.rewriter=model",
+        "data.prompts=prompts/rewrite_prompts.txt",
+        "data.max_rows=24",
+        "data.max_new_tokens=12",
+        "train.epochs=1",
+        "predict.max_new_tokens=8",
+        "mean_prompt.steps=2",
+        "mean_prompt.beam_width=4",
+    ]
 
 
 @pytest.mark.slow
@@ -296,7 +353,9 @@ def test_every_stage_runs_on_the_familys_stand_in(family_presets, tiny, tmp_path
     adapter = run_finetune_stage(cfg, log=logs.append)
     assert adapter.exists() and any("finetune: epoch 1/1 done" in line for line in logs)
     run_predict_stage(cfg, log=logs.append)
-    predictions = pd.read_csv(tmp_path / "cpu_tiny" / "predict" / "submission.csv", keep_default_na=False)
+    predictions = pd.read_csv(
+        tmp_path / "cpu_tiny" / "predict" / "submission.csv", keep_default_na=False
+    )
     assert len(predictions) > 0 and (predictions["rewrite_prompt"].str.len() > 0).all()
     score = run_score_stage(cfg, log=logs.append)
     assert 0 <= score <= 1
@@ -312,6 +371,7 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     import shutil
 
     import transformers
+    from test_export import LOGIT_TOLERANCE, keras_logits, load_transformers, transformers_logits
 
     from pipeline.kaggle.transformers_predict import TransformersTokenizer, run_transformers_predict
     from pipeline.models.model import load_adapter, load_model
@@ -320,30 +380,41 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     from pipeline.stages.export import run_export_stage
     from pipeline.text.recovery import RecoveryFormatter
     from pipeline.text.tables import write_table
-    from test_export import LOGIT_TOLERANCE, keras_logits, load_transformers, transformers_logits
 
     quiet = dict(log=lambda *_: None)
     paths = run_export_stage(cfg, **quiet)
-    base_cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, adapter="none", out="export_base",
-                                                                   peft=False))
+    base_cfg = dataclasses.replace(
+        cfg, export=dataclasses.replace(cfg.export, adapter="none", out="export_base", peft=False)
+    )
     base_model = run_export_stage(base_cfg, **quiet)["transformers"]
     run = RunDir(cfg)
     causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
     load_adapter(causal_lm, run.adapter)
-    hf_tokenizer = TransformersTokenizer(transformers.AutoTokenizer.from_pretrained(paths["transformers"]))
+    hf_tokenizer = TransformersTokenizer(
+        transformers.AutoTokenizer.from_pretrained(paths["transformers"])
+    )
     for text in list(rewrites["rewritten_text"][:8]) + ["  é 日本 🙂 42\n\nnew paragraph"]:
         assert hf_tokenizer([text]) == [list(map(int, tokenizer(text)))], text
-    formatter = RecoveryFormatter(tokenizer, cfg.train.template, cfg.train.sequence_length,
-                                  cfg.train.max_response_tokens)
+    formatter = RecoveryFormatter(
+        tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
+    )
     rows, _ = formatter.fit_texts(run.read_predict_rows(**quiet))
     prompts = formatter.prompt_ids(rows)
-    assert prompts == RecoveryFormatter(hf_tokenizer, cfg.train.template, cfg.train.sequence_length,
-                                        cfg.train.max_response_tokens).prompt_ids(rows)
-    merged, with_peft = load_transformers(paths["transformers"]), load_transformers(base_model, paths["peft_adapter"])
+    assert prompts == RecoveryFormatter(
+        hf_tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
+    ).prompt_ids(rows)
+    merged, with_peft = (
+        load_transformers(paths["transformers"]),
+        load_transformers(base_model, paths["peft_adapter"]),
+    )
     for prompt in prompts[:2]:
         expected = keras_logits(causal_lm, [prompt])
-        np.testing.assert_allclose(transformers_logits(merged, [prompt]), expected, atol=LOGIT_TOLERANCE)
-        np.testing.assert_allclose(transformers_logits(with_peft, [prompt]), expected, atol=LOGIT_TOLERANCE)
+        np.testing.assert_allclose(
+            transformers_logits(merged, [prompt]), expected, atol=LOGIT_TOLERANCE
+        )
+        np.testing.assert_allclose(
+            transformers_logits(with_peft, [prompt]), expected, atol=LOGIT_TOLERANCE
+        )
 
     bundle = tmp_path / "bundle"
     shutil.copytree(paths["peft_adapter"], bundle / "peft_adapter")
@@ -351,7 +422,9 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     settings = bundle_settings(cfg, cfg, None, "peft_adapter", None, family.end_of_turn)
     settings.update(base_model=base_model, torch_dtype="float32")
     write_table(run.read_predict_rows(**quiet), tmp_path / "test.csv")
-    run_transformers_predict(settings, bundle, tmp_path / "test.csv", tmp_path / "submission.csv", **quiet)
+    run_transformers_predict(
+        settings, bundle, tmp_path / "test.csv", tmp_path / "submission.csv", **quiet
+    )
     expected = pd.read_csv(run.submission, dtype=str, keep_default_na=False)
     written = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
     assert list(written["id"]) == list(expected["id"])
@@ -360,14 +433,69 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.pod
-def test_mistral_on_the_pod_gives_the_one_process_rewrites_and_adapter(family_presets, tiny, tmp_path):
-    settings = family_settings(tmp_path, family_presets["mistral"], tiny)[1:] + ["distribution.mesh_shape=[2,4]"]
+def test_mistral_on_the_pod_gives_the_one_process_rewrites_and_adapter(
+    family_presets, tiny, tmp_path
+):
+    settings = family_settings(tmp_path, family_presets["mistral"], tiny)[1:] + [
+        "distribution.mesh_shape=[2,4]"
+    ]
     for stage in ("data", "finetune"):
-        run_stage(stage, settings + [f"run.root={tmp_path / 'one'}"], processes=1, log_dir=tmp_path / "logs-one")
-        run_stage(stage, settings + [f"run.root={tmp_path / 'pod'}"], processes=2, log_dir=tmp_path / "logs-pod")
+        run_stage(
+            stage,
+            settings + [f"run.root={tmp_path / 'one'}"],
+            processes=1,
+            log_dir=tmp_path / "logs-one",
+        )
+        run_stage(
+            stage,
+            settings + [f"run.root={tmp_path / 'pod'}"],
+            processes=2,
+            log_dir=tmp_path / "logs-pod",
+        )
     one, pod = tmp_path / "one" / "cpu_tiny", tmp_path / "pod" / "cpu_tiny"
-    assert (pod / "data" / "rewrites.csv").read_bytes() == (one / "data" / "rewrites.csv").read_bytes()
-    expected, got = lora_weights(one / "finetune" / "adapter.lora.h5"), lora_weights(pod / "finetune" / "adapter.lora.h5")
+    assert (pod / "data" / "rewrites.csv").read_bytes() == (
+        one / "data" / "rewrites.csv"
+    ).read_bytes()
+    expected, got = (
+        lora_weights(one / "finetune" / "adapter.lora.h5"),
+        lora_weights(pod / "finetune" / "adapter.lora.h5"),
+    )
     assert expected.keys() == got.keys() and len(expected) > 2
     for weight in expected:
         np.testing.assert_allclose(got[weight], expected[weight], rtol=0, atol=5e-5, err_msg=weight)
+
+
+def closing_special_token(chat_turn):
+    """The special token that closes the user's turn, right after the
+    request (`<end_of_turn>`, `<|eot_id|>`), or None."""
+    match = re.match(r"<[^<>\s]+>", chat_turn.split("{content}")[1])
+    return match.group(0) if match else None
+
+
+TURNS_CLOSED_BY_A_TOKEN = [f for f in FAMILIES.values() if closing_special_token(f.chat_turn)]
+
+
+def test_most_families_close_their_turns_with_a_token():
+    assert {f.name for f in TURNS_CLOSED_BY_A_TOKEN} >= {
+        "gemma",
+        "gemma3",
+        "gemma4",
+        "llama3",
+        "qwen3",
+    }
+
+
+@pytest.mark.parametrize("family", TURNS_CLOSED_BY_A_TOKEN, ids=lambda f: f.name)
+def test_decoding_stops_at_the_token_that_closes_a_turn(family, tiny):
+    """The model closes its own turn with the token that closed the user's:
+    a family whose stop tokens leave it out (Llama 3 without `<|eot_id|>`)
+    would decode every row to max_new_tokens."""
+    from pipeline.models.tiny import family_tokenizer
+    from pipeline.text.tokens import stop_token_ids
+
+    if family.name == "gemma":
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=tiny.spm.read_bytes())
+    else:
+        tokenizer = family_tokenizer(family, tiny)
+    closing = tokenizer.token_to_id(closing_special_token(family.chat_turn))
+    assert closing in stop_token_ids(tokenizer, family.end_of_turn)

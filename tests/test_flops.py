@@ -1,14 +1,18 @@
 import numpy as np
 import pytest
+from specs import GEMMA_7B, GEMMA_TINY
 
 from pipeline.models import flops
-from specs import GEMMA_7B, GEMMA_TINY
 
 
 def test_parameter_count_matches_the_built_backbone(tiny_model):
     """Gemma ties its embeddings: every weight but the norms is a matmul's."""
     causal_lm, _ = tiny_model
-    weights = [w for w in causal_lm.backbone.weights if "lora" not in w.path and not w.path.endswith("scale")]
+    weights = [
+        w
+        for w in causal_lm.backbone.weights
+        if "lora" not in w.path and not w.path.endswith("scale")
+    ]
     assert flops.matmul_parameter_count(GEMMA_TINY) == sum(int(np.prod(w.shape)) for w in weights)
 
 

@@ -1,5 +1,3 @@
-import numpy as np
-
 from pipeline.models.generation import BatchedGenerator, bucket_length
 from pipeline.text.tokens import stop_token_ids, strip_generated, tokenize_batch
 
@@ -48,13 +46,19 @@ def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
     words = tokenize_batch(tokenizer, ["cat dog"])[0]
     decode = _ScriptedDecode(words * 20 + [tokenizer.end_token_id])
     generator = BatchedGenerator(
-        None, tokenizer, batch_size=4, max_new_tokens=len(words), length_step=16, log=lambda *_: None, decode=decode,
+        None,
+        tokenizer,
+        batch_size=4,
+        max_new_tokens=len(words),
+        length_step=16,
+        log=lambda *_: None,
+        decode=decode,
         stops=stop_token_ids(tokenizer, "<end_of_turn>"),
     )
     prompts = [[2] + [100] * n for n in (40, 3, 25, 3, 3, 60)]
     results = {}
     for indices, texts in generator.generate(prompts):
-        results.update(zip(indices, texts))
+        results.update(zip(indices, texts, strict=True))
     assert sorted(results) == list(range(6))
     assert all(results[i] == "cat dog" for i in range(6))  # cut at max_new_tokens
     assert generator.new_tokens == 6 * len(words)
@@ -69,10 +73,18 @@ def test_generator_keeps_order_bounds_tokens_and_buckets(tiny_model):
 
 def test_generate_on_the_sharded_tiny_model_stops_and_strips(tiny_model):
     causal_lm, tokenizer = tiny_model
-    generator = BatchedGenerator(causal_lm, tokenizer, batch_size=8, max_new_tokens=6, log=lambda *_: None)
+    generator = BatchedGenerator(
+        causal_lm, tokenizer, batch_size=8, max_new_tokens=6, log=lambda *_: None
+    )
     prompts = tokenize_batch(tokenizer, ["The old lighthouse", "Bees are small"], add_bos=True)
-    out = dict(item for indices, texts in generator.generate(prompts) for item in zip(indices, texts))
+    out = dict(
+        item
+        for indices, texts in generator.generate(prompts)
+        for item in zip(indices, texts, strict=True)
+    )
     assert set(out) == {0, 1}
     for i, prompt_text in enumerate(["The old lighthouse", "Bees are small"]):
         assert not out[i].startswith(prompt_text)  # prompt stripped
-        assert 0 < len(tokenize_batch(tokenizer, [out[i]])[0]) <= 8  # bounded (re-tokenising may differ slightly)
+        assert (
+            0 < len(tokenize_batch(tokenizer, [out[i]])[0]) <= 8
+        )  # bounded (re-tokenising may differ slightly)

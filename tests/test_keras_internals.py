@@ -11,7 +11,6 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-
 from processes import ROOT
 
 PACKAGE = ROOT / "pipeline"
@@ -24,7 +23,9 @@ def test_private_keras_names_refuse_other_versions():
     from pipeline.keras_internals import check_versions
 
     check_versions({"keras": "3.15.1", "keras-hub": "0.32.0"})
-    with pytest.raises(ImportError, match=r"supports keras 3\.15\.x and keras-hub 0\.32\.x .* found keras 3\.16\.0"):
+    with pytest.raises(
+        ImportError, match=r"supports keras 3\.15\.x and keras-hub 0\.32\.x .* found keras 3\.16\.0"
+    ):
         check_versions({"keras": "3.16.0", "keras-hub": "0.32.0"})
 
 
@@ -32,16 +33,26 @@ def outside_the_door():
     return [path for path in sorted(PACKAGE.rglob("*.py")) if path != DOOR]
 
 
-@pytest.mark.parametrize("path", outside_the_door(), ids=lambda path: str(path.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "path", outside_the_door(), ids=lambda path: str(path.relative_to(PACKAGE))
+)
 def test_no_module_but_the_door_names_a_private_symbol(path):
     """No `keras.src` / `keras_hub.src` / `jax._src` import and no `x._name`
     read of any object but the module's own (`self`, `cls`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+            )
             found += [name for name in names if name.startswith(PRIVATE_MODULES)]
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             text = ast.unparse(node)
             if ast.unparse(node.value) not in ("self", "cls") and text not in DOCUMENTED_PRIVATE:
                 found.append(text)
@@ -49,8 +60,20 @@ def test_no_module_but_the_door_names_a_private_symbol(path):
 
 
 def public_classes():
-    namespaces = (keras, keras.layers, keras.models, keras_hub.layers, keras_hub.models, keras_hub.tokenizers)
-    return {value for namespace in namespaces for value in vars(namespace).values() if isinstance(value, type)}
+    namespaces = (
+        keras,
+        keras.layers,
+        keras.models,
+        keras_hub.layers,
+        keras_hub.models,
+        keras_hub.tokenizers,
+    )
+    return {
+        value
+        for namespace in namespaces
+        for value in vars(namespace).values()
+        if isinstance(value, type)
+    }
 
 
 @contextlib.contextmanager
@@ -65,8 +88,12 @@ def reads_from_the_pipeline(classes):
 
         def spy(obj, name, original=original, allowed=allowed):
             caller = sys._getframe(1).f_code.co_filename
-            if (caller.startswith(str(PACKAGE)) and caller != str(DOOR) and not name.startswith("__")
-                    and name not in allowed):
+            if (
+                caller.startswith(str(PACKAGE))
+                and caller != str(DOOR)
+                and not name.startswith("__")
+                and name not in allowed
+            ):
                 reads.append(f"{type(obj).__name__}.{name} in {Path(caller).relative_to(ROOT)}")
             return original(obj, name)
 
@@ -99,8 +126,11 @@ def test_only_the_door_reads_the_internals_of_keras_hub_layers(tiny, tmp_path):
     causal_lm, tokenizer = load_model(cfg, [8])
     backbone = causal_lm.backbone
     public = public_classes()
-    watched = {type(layer): set() for layer in backbone._flatten_layers(include_self=False)
-               if type(layer) not in public}
+    watched = {
+        type(layer): set()
+        for layer in backbone._flatten_layers(include_self=False)
+        if type(layer) not in public
+    }
     assert {cls.__name__ for cls in watched} >= {"GemmaDecoderBlock", "CachedGemmaAttention"}
     for model in (backbone, causal_lm):
         watched[type(model)] = set(dir(type(model))) | set(model.get_config())

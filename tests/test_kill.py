@@ -17,23 +17,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.parallel.preemption import PREEMPTED_EXIT_CODE
 from processes import run_stage, start_stage
 from test_pod import assert_same_adapter
+
+from pipeline.parallel.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.kill]
 
 TRIALS = 3
 FINETUNE = ["data.max_rows=72", "train.epochs=2", "train.checkpoint_every=2"]
-DATA = ["data.rewriter=model", "data.prompts=prompts/rewrite_prompts.txt", "data.max_rows=48",
-        "data.max_new_tokens=8"]
+DATA = [
+    "data.rewriter=model",
+    "data.prompts=prompts/rewrite_prompts.txt",
+    "data.max_rows=48",
+    "data.max_new_tokens=8",
+]
 
 
 def wait_for(process, line):
     deadline = time.time() + 600
     while line not in Path(process.log_path).read_text():
-        assert time.time() < deadline and process.poll() is None, Path(process.log_path).read_text()[-3000:]
+        assert time.time() < deadline and process.poll() is None, Path(
+            process.log_path
+        ).read_text()[-3000:]
         time.sleep(0.05)
 
 
@@ -62,7 +68,6 @@ def preempt(script, overrides, progress_line, log_dir):
     return process.returncode, Path(process.log_path).read_text()
 
 
-
 @pytest.fixture(scope="module")
 def finetune_reference(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill-finetune")
@@ -81,7 +86,12 @@ def test_killed_finetune_resumes_to_the_uninterrupted_adapter(finetune_reference
     shutil.copytree(reference / "data", run / "data")
     overrides = FINETUNE + [f"run.root={run.parent}"]
     killed_after = kill_at_random(
-        "finetune", overrides, lambda k: f"finetune: step {k}/{total},", total, random.Random(trial), run.parent
+        "finetune",
+        overrides,
+        lambda k: f"finetune: step {k}/{total},",
+        total,
+        random.Random(trial),
+        run.parent,
     )
     output = run_stage("finetune", overrides, log_dir=run.parent)[0]
     resumed = 0
@@ -111,7 +121,12 @@ def test_killed_data_stage_resumes_to_the_uninterrupted_rows(data_reference, tri
     overrides = DATA + [f"run.root={run_root}"]
     batches = 48 // 8
     kill_at_random(
-        "data", overrides, lambda k: f"generate: {8 * k}/", batches, random.Random(100 + trial), run_root
+        "data",
+        overrides,
+        lambda k: f"generate: {8 * k}/",
+        batches,
+        random.Random(100 + trial),
+        run_root,
     )
     output = run_stage("data", overrides, log_dir=run_root)[0]
     assert "already written" in output
@@ -119,15 +134,20 @@ def test_killed_data_stage_resumes_to_the_uninterrupted_rows(data_reference, tri
     assert (run_root / "cpu_tiny" / "data" / "rewrites.csv").read_bytes() == expected
 
 
-def test_a_preempted_finetune_on_a_bucket_resumes_from_the_bucket_alone(finetune_reference, gcs_bucket, tmp_path):
+def test_a_preempted_finetune_on_a_bucket_resumes_from_the_bucket_alone(
+    finetune_reference, gcs_bucket, tmp_path
+):
     """The run root on a bucket; SIGTERM during finetune; the local disk
     (the run's mirror) wiped before the rerun, as a preempted slice's is."""
     from etils import epath
 
     reference = finetune_reference / "reference" / "cpu_tiny"
     mirrors = tmp_path / "mirrors"
-    overrides = FINETUNE + [f"run.root={gcs_bucket}/runs", f"run.mirrors={mirrors}",
-                            "train.checkpoint_every=0"]  # epoch ends only
+    overrides = FINETUNE + [
+        f"run.root={gcs_bucket}/runs",
+        f"run.mirrors={mirrors}",
+        "train.checkpoint_every=0",
+    ]  # epoch ends only
     run_stage("data", overrides, log_dir=tmp_path)
     code, output = preempt("finetune", overrides, "finetune: step 3/", tmp_path)
     assert code == PREEMPTED_EXIT_CODE, output[-3000:]
@@ -139,13 +159,17 @@ def test_a_preempted_finetune_on_a_bucket_resumes_from_the_bucket_alone(finetune
     output = run_stage("finetune", overrides, log_dir=tmp_path)[0]
     assert f"resuming from {checkpoints} at step {stopped}/" in output
     run = mirrors / gcs_bucket.removeprefix("gs://") / "runs" / "cpu_tiny"
-    assert (run / "data" / "rewrites.csv").read_bytes() == (reference / "data" / "rewrites.csv").read_bytes()
+    assert (run / "data" / "rewrites.csv").read_bytes() == (
+        reference / "data" / "rewrites.csv"
+    ).read_bytes()
     assert_same_adapter(reference, run, atol=1e-6)
     pushed = epath.Path(f"{gcs_bucket}/runs/cpu_tiny/finetune/adapter.lora.h5")
     assert pushed.read_bytes() == (run / "finetune" / "adapter.lora.h5").read_bytes()
 
 
-def test_a_preempted_data_stage_keeps_its_batches_and_resumes_to_the_uninterrupted_rows(data_reference):
+def test_a_preempted_data_stage_keeps_its_batches_and_resumes_to_the_uninterrupted_rows(
+    data_reference,
+):
     run_root = data_reference / "preempted"
     overrides = DATA + [f"run.root={run_root}"]
     code, output = preempt("data", overrides, "generate: 8/", run_root)
@@ -163,11 +187,15 @@ def test_a_preempted_data_stage_keeps_its_batches_and_resumes_to_the_uninterrupt
 def test_a_changed_config_refuses_the_checkpoint(finetune_reference):
     run = finetune_reference / "reference" / "cpu_tiny"
     (process,) = start_stage(
-        "finetune", FINETUNE + [f"run.root={run.parent}", "train.batch_size=4"], log_dir=finetune_reference / "changed"
+        "finetune",
+        FINETUNE + [f"run.root={run.parent}", "train.batch_size=4"],
+        log_dir=finetune_reference / "changed",
     )
     process.wait(timeout=600)
     last_line = Path(process.log_path).read_text().strip().splitlines()[-1]
     assert process.returncode != 0
-    assert last_line.startswith(f"error: {run / 'finetune' / 'checkpoints'} holds a checkpoint written by a run with "
-                                "other settings")
+    assert last_line.startswith(
+        f"error: {run / 'finetune' / 'checkpoints'} holds a checkpoint written by a run with "
+        "other settings"
+    )
     assert "train.batch_size: 8 then, 4 now" in last_line and "Delete it to start over" in last_line

@@ -9,62 +9,151 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import ROOT
 
 from pipeline.parallel.launch import archive_repository
-from processes import ROOT
 
 
 def dry_run(*args):
-    result = subprocess.run([sys.executable, "scripts/tpu_pod.py", *args, "--dry-run"], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    return [shlex.split(line.removeprefix("(dry run) ")) for line in result.stdout.splitlines()
-            if line.startswith("(dry run) ")]
+    result = subprocess.run(
+        [sys.executable, "scripts/tpu_pod.py", *args, "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [
+        shlex.split(line.removeprefix("(dry run) "))
+        for line in result.stdout.splitlines()
+        if line.startswith("(dry run) ")
+    ]
 
 
 def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
-    commands = dry_run("up", "--name", "pr", "--zone", "europe-west4-a", "--project", "p1",
-                       "--data", "data/test.csv", "--stage", "finetune", "--delete", "lora.rank=8", "train.epochs=2")
+    commands = dry_run(
+        "up",
+        "--name",
+        "pr",
+        "--zone",
+        "europe-west4-a",
+        "--project",
+        "p1",
+        "--data",
+        "data/test.csv",
+        "--stage",
+        "finetune",
+        "--delete",
+        "lora.rank=8",
+        "train.epochs=2",
+    )
     verbs = [c[4] for c in commands]
-    assert verbs == ["create", "scp", "ssh", "scp", "ssh", "ssh",  # create, copy, unpack, data, setup, start
-                     "describe", "ssh", "ssh",  # wait: the workers, each one's status, worker 0's log
-                     "describe", "scp", "scp", "delete"]  # fetch the run and the logs, delete
+    assert verbs == [
+        "create",
+        "scp",
+        "ssh",
+        "scp",
+        "ssh",
+        "ssh",  # create, copy, unpack, data, setup, start
+        "describe",
+        "ssh",
+        "ssh",  # wait: the workers, each one's status, worker 0's log
+        "describe",
+        "scp",
+        "scp",
+        "delete",
+    ]  # fetch the run and the logs, delete
     assert all(c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] for c in commands)
     assert all("--zone=europe-west4-a" in c and "--project=p1" in c for c in commands)
     create = commands[0]
     assert create[5] == "pr" and "--accelerator-type=v3-32" in create and "--spot" not in create
     assert "--version=tpu-ubuntu2204-base" in create
-    assert commands[1][5:7] == ["--recurse", "--worker=all"] and commands[1][7].endswith("repo.tar.gz")
+    assert commands[1][5:7] == ["--recurse", "--worker=all"] and commands[1][7].endswith(
+        "repo.tar.gz"
+    )
     assert commands[1][8] == "pr:~/"
-    assert commands[3][6:8] == ["--worker=all", "data/test.csv"] and commands[3][8] == "pr:~/prompt-recovery/data/"
+    assert (
+        commands[3][6:8] == ["--worker=all", "data/test.csv"]
+        and commands[3][8] == "pr:~/prompt-recovery/data/"
+    )
     assert "--command=cd prompt-recovery && bash scripts/setup_worker.sh" in commands[4]
     (start,) = [word for word in commands[5] if word.startswith("--command=")]
     assert "--worker=all" in commands[5]
     assert shlex.split(start.removeprefix("--command=")) == [
-        "cd", "prompt-recovery", "&&", "bash", "scripts/pod_job.sh", "start", "configs/cloud_tpu_v3_32.yaml",
-        "lora.rank=8 train.epochs=2", "finetune"]
-    assert "--worker=0" in commands[7] and "--command=cd prompt-recovery && bash scripts/pod_job.sh status" in commands[7]
+        "cd",
+        "prompt-recovery",
+        "&&",
+        "bash",
+        "scripts/pod_job.sh",
+        "start",
+        "configs/cloud_tpu_v3_32.yaml",
+        "lora.rank=8 train.epochs=2",
+        "finetune",
+    ]
+    assert (
+        "--worker=0" in commands[7]
+        and "--command=cd prompt-recovery && bash scripts/pod_job.sh status" in commands[7]
+    )
     fetch_run, fetch_log = commands[10], commands[11]
-    assert "--worker=0" in fetch_run and fetch_run[7:9] == ["pr:prompt-recovery/runs/cloud_tpu_v3_32", "runs"]
-    assert fetch_log[7:9] == ["pr:prompt-recovery/runs/pod-job/log", "runs/cloud_tpu_v3_32/pod-logs/worker-0.log"]
+    assert "--worker=0" in fetch_run and fetch_run[7:9] == [
+        "pr:prompt-recovery/runs/cloud_tpu_v3_32",
+        "runs",
+    ]
+    assert fetch_log[7:9] == [
+        "pr:prompt-recovery/runs/pod-job/log",
+        "runs/cloud_tpu_v3_32/pod-logs/worker-0.log",
+    ]
     assert commands[12][5:7] == ["pr", "--quiet"]
 
 
 def test_a_spot_slice_is_a_queued_resource_waited_for_and_deleted_with_its_node():
-    commands = dry_run("up", "--name", "pr", "--zone", "z", "--spot", "--retries", "2", "--stage", "finetune",
-                       "--delete", "run.root=gs://b/runs")
+    commands = dry_run(
+        "up",
+        "--name",
+        "pr",
+        "--zone",
+        "z",
+        "--spot",
+        "--retries",
+        "2",
+        "--stage",
+        "finetune",
+        "--delete",
+        "run.root=gs://b/runs",
+    )
     groups_and_verbs = [tuple(c[3:5]) for c in commands]
-    assert groups_and_verbs[:2] == [("queued-resources", "create"), ("queued-resources", "describe")]
+    assert groups_and_verbs[:2] == [
+        ("queued-resources", "create"),
+        ("queued-resources", "describe"),
+    ]
     assert groups_and_verbs[-1] == ("queued-resources", "delete")
     assert all(group == "tpu-vm" for group, _ in groups_and_verbs[2:-1])
     create = commands[0]
     assert create[5] == "pr" and "--node-id=pr" in create and "--spot" in create
-    assert "--runtime-version=tpu-ubuntu2204-base" in create and "--accelerator-type=v3-32" in create
+    assert (
+        "--runtime-version=tpu-ubuntu2204-base" in create and "--accelerator-type=v3-32" in create
+    )
     assert "--force" in commands[-1] and "--quiet" in commands[-1]
 
 
 def test_retries_need_a_run_on_a_bucket():
-    result = subprocess.run([sys.executable, "scripts/tpu_pod.py", "up", "--name", "pr", "--zone", "z", "--spot",
-                             "--retries", "1", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/tpu_pod.py",
+            "up",
+            "--name",
+            "pr",
+            "--zone",
+            "z",
+            "--spot",
+            "--retries",
+            "1",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "--retries needs run.root on a bucket" in result.stderr
 
 
@@ -76,13 +165,30 @@ def test_the_worker_job_tells_a_preempted_stage_from_a_failed_one(tmp_path):
 
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "pod_job.sh", tmp_path / "scripts")
-    (tmp_path / "Makefile").write_text(f"finetune:\n\texit {PREEMPTED_EXIT_CODE}\ndata:\n\texit 3\n")
+    (tmp_path / "Makefile").write_text(
+        f"finetune:\n\texit {PREEMPTED_EXIT_CODE}\ndata:\n\texit 3\n"
+    )
     env = dict(os.environ, TPU_WORKER_ID="0")
-    for stage, state, code in [("finetune", "preempted", PREEMPTED_EXIT_CODE), ("data", "failed", 2)]:
-        subprocess.run(["bash", "scripts/pod_job.sh", "start", "c.yaml", "", stage], cwd=tmp_path, env=env, check=True)
+    for stage, state, code in [
+        ("finetune", "preempted", PREEMPTED_EXIT_CODE),
+        ("data", "failed", 2),
+    ]:
+        subprocess.run(
+            ["bash", "scripts/pod_job.sh", "start", "c.yaml", "", stage],
+            cwd=tmp_path,
+            env=env,
+            check=True,
+        )
         deadline = time.time() + 60
-        while (line := subprocess.run(["bash", "scripts/pod_job.sh", "status"], cwd=tmp_path, env=env,
-                                      capture_output=True, text=True).stdout.strip()).startswith("worker 0: running"):
+        while (
+            line := subprocess.run(
+                ["bash", "scripts/pod_job.sh", "status"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        ).startswith("worker 0: running"):
             assert time.time() < deadline
             time.sleep(0.1)
         status = WorkerStatus.parse(line)
@@ -100,8 +206,23 @@ def test_all_runs_the_makefiles_stages():
 def test_single_steps_and_a_config_without_multi_host():
     (delete,) = dry_run("delete", "--name", "pr", "--zone", "z")
     assert delete[4:7] == ["delete", "pr", "--quiet"] and "--project" not in " ".join(delete)
-    result = subprocess.run([sys.executable, "scripts/tpu_pod.py", "run", "--name", "pr", "--zone", "z",
-                             "--config", "configs/kaggle_tpu_v3_8.yaml", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/tpu_pod.py",
+            "run",
+            "--name",
+            "pr",
+            "--zone",
+            "z",
+            "--config",
+            "configs/kaggle_tpu_v3_8.yaml",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "does not set distribution.multi_host: true" in result.stderr
 
 
@@ -125,7 +246,9 @@ def standin_cloud(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "pod_job.sh", repo / "scripts")
-    (repo / "Makefile").write_text("data:\n\ttest -f $(STAGE_MAY_END) || (touch $(STAGE_MAY_END).waiting; sleep 600)\n")
+    (repo / "Makefile").write_text(
+        "data:\n\ttest -f $(STAGE_MAY_END) || (touch $(STAGE_MAY_END).waiting; sleep 600)\n"
+    )
     return tmp_path, [repo / "scripts", repo / "Makefile"]
 
 
@@ -143,23 +266,46 @@ def run_preempted_once(folder, files, retries):
 
     def take_back():
         deadline = time.time() + 120
-        while not (Path(f"{os.environ['STAGE_MAY_END']}.waiting").exists() and "pod: worker 1: running data" in said):
+        while not (
+            Path(f"{os.environ['STAGE_MAY_END']}.waiting").exists()
+            and "pod: worker 1: running data" in said
+        ):
             assert time.time() < deadline
             time.sleep(0.05)
         Path(os.environ["STAGE_MAY_END"]).touch()  # the next slice's stage ends at once
-        subprocess.run(["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"], check=True)
+        subprocess.run(
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "queued-resources",
+                "preempt",
+                "spot",
+                "--zone=standin-a",
+            ],
+            check=True,
+        )
 
     preempting = threading.Thread(target=take_back)
     preempting.start()
     raised = None
     try:
         with launcher.deleting(True):
-            launcher.up([pod.copy_to_workers(files, "~/prompt-recovery/")], lambda stages: pod.start(stages, "c.yaml", []),
-                        ["data"], 0.2, lambda: launcher.wait(0.2), retries)
+            launcher.up(
+                [pod.copy_to_workers(files, "~/prompt-recovery/")],
+                lambda stages: pod.start(stages, "c.yaml", []),
+                ["data"],
+                0.2,
+                lambda: launcher.wait(0.2),
+                retries,
+            )
     except PodError as error:
         raised = error
     preempting.join()
-    assert not (folder / "slices" / "spot").exists() and not (folder / "slices" / "queued" / "spot.json").exists()
+    assert (
+        not (folder / "slices" / "spot").exists()
+        and not (folder / "slices" / "queued" / "spot.json").exists()
+    )
     return raised, "\n".join(said)
 
 
@@ -167,7 +313,11 @@ def test_a_preempted_spot_slice_is_requested_again_and_its_stage_started_again(s
     folder, files = standin_cloud
     raised, said = run_preempted_once(folder, files, retries=1)
     assert raised is None, said
-    assert re.search(r"pod: the slice was preempted during data \(SUSPEND(ING|ED)\); preemption 1: deleting the slice", said)
+    assert re.search(
+        r"pod: the slice was preempted during data \(SUSPEND(ING|ED)\); preemption 1: deleting the "
+        r"slice",
+        said,
+    )
     assert said.count("queued-resources create spot") == 2 and "pod: worker 0: done" in said
     assert "pod: 1 preemption(s): preempted during data\n" in said
 
@@ -176,5 +326,64 @@ def test_a_preemption_past_the_retries_ends_up_saying_what_to_do(standin_cloud):
     folder, files = standin_cloud
     raised, said = run_preempted_once(folder, files, retries=0)
     assert raised is not None and said.count("queued-resources create spot") == 1
-    assert re.match(r"the slice was preempted during data \(SUSPEND(ING|ED)\); --retries 0 used up: run `up` again "
-                    "with the same arguments", str(raised)), str(raised)
+    assert re.match(
+        r"the slice was preempted during data \(SUSPEND(ING|ED)\); --retries 0 used up: run `up` "
+        r"again "
+        "with the same arguments",
+        str(raised),
+    ), str(raised)
+
+
+def scripted_launcher(statuses=()):
+    """A `Launcher` whose slice answers from a script (the workers' status
+    lines; the slice ACTIVE): the choices of `wait` and `up` run as they
+    are, and no gcloud is called."""
+    from pipeline.parallel.launch import Launcher, TpuPod, WorkerStatus
+
+    class Scripted(Launcher):
+        def workers(self):
+            return [0, 1]
+
+        def statuses(self, workers=None):
+            return [WorkerStatus.parse(line) for line in statuses]
+
+        def output(self, command):
+            return ""
+
+        def slice_state(self):
+            return "ACTIVE"
+
+        def execute(self, commands, tolerate=False):
+            pass
+
+    return Scripted(TpuPod("s", "z", spot=True), log=lambda *_: None)
+
+
+def test_the_first_worker_to_fail_is_named():
+    """Worker 1 failed first (time 100); worker 0 failed after it, maybe
+    because of it."""
+    from pipeline.parallel.launch import PodError
+
+    launcher = scripted_launcher(
+        ["worker 0: failed finetune 2 250.5", "worker 1: failed data 2 100.0"]
+    )
+    with pytest.raises(PodError, match=r"stage data failed on worker 1 \(make exited 2\)"):
+        launcher.wait(0)
+
+
+def test_a_relaunch_starts_again_at_the_interrupted_stage():
+    from pipeline.parallel.launch import SlicePreempted
+
+    launcher = scripted_launcher()
+    started, finished = [], []
+
+    def finish():
+        finished.append(True)
+        if len(finished) == 1:
+            raise SlicePreempted("finetune", "SUSPENDED")
+
+    launcher.up([], started.append, ["data", "finetune", "mean-prompt", "predict"], 0, finish, 1)
+    assert started == [
+        ["data", "finetune", "mean-prompt", "predict"],
+        ["finetune", "mean-prompt", "predict"],
+    ]

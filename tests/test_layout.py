@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from processes import ROOT
 
 PACKAGE = ROOT / "pipeline"
@@ -22,14 +21,26 @@ MAY_IMPORT = {
     "kaggle": {"text"},
 }
 STAGES = {"data", "finetune", "mean_prompt", "predict", "score", "compare", "export", "bundle"}
-KERAS_STACK = {"keras", "keras_hub", "keras_nlp", "jax", "jaxlib", "tensorflow", "tensorflow_text",
-               "tensorflow_hub", "tf_keras"}
+KERAS_STACK = {
+    "keras",
+    "keras_hub",
+    "keras_nlp",
+    "jax",
+    "jaxlib",
+    "tensorflow",
+    "tensorflow_text",
+    "tensorflow_hub",
+    "tf_keras",
+}
 
 
 def all_modules():
     """'pipeline.text.rules'-style names of every module of the package."""
-    return sorted(".".join(("pipeline", *path.relative_to(PACKAGE).with_suffix("").parts))
-                  for path in PACKAGE.rglob("*.py") if path.name != "__init__.py")
+    return sorted(
+        ".".join(("pipeline", *path.relative_to(PACKAGE).with_suffix("").parts))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    )
 
 
 def source(module):
@@ -44,7 +55,11 @@ def imports(module):
     for node in ast.walk(ast.parse(source(module))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                (inside.add(alias.name) if alias.name.startswith("pipeline.") else outside.add(alias.name.split(".")[0]))
+                (
+                    inside.add(alias.name)
+                    if alias.name.startswith("pipeline.")
+                    else outside.add(alias.name.split(".")[0])
+                )
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             if node.module == "pipeline" or node.module.startswith("pipeline."):
                 for alias in node.names:
@@ -79,7 +94,9 @@ def test_every_module_sits_in_a_layer():
 def test_layers_import_only_downwards(module):
     allowed = MAY_IMPORT[layer(module)] | {layer(module), None}
     wrong = {name for name in imports(module)[0] if layer(name) not in allowed}
-    assert not wrong, f"{module} imports {sorted(wrong)}; it may import {sorted(allowed - {None})} and the root"
+    assert not wrong, (
+        f"{module} imports {sorted(wrong)}; it may import {sorted(allowed - {None})} and the root"
+    )
 
 
 def test_root_modules_import_no_layer():
@@ -105,6 +122,9 @@ def test_the_kaggle_path_imports_no_keras_jax_or_tensorflow():
             assert not imports(name)[1] & KERAS_STACK, name
         loaded = subprocess.run(
             [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         assert not {name.split(".")[0] for name in loaded} & KERAS_STACK, module

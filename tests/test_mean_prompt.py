@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
 
+from pipeline.stages.mean_prompt import (
+    EmbeddingCache,
+    MeanScore,
+    beam_search,
+    best_constant,
+    candidate_moves,
+)
 from pipeline.text.combine import combine_parts
 from pipeline.text.token_limit import TokenLimit
-from pipeline.stages.mean_prompt import EmbeddingCache, MeanScore, beam_search, best_constant, candidate_moves
 
 
 class _AxisEncoder:
@@ -31,14 +37,28 @@ def test_beam_search_finds_the_known_best_string():
     # and the search stops when step 2 gains nothing.
     cache = EmbeddingCache(_AxisEncoder())
     objective = MeanScore(cache, ["alpha", "beta"])
-    best, history = beam_search(objective, ["alpha", "beta", "gamma"], beam_width=3, steps=5, fits=lambda s: True, log=lambda *_: None)
+    best, history = beam_search(
+        objective,
+        ["alpha", "beta", "gamma"],
+        beam_width=3,
+        steps=5,
+        fits=lambda s: True,
+        log=lambda *_: None,
+    )
     assert best in ("alpha", "beta") and history[0]["train"] == pytest.approx(0.5)
     assert len(history) == 1  # step 2 gains nothing: stop
 
     # Three "alpha" targets for one "beta": whatever the search returns
     # scores at least as well as "alpha" alone (0.75) and holds no "gamma".
     objective = MeanScore(cache, ["alpha"] * 3 + ["beta"])
-    best, _ = beam_search(objective, ["alpha", "beta", "gamma"], beam_width=3, steps=6, fits=lambda s: True, log=lambda *_: None)
+    best, _ = beam_search(
+        objective,
+        ["alpha", "beta", "gamma"],
+        beam_width=3,
+        steps=6,
+        fits=lambda s: True,
+        log=lambda *_: None,
+    )
     vector = np.array([best.split().count("alpha"), best.split().count("beta")], dtype=float)
     cos = vector / np.linalg.norm(vector)
     score = (3 * cos[0] ** 3 + cos[1] ** 3) / 4
@@ -83,7 +103,9 @@ def test_best_constant_is_picked_on_the_training_targets():
     cache = EmbeddingCache(_AxisEncoder())
     train, holdout = ["alpha", "alpha beta", "alpha"], ["gamma", "gamma"]
     prompt, holdout_score = best_constant(cache, ["alpha", "gamma"], train, holdout)
-    assert prompt == "alpha" and holdout_score == pytest.approx(0.0)  # not the holdout's own best, "gamma"
+    assert prompt == "alpha" and holdout_score == pytest.approx(
+        0.0
+    )  # not the holdout's own best, "gamma"
 
 
 def test_predictions_pandas_reads_as_missing_get_the_fallback():

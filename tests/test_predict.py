@@ -10,8 +10,11 @@ from pipeline.text.tables import TableError
 
 def _test_csv(tmp_path, n=5):
     df = pd.DataFrame(
-        {"id": [f"q{i}" for i in range(n)], "original_text": ["The cat sat. " * (i + 1) for i in range(n)],
-         "rewritten_text": ["THE CAT SAT. " * (i + 1) for i in range(n)]}
+        {
+            "id": [f"q{i}" for i in range(n)],
+            "original_text": ["The cat sat. " * (i + 1) for i in range(n)],
+            "rewritten_text": ["THE CAT SAT. " * (i + 1) for i in range(n)],
+        }
     )
     df.to_csv(tmp_path / "test.csv", index=False)
     return df
@@ -19,7 +22,11 @@ def _test_csv(tmp_path, n=5):
 
 def test_submission_in_input_order_one_row_per_id(tiny_cfg, tmp_path):
     df = _test_csv(tmp_path)
-    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
+        str(tmp_path / "test.csv"),
+        "all",
+        "none",
+    )
     tiny_cfg.predict.max_new_tokens = 4
     path = run_predict_stage(tiny_cfg, log=lambda *_: None)
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -37,11 +44,19 @@ def test_empty_outputs_replaced_by_fallback_and_counted(tiny_cfg, tmp_path, monk
         yield list(range(len(prompts))), ["", "  Add a title.", "\n"]
 
     monkeypatch.setattr(generation.BatchedGenerator, "generate", empty_outputs)
-    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
+        str(tmp_path / "test.csv"),
+        "all",
+        "none",
+    )
     logs = []
     path = run_predict_stage(tiny_cfg, log=logs.append)
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
-    assert list(sub["rewrite_prompt"]) == [tiny_cfg.predict.fallback, "Add a title.", tiny_cfg.predict.fallback]
+    assert list(sub["rewrite_prompt"]) == [
+        tiny_cfg.predict.fallback,
+        "Add a title.",
+        tiny_cfg.predict.fallback,
+    ]
     assert "2 empty prediction(s) replaced by the fallback" in logs[-1]
     raw = pd.read_csv(path.parent / "model_outputs.csv", dtype=str, keep_default_na=False)
     assert list(raw["rewrite_prompt"]) == ["", "Add a title.", ""]  # before combination
@@ -57,8 +72,14 @@ def test_combine_with_mean_prompt_and_another_submission(tiny_cfg, tmp_path, mon
     mean = tmp_path / "cpu_tiny" / "mean_prompt" / "mean_prompt.txt"
     mean.parent.mkdir(parents=True)
     mean.write_text("Improve this text.\n")
-    pd.DataFrame({"id": df["id"][::-1], "rewrite_prompt": ["B", "A"]}).to_csv(tmp_path / "other.csv", index=False)
-    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    pd.DataFrame({"id": df["id"][::-1], "rewrite_prompt": ["B", "A"]}).to_csv(
+        tmp_path / "other.csv", index=False
+    )
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
+        str(tmp_path / "test.csv"),
+        "all",
+        "none",
+    )
     tiny_cfg.predict.combine = ["model", str(tmp_path / "other.csv"), "mean_prompt"]
     path = run_predict_stage(tiny_cfg, log=lambda *_: None)
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -108,12 +129,18 @@ def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, m
     mean.parent.mkdir(parents=True)
     long_mean_prompt = "Rewrite this text as a pirate would say it, please. " * 30
     mean.write_text(long_mean_prompt + "\n")
-    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = str(tmp_path / "test.csv"), "all", "none"
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
+        str(tmp_path / "test.csv"),
+        "all",
+        "none",
+    )
     tiny_cfg.predict.combine = ["model", "mean_prompt"]
     path = run_predict_stage(tiny_cfg, log=lambda *_: None)
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
     limit = TokenLimit(find_piece_model(tiny_cfg.score.encoder), tiny_cfg.mean_prompt.max_tokens)
     assert not limit("Make it rhyme. " + long_mean_prompt.strip())
-    for model_output, prompt in zip(["Make it rhyme.", "Shorter."], sub["rewrite_prompt"]):
+    for model_output, prompt in zip(
+        ["Make it rhyme.", "Shorter."], sub["rewrite_prompt"], strict=True
+    ):
         assert limit(prompt) and prompt.startswith(model_output + " Rewrite this text")
         assert not limit(prompt + " pirate")  # cut at the limit, not before

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.models.families.gemma import CHAT_TURN
 from pipeline.text.batching import Batch, TrainingBatches, evaluation_batches
 from pipeline.text.recovery import RecoveryFormatter, share_budget
-from pipeline.models.families.gemma import CHAT_TURN
 from pipeline.text.templates import (
     RECOVERY_TEMPLATE,
     REWRITE_TEMPLATE,
@@ -21,7 +21,9 @@ def test_rewrite_request_is_one_gemma_user_turn():
     )
     assert CHAT_TURN.count("{content}") == 1
     bare = format_rewrite_request(REWRITE_TEMPLATE, "Make it rhyme.", "A cat sat.")
-    assert bare == "Instruction:\nMake it rhyme.\n\nOriginal Text:\nA cat sat.\n\nResponse:\n"  # the reference's
+    assert (
+        bare == "Instruction:\nMake it rhyme.\n\nOriginal Text:\nA cat sat.\n\nResponse:\n"
+    )  # the reference's
 
 
 def test_recovery_prompt_ends_where_the_answer_starts():
@@ -44,7 +46,9 @@ def test_too_short_sequence_is_refused(tiny_model):
 
 
 def _one_example(formatter, original, rewritten, prompt, length=None):
-    df = pd.DataFrame({"original_text": [original], "rewritten_text": [rewritten], "rewrite_prompt": [prompt]})
+    df = pd.DataFrame(
+        {"original_text": [original], "rewritten_text": [rewritten], "rewrite_prompt": [prompt]}
+    )
     rows, _ = formatter.encode(df)
     x, y, w = rows.arrays(Batch((0,), length or formatter.sequence_length))
     return {k: v[0] for k, v in x.items()}, y[0], w[0]
@@ -53,7 +57,9 @@ def _one_example(formatter, original, rewritten, prompt, length=None):
 def test_loss_weights_cover_the_response_and_eos_only(tiny_model):
     formatter = _formatter(tiny_model)
     tok = formatter.tokenizer
-    x, y, w = _one_example(formatter, "The cat sat.", "THE CAT SAT.", "Convert this text into all capital letters.")
+    x, y, w = _one_example(
+        formatter, "The cat sat.", "THE CAT SAT.", "Convert this text into all capital letters."
+    )
     answer = [int(t) for t in tok("Convert this text into all capital letters.")]
     assert list(y[w == 1]) == answer + [tok.end_token_id]
     n_real = int(x["padding_mask"].sum())
@@ -66,14 +72,22 @@ def test_loss_weights_cover_the_response_and_eos_only(tiny_model):
     assert (x["token_ids"][n_real:] == tok.pad_token_id).all()
     # Targets are the inputs shifted by one.
     assert (y[: n_real - 1] == x["token_ids"][1:n_real]).all()
-    prompt = formatter.prompt_ids(pd.DataFrame({"original_text": ["The cat sat."], "rewritten_text": ["THE CAT SAT."]}))[0]
+    prompt = formatter.prompt_ids(
+        pd.DataFrame({"original_text": ["The cat sat."], "rewritten_text": ["THE CAT SAT."]})
+    )[0]
     assert list(x["token_ids"][: len(prompt)]) == prompt  # predict sees the same prompt tokens
 
 
 def test_long_texts_are_cut_to_fit_and_counted(tiny_model):
     formatter = _formatter(tiny_model, sequence_length=100, response=16)
     long = "word " * 400
-    df = pd.DataFrame({"original_text": [long, "short"], "rewritten_text": [long, "tiny"], "rewrite_prompt": [long, "q"]})
+    df = pd.DataFrame(
+        {
+            "original_text": [long, "short"],
+            "rewritten_text": [long, "tiny"],
+            "rewrite_prompt": [long, "q"],
+        }
+    )
     fitted, cut = formatter.fit_texts(df)
     assert cut == 1 and fitted["original_text"][1] == "short"
     rows, responses_cut = formatter.encode(fitted)
@@ -87,7 +101,13 @@ def test_long_texts_are_cut_to_fit_and_counted(tiny_model):
 
 def test_evaluation_batches_cover_every_row_once_with_zero_weight_fillers(tiny_model):
     formatter = _formatter(tiny_model)
-    df = pd.DataFrame({"original_text": ["a b c"] * 3, "rewritten_text": ["A B C"] * 3, "rewrite_prompt": ["Upper."] * 3})
+    df = pd.DataFrame(
+        {
+            "original_text": ["a b c"] * 3,
+            "rewritten_text": ["A B C"] * 3,
+            "rewrite_prompt": ["Upper."] * 3,
+        }
+    )
     rows, _ = formatter.encode(df)
     batches = evaluation_batches(rows, 2, 128, 32)
     assert [b.rows for b in batches] == [(0, 1), (2, -1)]
@@ -96,7 +116,8 @@ def test_evaluation_batches_cover_every_row_once_with_zero_weight_fillers(tiny_m
 
 
 @pytest.mark.parametrize(
-    "lengths, kept", [((10, 10), (10, 90)), ((300, 20), (80, 20)), ((300, 300), (50, 50)), ((30, 300), (30, 70))]
+    "lengths, kept",
+    [((10, 10), (10, 90)), ((300, 20), (80, 20)), ((300, 300), (50, 50)), ((30, 300), (30, 70))],
 )
 def test_budget_sharing(lengths, kept):
     assert share_budget(*lengths, 100) == kept
@@ -107,9 +128,11 @@ def _mixed_lengths(n=48, seed=0):
     words = ["cat", "sat", "dog", "ran", "sun", "sea"]
     text = lambda k: " ".join(rng.choice(words, size=k))  # noqa: E731
     return pd.DataFrame(
-        {"original_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
-         "rewritten_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
-         "rewrite_prompt": [text(int(rng.integers(2, 8))) for _ in range(n)]}
+        {
+            "original_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
+            "rewritten_text": [text(int(rng.integers(2, 60))) for _ in range(n)],
+            "rewrite_prompt": [text(int(rng.integers(2, 8))) for _ in range(n)],
+        }
     )
 
 
@@ -135,16 +158,27 @@ def test_length_buckets_cut_padding_with_a_fixed_set_of_shapes(tiny_model):
     rows, _ = formatter.encode(df)
     fixed = TrainingBatches(rows, 4, 256, 0, seed=0)
     bucketed = TrainingBatches(rows, 4, 256, 32, seed=0)
-    assert fixed.computed_tokens == fixed.steps_per_epoch * 4 * 256  # without buckets every row is padded to 256
-    assert bucketed.real_tokens / bucketed.computed_tokens > 0.85 > fixed.real_tokens / fixed.computed_tokens
-    assert {b.length for b in bucketed.epoch(0)} <= set(range(32, 257, 32))  # shapes from a fixed set
+    assert (
+        fixed.computed_tokens == fixed.steps_per_epoch * 4 * 256
+    )  # without buckets every row is padded to 256
+    assert (
+        bucketed.real_tokens / bucketed.computed_tokens
+        > 0.85
+        > fixed.real_tokens / fixed.computed_tokens
+    )
+    assert {b.length for b in bucketed.epoch(0)} <= set(
+        range(32, 257, 32)
+    )  # shapes from a fixed set
     for batch in bucketed.epoch(0):  # the loss still covers the answers only
         x, _, w = rows.arrays(batch)
         mask = x["padding_mask"]
         assert x["token_ids"].shape == (4, batch.length)
         real = np.array([r >= 0 for r in batch.rows])
         assert (w[~mask] == 0).all() and (w[real].sum(axis=1) > 0).all() and w[~real].sum() == 0
-        assert mask[real, 0].all() and (x["token_ids"][~mask] == formatter.tokenizer.pad_token_id).all()
+        assert (
+            mask[real, 0].all()
+            and (x["token_ids"][~mask] == formatter.tokenizer.pad_token_id).all()
+        )
 
 
 def test_same_row_same_tokens_in_any_bucket(tiny_model):

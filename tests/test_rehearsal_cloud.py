@@ -18,42 +18,85 @@ import time
 
 import pandas as pd
 import pytest
+from processes import ROOT
 
 from pipeline.text import rules
-from processes import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
-SIZES = ["distribution.mesh_shape=[2,4]", "distribution.host_device_count=4", "model.preset=data/gemma_tiny",
-         "score.encoder=data/encoder", "data.max_rows=16", "data.max_new_tokens=8", "train.checkpoint_every=0",
-         "predict.max_new_tokens=8", "mean_prompt.steps=2", "mean_prompt.beam_width=4"]
+SIZES = [
+    "distribution.mesh_shape=[2,4]",
+    "distribution.host_device_count=4",
+    "model.preset=data/gemma_tiny",
+    "score.encoder=data/encoder",
+    "data.max_rows=16",
+    "data.max_new_tokens=8",
+    "train.checkpoint_every=0",
+    "predict.max_new_tokens=8",
+    "mean_prompt.steps=2",
+    "mean_prompt.beam_width=4",
+]
 
 
 @pytest.fixture(scope="module")
 def cloud(tiny, tmp_path_factory):
     """(environment with the stand-in gcloud first on PATH, the --data arguments)."""
     folder = tmp_path_factory.mktemp("cloud")
-    paragraphs = [p.strip() for p in (ROOT / "demo" / "texts.txt").read_text().split("\n\n") if p.strip()]
+    paragraphs = [
+        p.strip() for p in (ROOT / "demo" / "texts.txt").read_text().split("\n\n") if p.strip()
+    ]
     pd.DataFrame({"text": paragraphs}).to_csv(folder / "source_texts.csv", index=False)
-    pd.DataFrame({"id": [f"t{i}" for i in range(5)], "original_text": paragraphs[:5],
-                  "rewritten_text": [rules.rewrite(p, t) for p, t in zip(rules.RULES, paragraphs[:5])]}
-                 ).to_csv(folder / "test.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": [f"t{i}" for i in range(5)],
+            "original_text": paragraphs[:5],
+            "rewritten_text": [
+                rules.rewrite(p, t) for p, t in zip(rules.RULES, paragraphs[:5], strict=False)
+            ],
+        }
+    ).to_csv(folder / "test.csv", index=False)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAKEFLAGS", "MAKELEVEL")}
-    env.update(PATH=f"{ROOT / 'tests' / 'standins'}{os.pathsep}{env['PATH']}", STANDIN_GCLOUD_ROOT=str(folder / "slices"),
-               STANDIN_GCLOUD_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=f"{ROOT / 'tests' / 'standins'}{os.pathsep}{env['PATH']}",
+        STANDIN_GCLOUD_ROOT=str(folder / "slices"),
+        STANDIN_GCLOUD_PYTHON=sys.executable,
+        PYTHONUNBUFFERED="1",
+    )
     prompts = list(rules.RULES)
-    rows = [(f"r{i}", paragraphs[i % len(paragraphs)], prompts[i % len(prompts)]) for i in range(64)]
-    pd.DataFrame([(i, text, prompt, rules.rewrite(prompt, text)) for i, text, prompt in rows],
-                 columns=["id", "original_text", "rewrite_prompt", "rewritten_text"]).to_csv(folder / "train.csv", index=False)
-    data = [f"--data={path}" for path in (tiny.preset, tiny.encoder, folder / "source_texts.csv", folder / "test.csv",
-                                          folder / "train.csv")]
+    rows = [
+        (f"r{i}", paragraphs[i % len(paragraphs)], prompts[i % len(prompts)]) for i in range(64)
+    ]
+    pd.DataFrame(
+        [(i, text, prompt, rules.rewrite(prompt, text)) for i, text, prompt in rows],
+        columns=["id", "original_text", "rewrite_prompt", "rewritten_text"],
+    ).to_csv(folder / "train.csv", index=False)
+    data = [
+        f"--data={path}"
+        for path in (
+            tiny.preset,
+            tiny.encoder,
+            folder / "source_texts.csv",
+            folder / "test.csv",
+            folder / "train.csv",
+        )
+    ]
     return env, data, folder
 
 
 def with_emulator(env):
     """The environment that points gcsfs and tensorstore at the tests' emulator."""
-    return dict(env, **{k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                                   "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")})
+    return dict(
+        env,
+        **{
+            k: os.environ[k]
+            for k in (
+                "STORAGE_EMULATOR_HOST",
+                "TENSORSTORE_GCS_HTTP_URL",
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+            )
+        },
+    )
 
 
 def log_of_worker_0(into):
@@ -61,14 +104,22 @@ def log_of_worker_0(into):
 
 
 def tpu_pod(env, *words, check=True, timeout=1500):
-    result = subprocess.run([sys.executable, "scripts/tpu_pod.py", *words, "--zone=standin-a", "--poll-seconds=1"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "scripts/tpu_pod.py", *words, "--zone=standin-a", "--poll-seconds=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     return result
 
 
-def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(cloud, tmp_path, gcs_bucket):
+def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
+    cloud, tmp_path, gcs_bucket
+):
     """The README's command: the run root on a bucket (the tests' emulator,
     which both workers reach), so the outputs and checkpoints are there and
     only the workers' logs come back."""
@@ -76,12 +127,24 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
 
     env, data, folder = cloud
     env = with_emulator(env)
-    result = tpu_pod(env, "up", "--name=whole", *data, "--stage=all", "--delete", f"--into={tmp_path}", *SIZES,
-                     f"run.root={gcs_bucket}/runs")
+    result = tpu_pod(
+        env,
+        "up",
+        "--name=whole",
+        *data,
+        "--stage=all",
+        "--delete",
+        f"--into={tmp_path}",
+        *SIZES,
+        f"run.root={gcs_bucket}/runs",
+    )
     run = f"{gcs_bucket}/runs/cloud_tpu_v3_32"
     with epath.Path(f"{run}/predict/submission.csv").open() as f:
         submission = pd.read_csv(f, dtype=str, keep_default_na=False)
-    assert list(submission["id"]) == [f"t{i}" for i in range(5)] and (submission["rewrite_prompt"] != "").all()
+    assert (
+        list(submission["id"]) == [f"t{i}" for i in range(5)]
+        and (submission["rewrite_prompt"] != "").all()
+    )
     assert json.loads(epath.Path(f"{run}/score_holdout/score.json").read_text())["rows"] >= 1
     assert [p.name for p in epath.Path(f"{run}/finetune/checkpoints").iterdir() if p.name.isdigit()]
     assert not (tmp_path / "cloud_tpu_v3_32" / "predict").exists()  # nothing fetched but the logs
@@ -97,7 +160,8 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
 
 
 def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_uninterrupted_adapter(
-        cloud, tmp_path, gcs_bucket):
+    cloud, tmp_path, gcs_bucket
+):
     """`up --spot --retries 1`: Cloud TPU (the stand-in's `preempt`) takes the
     slice back during finetune: SIGTERM to every process, then the workers'
     disks go. The launcher notices, deletes the request, asks again, sets the
@@ -108,53 +172,131 @@ def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_un
 
     env, data, folder = cloud
     env = with_emulator(env)
-    overrides = [*SIZES, f"run.root={gcs_bucket}/runs", "train.data=data/train.csv", "train.epochs=2"]
-    tpu_pod(env, "up", "--name=steady", *data, "--stage=finetune", "--delete", f"--into={tmp_path}", *overrides,
-            "run.name=steady")
+    overrides = [
+        *SIZES,
+        f"run.root={gcs_bucket}/runs",
+        "train.data=data/train.csv",
+        "train.epochs=2",
+    ]
+    tpu_pod(
+        env,
+        "up",
+        "--name=steady",
+        *data,
+        "--stage=finetune",
+        "--delete",
+        f"--into={tmp_path}",
+        *overrides,
+        "run.name=steady",
+    )
     launcher = subprocess.Popen(
-        [sys.executable, "scripts/tpu_pod.py", "up", "--name=spot", "--zone=standin-a", "--poll-seconds=1", "--spot",
-         "--retries=1", *data, "--stage=finetune", "--delete", f"--into={tmp_path}", *overrides, "run.name=spot"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    worker_log = folder / "slices" / "spot" / "worker-0" / "prompt-recovery" / "runs" / "pod-job" / "log"
+        [
+            sys.executable,
+            "scripts/tpu_pod.py",
+            "up",
+            "--name=spot",
+            "--zone=standin-a",
+            "--poll-seconds=1",
+            "--spot",
+            "--retries=1",
+            *data,
+            "--stage=finetune",
+            "--delete",
+            f"--into={tmp_path}",
+            *overrides,
+            "run.name=spot",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    worker_log = (
+        folder / "slices" / "spot" / "worker-0" / "prompt-recovery" / "runs" / "pod-job" / "log"
+    )
     deadline = time.time() + 900
     while not (worker_log.exists() and "finetune: step 2/" in worker_log.read_text()):
         assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
         time.sleep(0.05)
-    preempt = subprocess.run(["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"],
-                             env=env, capture_output=True, text=True, timeout=300)
+    preempt = subprocess.run(
+        ["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert preempt.returncode == 0, preempt.stderr
     output, _ = launcher.communicate(timeout=1500)
     assert launcher.returncode == 0, output[-6000:]
-    assert re.search(r"pod: the slice was preempted during finetune \(SUSPEND(ING|ED)\); preemption 1:", output), output[-6000:]
+    assert re.search(
+        r"pod: the slice was preempted during finetune \(SUSPEND(ING|ED)\); preemption 1:", output
+    ), output[-6000:]
     assert output.count("+ gcloud compute tpus queued-resources create spot") == 2
     (resumed,) = re.findall(r"pod: preempted during finetune .*resumed at step (\d+)", output)
     assert int(resumed) >= 2  # the step the SIGTERM checkpoint holds, not a fresh start
     assert "pod: 1 preemption(s): preempted during finetune" in output
-    assert not (folder / "slices" / "spot").exists() and not (folder / "slices" / "queued" / "spot.json").exists()
+    assert (
+        not (folder / "slices" / "spot").exists()
+        and not (folder / "slices" / "queued" / "spot.json").exists()
+    )
     gcs = fsspec.filesystem("gs")
     for name in ("steady", "spot"):
         (tmp_path / name / "finetune").mkdir(parents=True)
-        gcs.get(f"{gcs_bucket}/runs/{name}/finetune/adapter.lora.h5", str(tmp_path / name / "finetune" / "adapter.lora.h5"))
+        gcs.get(
+            f"{gcs_bucket}/runs/{name}/finetune/adapter.lora.h5",
+            str(tmp_path / name / "finetune" / "adapter.lora.h5"),
+        )
     assert_same_adapter(tmp_path / "steady", tmp_path / "spot", atol=1e-6)
 
 
-def test_a_stage_failing_on_one_worker_is_named_its_logs_fetched_and_the_slice_deleted(cloud, tmp_path):
+def test_a_stage_failing_on_one_worker_is_named_its_logs_fetched_and_the_slice_deleted(
+    cloud, tmp_path
+):
     env, data, folder = cloud
     tpu_pod(env, "create", "--name=broken")
     tpu_pod(env, "setup", "--name=broken", *data)
-    shutil.rmtree(folder / "slices" / "broken" / "worker-1" / "prompt-recovery" / "data" / "gemma_tiny")
-    result = tpu_pod(env, "run", "--name=broken", "--stage=all", "--delete", f"--into={tmp_path}", *SIZES, check=False)
+    shutil.rmtree(
+        folder / "slices" / "broken" / "worker-1" / "prompt-recovery" / "data" / "gemma_tiny"
+    )
+    result = tpu_pod(
+        env,
+        "run",
+        "--name=broken",
+        "--stage=all",
+        "--delete",
+        f"--into={tmp_path}",
+        *SIZES,
+        check=False,
+    )
     assert result.returncode != 0
     assert "stage data failed on worker 1 (make exited " in result.stderr
     assert "gemma_tiny" in (tmp_path / "cloud_tpu_v3_32" / "pod-logs" / "worker-1.log").read_text()
     assert not (folder / "slices" / "broken").exists()
 
 
-def test_a_dropped_connection_leaves_the_run_going_and_status_logs_fetch_pick_it_up(cloud, tmp_path):
+def test_a_dropped_connection_leaves_the_run_going_and_status_logs_fetch_pick_it_up(
+    cloud, tmp_path
+):
     env, data, folder = cloud
     launcher = subprocess.Popen(
-        [sys.executable, "scripts/tpu_pod.py", "up", "--name=dropped", "--zone=standin-a", "--poll-seconds=1", *data,
-         "--stage=data", *SIZES], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "scripts/tpu_pod.py",
+            "up",
+            "--name=dropped",
+            "--zone=standin-a",
+            "--poll-seconds=1",
+            *data,
+            "--stage=data",
+            *SIZES,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in launcher.stdout:
         seen.append(line)

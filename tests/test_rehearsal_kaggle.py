@@ -14,9 +14,9 @@ import subprocess
 
 import pandas as pd
 import pytest
+from processes import ROOT
 
 from pipeline.text import rules
-from processes import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,11 @@ NOISE = ("absl::InitializeLog", "cuInit", "cudart_stub", "oneDNN", "pkg_resource
 
 
 def snapshot(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +37,22 @@ def kaggle_input(tmp_path_factory):
     """/kaggle/input as the notebook sees it: source texts and the
     competition's test.csv (no rewrite_prompt), read-only."""
     folder = tmp_path_factory.mktemp("kaggle") / "input"
-    paragraphs = [p.strip() for p in (ROOT / "demo" / "texts.txt").read_text().split("\n\n") if p.strip()]
+    paragraphs = [
+        p.strip() for p in (ROOT / "demo" / "texts.txt").read_text().split("\n\n") if p.strip()
+    ]
     (folder / "source-texts").mkdir(parents=True)
     pd.DataFrame({"text": paragraphs}).to_csv(folder / "source-texts" / "texts.csv", index=False)
     (folder / "llm-prompt-recovery").mkdir()
-    test = pd.DataFrame({
-        "id": [f"t{i}" for i in range(5)],
-        "original_text": paragraphs[:5],
-        "rewritten_text": [rules.rewrite(prompt, text) for prompt, text in zip(rules.RULES, paragraphs[:5])],
-    })
+    test = pd.DataFrame(
+        {
+            "id": [f"t{i}" for i in range(5)],
+            "original_text": paragraphs[:5],
+            "rewritten_text": [
+                rules.rewrite(prompt, text)
+                for prompt, text in zip(rules.RULES, paragraphs[:5], strict=False)
+            ],
+        }
+    )
     test.to_csv(folder / "llm-prompt-recovery" / "test.csv", index=False)
     for path in [folder, *folder.rglob("*")]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
@@ -52,14 +62,26 @@ def kaggle_input(tmp_path_factory):
 def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_input, tmp_path):
     before = snapshot(kaggle_input)
     args = [
-        f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}",
+        f"run.root={tmp_path}",
+        f"model.preset={tiny.preset}",
+        f"score.encoder={tiny.encoder}",
         "distribution.host_device_count=8",
         f"data.sources='[{{path: {kaggle_input}/source-texts/texts.csv, column: text}}]'",
         f"predict.input={kaggle_input}/llm-prompt-recovery/test.csv",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VERBOSE", "MAKEFLAGS", "MAKELEVEL")}
-    result = subprocess.run(["make", "all", "CONFIG=configs/kaggle_tpu_v3_8.yaml", "ARGS=" + " ".join(args)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "VERBOSE", "MAKEFLAGS", "MAKELEVEL")
+    }
+    result = subprocess.run(
+        ["make", "all", "CONFIG=configs/kaggle_tpu_v3_8.yaml", "ARGS=" + " ".join(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     run = tmp_path / "kaggle_tpu_v3_8"
@@ -68,10 +90,14 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
     assert (submission["rewrite_prompt"].str.strip() != "").all()
     # The adapter is evaluated on the holdout rows of the training data, in folders that say so.
     assert "evaluate: " in output and "has no rewrite_prompt column" in output
-    holdout = pd.read_csv(run / "predict_holdout" / "submission.csv", dtype=str, keep_default_na=False)
+    holdout = pd.read_csv(
+        run / "predict_holdout" / "submission.csv", dtype=str, keep_default_na=False
+    )
     data = pd.read_csv(run / "data" / "rewrites.csv", dtype=str, keep_default_na=False)
     assert set(holdout["id"]) <= set(data["id"]) and len(holdout) >= 1
-    assert (run / "score_holdout" / "score.json").exists() and (run / "compare_holdout" / "compare.json").exists()
+    assert (run / "score_holdout" / "score.json").exists() and (
+        run / "compare_holdout" / "compare.json"
+    ).exists()
     assert snapshot(kaggle_input) == before  # the input folder is read-only
     noisy = [line for line in output.splitlines() if any(word in line for word in NOISE)]
     assert not noisy, noisy

@@ -10,6 +10,7 @@ from etils import epath
 
 from pipeline.errors import MissingInputError
 from pipeline.run.config import load_config
+from pipeline.run.run_dir import RunDir
 from pipeline.run.storage import RunMirror, localize, localized, mirror_path
 from pipeline.stages.data import run_data_stage
 
@@ -54,24 +55,41 @@ def test_inputs_on_a_bucket_are_fetched_once_into_the_mirrors(gcs_bucket, tmp_pa
     preset = localize(f"{gcs_bucket}/inputs/preset", mirrors)
     assert preset == str(mirror_path(f"{gcs_bucket}/inputs/preset", mirrors))
     assert open(f"{preset}/assets/tokenizer.model", "rb").read() == b"spm"
-    with pytest.raises(MissingInputError, match="inputs/nothing: no such object or folder in the bucket"):
+    with pytest.raises(
+        MissingInputError, match="inputs/nothing: no such object or folder in the bucket"
+    ):
         localize(f"{gcs_bucket}/inputs/nothing", mirrors)
 
-    cfg = localized(load_config(None, [f"run.mirrors={mirrors}", f"data.prompts={gcs_bucket}/inputs/prompts.txt",
-                                       f"model.preset={gcs_bucket}/inputs/preset", "predict.adapter=none"]))
+    cfg = localized(
+        load_config(
+            None,
+            [
+                f"run.mirrors={mirrors}",
+                f"data.prompts={gcs_bucket}/inputs/prompts.txt",
+                f"model.preset={gcs_bucket}/inputs/preset",
+                "predict.adapter=none",
+            ],
+        )
+    )
     assert (cfg.data.prompts, cfg.model.preset, cfg.predict.adapter) == (prompts, preset, "none")
     assert cfg.score.encoder == load_config(None).score.encoder  # not on a bucket: left as it is
 
 
 def test_a_data_stage_on_a_bucket_resumes_from_the_bucket_alone(tiny_cfg, gcs_bucket, tmp_path):
     mirrors = tmp_path / "mirrors"
-    tiny_cfg.run.root, tiny_cfg.run.mirrors, tiny_cfg.data.max_rows = f"{gcs_bucket}/runs", str(mirrors), 40
+    tiny_cfg.run.root, tiny_cfg.run.mirrors, tiny_cfg.data.max_rows = (
+        f"{gcs_bucket}/runs",
+        str(mirrors),
+        40,
+    )
     csv_path = run_data_stage(tiny_cfg, log=lambda *_: None)
     expected = csv_path.read_bytes()
     run = f"{gcs_bucket}/runs/{tiny_cfg.run.name}"
     batches = [name for name in objects(run) if name.startswith("data/rewrites.partial/")]
     assert len(batches) == 40 // tiny_cfg.data.batch_size  # an object per finished batch
-    assert epath.Path(f"{run}/data/rewrites.csv").read_bytes() == expected  # pushed when the stage ended
+    assert (
+        epath.Path(f"{run}/data/rewrites.csv").read_bytes() == expected
+    )  # pushed when the stage ended
     # A preempted slice: the local disk gone, the stage cut short after 2 batches.
     shutil.rmtree(mirrors)
     epath.Path(f"{run}/data/rewrites.csv").unlink()
@@ -94,13 +112,50 @@ def test_the_demo_on_a_bucket_scores_what_it_scores_locally(demo_run, gcs_bucket
 
     cfg, scores, _ = demo_run
     on_bucket = dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, root=f"{gcs_bucket}/runs", mirrors=str(tmp_path / "mirrors")))
+        cfg,
+        run=dataclasses.replace(
+            cfg.run, root=f"{gcs_bucket}/runs", mirrors=str(tmp_path / "mirrors")
+        ),
+    )
     assert run_demo(on_bucket, log=lambda *_: None) == scores
     run = f"{gcs_bucket}/runs/{cfg.run.name}"
     assert [p.name for p in epath.Path(f"{run}/finetune/checkpoints").iterdir() if p.name.isdigit()]
     local = f"{cfg.run.root}/{cfg.run.name}"
-    for name in ("data/rewrites.csv", "predict/submission.csv", "score/score.json", "mean_prompt/mean_prompt.txt",
-                 "compare/compare.json"):
+    for name in (
+        "data/rewrites.csv",
+        "predict/submission.csv",
+        "score/score.json",
+        "mean_prompt/mean_prompt.txt",
+        "compare/compare.json",
+    ):
         assert epath.Path(f"{run}/{name}").exists(), name
     for name in ("data/rewrites.csv", "predict/submission.csv", "mean_prompt/mean_prompt.txt"):
-        assert epath.Path(f"{run}/{name}").read_bytes() == open(f"{local}/{name}", "rb").read(), name
+        assert epath.Path(f"{run}/{name}").read_bytes() == open(f"{local}/{name}", "rb").read(), (
+            name
+        )
+
+
+def test_an_adapter_on_a_bucket_is_fetched_with_its_settings(gcs_bucket, tmp_path):
+    """predict and export read the adapter's format from the .json beside it."""
+    epath.Path(f"{gcs_bucket}/adapters/a.lora.h5").write_bytes(b"h5")
+    epath.Path(f"{gcs_bucket}/adapters/a.json").write_text('{"rank": 4}')
+    adapter = f"{gcs_bucket}/adapters/a.lora.h5"
+    cfg = localized(
+        load_config(
+            None,
+            [f"run.mirrors={tmp_path}", f"predict.adapter={adapter}", f"export.adapter={adapter}"],
+        )
+    )
+    for local in (cfg.predict.adapter, cfg.export.adapter):
+        assert open(local, "rb").read() == b"h5"
+        assert open(local.removesuffix(".lora.h5") + ".json").read() == '{"rank": 4}'
+
+
+def test_a_bucket_runs_checkpoints_stay_on_the_bucket(tmp_path):
+    """Orbax writes them there itself, so that a preempted slice loses none;
+    the stages' mirror leaves them out."""
+    on_bucket = RunDir(load_config(None, ["run.root=gs://b/runs", f"run.mirrors={tmp_path}"]))
+    assert on_bucket.checkpoints == "gs://b/runs/cpu_tiny/finetune/checkpoints"
+    assert str(on_bucket.root).startswith(str(tmp_path))
+    local = RunDir(load_config(None, [f"run.root={tmp_path}"]))
+    assert local.checkpoints == tmp_path / "cpu_tiny" / "finetune" / "checkpoints"

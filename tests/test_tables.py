@@ -61,7 +61,9 @@ def test_missing_file(tmp_path):
 def test_multiline_and_quoted_texts_survive(tmp_path):
     import pandas as pd
 
-    df = pd.DataFrame({"id": ["a"], "original_text": ['line one\n"two", three'], "rewritten_text": ["x"]})
+    df = pd.DataFrame(
+        {"id": ["a"], "original_text": ['line one\n"two", three'], "rewritten_text": ["x"]}
+    )
     write_table(df, tmp_path / "m.csv")
     assert read_table(tmp_path / "m.csv", TEST_COLUMNS, TEXTS).equals(df)
 
@@ -79,15 +81,41 @@ def test_split_is_contiguous_and_complete():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("", r"t.csv: the file is empty; it needs a header line \(id,original_text,rewritten_text\) and rows"),
-        ("id,original_text,rewritten_text\n", r"t.csv: a header \(id,original_text,rewritten_text\) and no rows; add rows"),
-        ("1,some text,its rewrite\n2,more,again\n", r"t.csv: missing column 'id'; .* \(its first line must be the header\)"),
-        ("id,original_text,rewritten_text\n1,a,b,c,d\n", r"t.csv: row 1: 5 fields under a header of 3 .*; quote texts"),
-        ("id,original_text,rewritten_text\n1,a,b\n2,a,b,c\n", r"t.csv: row 2: 4 fields under a header of 3"),
-        ("id,original_text,rewritten_text,original_text\n1,a,b,c\n",
-         r"t.csv: line 1 \(the header\): column 'original_text' appears 2 times; give each column its own name"),
+        (
+            "",
+            r"t.csv: the file is empty; it needs a header line \(id,original_text,rewritten_text\) "
+            r"and rows",
+        ),
+        (
+            "id,original_text,rewritten_text\n",
+            r"t.csv: a header \(id,original_text,rewritten_text\) and no rows; add rows",
+        ),
+        (
+            "1,some text,its rewrite\n2,more,again\n",
+            r"t.csv: missing column 'id'; .* \(its first line must be the header\)",
+        ),
+        (
+            "id,original_text,rewritten_text\n1,a,b,c,d\n",
+            r"t.csv: row 1: 5 fields under a header of 3 .*; quote texts",
+        ),
+        (
+            "id,original_text,rewritten_text\n1,a,b\n2,a,b,c\n",
+            r"t.csv: row 2: 4 fields under a header of 3",
+        ),
+        (
+            "id,original_text,rewritten_text,original_text\n1,a,b,c\n",
+            r"t.csv: line 1 \(the header\): column 'original_text' appears 2 times; give each "
+            r"column its own name",
+        ),
     ],
-    ids=["empty", "header-only", "no-header", "extra-fields-first-row", "extra-fields-later", "column-twice"],
+    ids=[
+        "empty",
+        "header-only",
+        "no-header",
+        "extra-fields-first-row",
+        "extra-fields-later",
+        "column-twice",
+    ],
 )
 def test_malformed_files_stop_with_file_row_and_what_to_do(tmp_path, text, message):
     with pytest.raises(TableError, match=message):

@@ -45,7 +45,9 @@ class TransformersTokenizer:
         self.end_token_id = tokenizer.eos_token_id
         # Llama 3 and Mistral have no pad token: rows are left-padded under an
         # attention mask, so any id will do.
-        self.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.pad_token_id = (
+            tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        )
 
     def __call__(self, texts):
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -99,14 +101,20 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, end_of_turn,
             attention_mask[row, width - len(prompts[i]) :] = 1
         with torch.no_grad():
             generated = model.generate(
-                input_ids=token_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                input_ids=token_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
             )
         for row, i in enumerate(indices):
             outputs[i] = strip_generated(generated[row].tolist(), width, stops)[:max_new_tokens]
         done = first + len(indices)
-        log(f"generate: {done}/{len(prompts)} rows, {done / (time.perf_counter() - start):.2f} rows/s")
+        log(
+            f"generate: {done}/{len(prompts)} rows, {done / (time.perf_counter() - start):.2f} "
+            "rows/s"
+        )
     return outputs
 
 
@@ -114,22 +122,41 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
     """Writes the submission for `input_csv` (id, original_text,
     rewritten_text) with the bundle's model, adapter and settings."""
     bundle_dir = Path(bundle_dir)
-    df = read_table(input_csv, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log)
+    df = read_table(
+        input_csv, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
+    )
     model_dir = settings["base_model"]
     if model_dir == "export":
         model_dir = bundle_dir / "transformers"
     adapter_dir = bundle_dir / settings["adapter"] if settings["adapter"] else None
-    log(f"predict: {len(df)} rows from {input_csv}; model {model_dir}, adapter {adapter_dir or 'none'}")
+    log(
+        f"predict: {len(df)} rows from {input_csv}; model {model_dir}, adapter "
+        f"{adapter_dir or 'none'}"
+    )
     model, tokenizer = load_model(model_dir, adapter_dir, settings["torch_dtype"])
-    formatter = RecoveryFormatter(tokenizer, settings["template"], settings["sequence_length"],
-                                  settings["max_response_tokens"])
+    formatter = RecoveryFormatter(
+        tokenizer,
+        settings["template"],
+        settings["sequence_length"],
+        settings["max_response_tokens"],
+    )
     df, n_cut = formatter.fit_texts(df)
     start = time.perf_counter()
-    output_ids = generate(model, tokenizer, formatter.prompt_ids(df), settings["batch_size"],
-                          settings["max_new_tokens"], settings["end_of_turn"], log)
+    output_ids = generate(
+        model,
+        tokenizer,
+        formatter.prompt_ids(df),
+        settings["batch_size"],
+        settings["max_new_tokens"],
+        settings["end_of_turn"],
+        log,
+    )
     elapsed = time.perf_counter() - start
     outputs = [text.strip() for text in tokenizer.detokenize(output_ids)]
-    parts = [outputs if name == "model" else [settings["mean_prompt"]] * len(df) for name in settings["combine"]]
+    parts = [
+        outputs if name == "model" else [settings["mean_prompt"]] * len(df)
+        for name in settings["combine"]
+    ]
     cut = None
     if settings["combine"] != ["model"]:
         from pipeline.text.token_limit import TokenLimit
@@ -137,9 +164,15 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
         cut = TokenLimit(bundle_dir / settings["piece_model"], settings["encoder_max_tokens"]).cut
     prompts, fallbacks = combine_parts(parts, settings["separator"], settings["fallback"], cut)
     write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts}), output_csv)
-    summary = {"rows": len(df), "texts_cut_to_fit": n_cut, "seconds": round(elapsed, 2),
-               "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
-               "empty_predictions_replaced_by_fallback": fallbacks,
-               "outputs_cut_at_max_new_tokens": sum(len(o) == settings["max_new_tokens"] for o in output_ids)}
+    summary = {
+        "rows": len(df),
+        "texts_cut_to_fit": n_cut,
+        "seconds": round(elapsed, 2),
+        "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
+        "empty_predictions_replaced_by_fallback": fallbacks,
+        "outputs_cut_at_max_new_tokens": sum(
+            len(o) == settings["max_new_tokens"] for o in output_ids
+        ),
+    }
     log(f"predict: {json.dumps(summary)} -> {output_csv}")
     return summary

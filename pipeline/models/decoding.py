@@ -36,9 +36,9 @@ import keras
 import numpy as np
 
 from pipeline import keras_internals
+from pipeline.models.model import PER_HEAD_INPUT, projections
 from pipeline.parallel import hosts
 from pipeline.parallel.distribution import data_sharding
-from pipeline.models.model import PER_HEAD_INPUT, projections
 
 
 class GemmaDecoder:
@@ -73,13 +73,17 @@ class GemmaDecoder:
         """Prompts right-padded in (batch, length) `token_ids`; returns the
         same shape with each row's generated tokens after its prompt. On a
         pod every process passes the whole batch and gets the whole result."""
-        out = self._compiled(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+        out = self._compiled(
+            *self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens)
+        )
         return hosts.to_numpy(out)
 
     def lower(self, token_ids, padding_mask, max_new_tokens):
         """The decoding program of a call with these arguments, lowered and
         not run (`.compile().as_text()` shows what a mesh makes it move)."""
-        return self._compiled.lower(*self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens))
+        return self._compiled.lower(
+            *self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens)
+        )
 
     def _arguments(self, token_ids, padding_mask):
         state = model_state(self.causal_lm)
@@ -87,7 +91,10 @@ class GemmaDecoder:
         if keras.distribution.distribution() is not None:
             # Rows over the data axis: each host feeds and decodes its own.
             sharding = data_sharding(token_ids.shape)
-            token_ids, padding_mask = hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
+            token_ids, padding_mask = (
+                hosts.global_batch(token_ids, sharding),
+                hosts.global_batch(padding_mask, sharding),
+            )
         return state, token_ids, padding_mask
 
     def _stateless_decode(self, state, token_ids, padding_mask, max_new_tokens):
@@ -105,7 +112,9 @@ class GemmaDecoder:
         # before it is read, and the rest of a longer prompt is fed on.
         prefill = max(length - max_new_tokens, 1)
         _, caches = self.forward(kernels, self._embed(token_ids[:, :prefill]), caches, 0, prefill)
-        index = jnp.minimum(jnp.min(row_lengths), prefill)  # the first cache position not yet written
+        index = jnp.minimum(
+            jnp.min(row_lengths), prefill
+        )  # the first cache position not yet written
         last = jnp.minimum(jnp.max(row_lengths) + max_new_tokens, length)
         done = jnp.zeros((batch,), bool)
         carry = (token_ids, caches, index, done)
@@ -113,8 +122,14 @@ class GemmaDecoder:
         # the teacher-forced ends of prompts longer than the shortest.
         span = max(1, -(-(length - prefill) // self.max_spans))
         for span_end in range(prefill + span, length + span, span):
-            carry = self._decode_span(kernels, carry, padding_mask, row_lengths + max_new_tokens, last,
-                                      min(span_end, length))
+            carry = self._decode_span(
+                kernels,
+                carry,
+                padding_mask,
+                row_lengths + max_new_tokens,
+                last,
+                min(span_end, length),
+            )
         return carry[0]
 
     def _decode_span(self, kernels, carry, padding_mask, row_ends, last, span_end):
@@ -128,7 +143,9 @@ class GemmaDecoder:
         def body(carry):
             token_ids, caches, index, done = carry
             previous = jax.lax.dynamic_slice_in_dim(token_ids, index - 1, 1, axis=1)
-            logits, caches = self.forward(kernels, self._embed(previous), caches, index - 1, span_end)
+            logits, caches = self.forward(
+                kernels, self._embed(previous), caches, index - 1, span_end
+            )
             generated = jnp.argmax(logits[:, -1, :], axis=-1).astype(token_ids.dtype)
             in_prompt = padding_mask[:, index]
             current = jnp.where(in_prompt, token_ids[:, index], generated)
@@ -144,7 +161,10 @@ class GemmaDecoder:
         `length` positions."""
         dtype = self.causal_lm.compute_dtype
         shape = (self.backbone.num_key_value_heads * batch, length, self.backbone.head_dim)
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.backbone.num_layers)]
+        return [
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(self.backbone.num_layers)
+        ]
 
     def _embed(self, token_ids):
         return self.backbone.token_embedding(token_ids)
@@ -160,9 +180,10 @@ class GemmaDecoder:
         mask = jnp.arange(span_end)[None, :] <= positions[:, None]
         mask = jnp.broadcast_to(mask[None], (embedded.shape[0], *mask.shape))
         new_caches = []
-        for block, (key_cache, value_cache) in zip(self.blocks, caches):
-            x, key_cache, value_cache = _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end,
-                                                       mask)
+        for block, (key_cache, value_cache) in zip(self.blocks, caches, strict=True):
+            x, key_cache, value_cache = _decoder_block(
+                block, kernels, x, key_cache, value_cache, start, span_end, mask
+            )
             new_caches.append((key_cache, value_cache))
         logits = backbone.token_embedding(self.final_norm(x), reverse=True)
         return logits, new_caches
@@ -174,20 +195,28 @@ def _cache_layout(x, dtype):
     model axis shards the heads, so the merged axis is sharded as a block
     of heads (batch first, it would be resharded at every step)."""
     batch, length, kv_heads, head_dim = x.shape
-    return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(dtype)
+    return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(
+        dtype
+    )
 
 
 def model_state(causal_lm, read=lambda variable: variable.value):
     """(trainable, non-trainable) values of the model's variables, as the
     compiled programs take them (`read` maps each variable)."""
-    return ([read(v) for v in causal_lm.trainable_variables], [read(v) for v in causal_lm.non_trainable_variables])
+    return (
+        [read(v) for v in causal_lm.trainable_variables],
+        [read(v) for v in causal_lm.non_trainable_variables],
+    )
 
 
 def state_scope(causal_lm, state):
     """A `keras.StatelessScope` in which the model's variables hold `state`
     (as `model_state` gives it), so a traced program reads its arguments."""
     trainable, non_trainable = state
-    mapping = [*zip(causal_lm.trainable_variables, trainable), *zip(causal_lm.non_trainable_variables, non_trainable)]
+    mapping = [
+        *zip(causal_lm.trainable_variables, trainable, strict=True),
+        *zip(causal_lm.non_trainable_variables, non_trainable, strict=True),
+    ]
     return keras.StatelessScope(state_mapping=mapping)
 
 
@@ -209,12 +238,16 @@ def _attention(block, query, key, value, mask, start):
     groups = heads // kv_heads
     query = query * keras.ops.cast(1 / np.sqrt(block.query_scale_dim), query.dtype)
     query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
-    rows = jnp.reshape(jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim))
+    rows = jnp.reshape(
+        jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim)
+    )
     if block.sliding_window:
         mask = keras_internals.sliding_window_mask(block.attention, mask, start)
     span = mask.shape[-1]
-    mask = jnp.reshape(jnp.broadcast_to(mask[None, :, None], (kv_heads, batch, groups, length, span)),
-                       (kv_heads * batch, groups * length, span))
+    mask = jnp.reshape(
+        jnp.broadcast_to(mask[None, :, None], (kv_heads, batch, groups, length, span)),
+        (kv_heads * batch, groups * length, span),
+    )
     if groups * length == 1:
         rows, mask = rows[:, 0], mask[:, 0]
     logits = jnp.einsum("n...h,nsh->n...s", rows, key)
@@ -225,8 +258,9 @@ def _attention(block, query, key, value, mask, start):
     # exp is 0 (every row sees at least its own position).
     logits = jnp.where(mask, logits.astype("float32"), -1e9)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    attended = jnp.einsum("n...s,nsh->n...h", weights.astype(value.dtype), value,
-                          preferred_element_type="float32")
+    attended = jnp.einsum(
+        "n...s,nsh->n...h", weights.astype(value.dtype), value, preferred_element_type="float32"
+    )
     attended = (attended / jnp.sum(weights, axis=-1)[..., None]).astype(query.dtype)
     attended = jnp.reshape(attended, (kv_heads, batch, groups, length, head_dim))
     return jnp.reshape(jnp.transpose(attended, (1, 3, 0, 2, 4)), (batch, length, heads * head_dim))
@@ -263,21 +297,33 @@ def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, m
     """`GemmaDecoderBlock.call` with a cache, its key and value apart
     (`block`: a `keras_internals.GemmaBlock`)."""
     normalized = block.pre_attention_norm(x)
-    query = keras_internals.apply_rope(block.attention, _project(block.query, kernels, normalized), start)
-    key = keras_internals.apply_rope(block.attention, _project(block.key, kernels, normalized), start)
+    query = keras_internals.apply_rope(
+        block.attention, _project(block.query, kernels, normalized), start
+    )
+    key = keras_internals.apply_rope(
+        block.attention, _project(block.key, kernels, normalized), start
+    )
     value = _project(block.value, kernels, normalized)
     # Caches are (kv heads × batch, length, head_dim): the layout both attention
     # products read without transposing (and so copying) the cache.
-    key_cache = jax.lax.dynamic_update_slice(key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0))
-    value_cache = jax.lax.dynamic_update_slice(value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0))
-    attended = _attention(block, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start)
+    key_cache = jax.lax.dynamic_update_slice(
+        key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0)
+    )
+    value_cache = jax.lax.dynamic_update_slice(
+        value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0)
+    )
+    attended = _attention(
+        block, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start
+    )
     attended = _project(block.attention_output, kernels, attended)
     if block.post_attention_norm is not None:
         attended = block.post_attention_norm(attended)
     attention_x = x + attended
     normalized = block.pre_ffw_norm(attention_x)
     gate = _project(block.ffw_gating, kernels, normalized)
-    hidden = keras.activations.gelu(gate, approximate=True) * _project(block.ffw_gating_2, kernels, normalized)
+    hidden = keras.activations.gelu(gate, approximate=True) * _project(
+        block.ffw_gating_2, kernels, normalized
+    )
     out = _project(block.ffw_linear, kernels, hidden)
     if block.post_ffw_norm is not None:
         out = block.post_ffw_norm(out)

@@ -34,7 +34,9 @@ def step_bytes_accessed(decoder, batch, length):
     kernels = [abstract(kernel) for _, kernel in merged.values()]
 
     def step(state, kernels, embedded, caches, start):
-        layer_kernels = {layer: (equations[layer], kernel) for layer, kernel in zip(merged, kernels)}
+        layer_kernels = {
+            layer: (equations[layer], kernel) for layer, kernel in zip(merged, kernels, strict=True)
+        }
         with state_scope(lm, state):
             logits, caches = decoder.forward(layer_kernels, embedded, caches, start, length)
         return jnp.argmax(logits[:, -1, :], axis=-1), caches
@@ -43,10 +45,15 @@ def step_bytes_accessed(decoder, batch, length):
     table = backbone.token_embedding.embeddings
     embedded = jax.ShapeDtypeStruct((batch, 1, backbone.hidden_dim), table.dtype)
     start = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
+    compiled = (
+        jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
+    )
     # The lookup reads one row of the table per token (the compiled step
     # counts reading those rows back, as its input).
-    return compiled.cost_analysis()["bytes accessed"] + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
+    return (
+        compiled.cost_analysis()["bytes accessed"]
+        + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
+    )
 
 
 def step_floor_bytes(decoder, batch, length):
@@ -57,9 +64,16 @@ def step_floor_bytes(decoder, batch, length):
     causal_lm = decoder.causal_lm
     backbone = causal_lm.backbone
     itemsize = np.dtype(causal_lm.compute_dtype).itemsize
-    kernels = sum(np.prod(w.shape) for w in backbone.weights if w.path.endswith("/kernel")) * itemsize
-    others = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in backbone.weights
-                 if w.path.endswith(("embeddings", "scale")))
+    kernels = (
+        sum(np.prod(w.shape) for w in backbone.weights if w.path.endswith("/kernel")) * itemsize
+    )
+    others = sum(
+        np.prod(w.shape) * np.dtype(w.dtype).itemsize
+        for w in backbone.weights
+        if w.path.endswith(("embeddings", "scale"))
+    )
     dims = ModelSpec(family_of(causal_lm), backbone.get_config()).dims
-    cache = 2 * dims.num_layers * batch * length * dims.num_key_value_heads * dims.head_dim * itemsize
+    cache = (
+        2 * dims.num_layers * batch * length * dims.num_key_value_heads * dims.head_dim * itemsize
+    )
     return kernels + others + cache

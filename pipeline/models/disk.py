@@ -3,13 +3,13 @@
 From the model spec (family and config.json only) and the LoRA settings: the
 adapter (`.lora.h5`, float32 factors), the training checkpoints (the factors
 and their two AdamW moments, float32; `train.keep_checkpoints` of them, and
-one more while a new one is written before the oldest goes), the PEFT export (KerasHub's LoRA has one A per head on the
-q, k and v kernels, so PEFT's B there is block-diagonal, heads x heads
-blocks of rank x head_dim stored dense: PEFT's format has no way to leave
-the zero blocks out), the merged transformers export (every weight in the
-model's dtype) and the Kaggle bundle (its adapter or merged model, and
-about 64 MiB of wheels). The data, predictions and logs are small beside
-these and not counted.
+one more while a new one is written before the oldest goes), the PEFT export
+(KerasHub's LoRA has one A per head on the q, k and v kernels, so PEFT's B
+there is block-diagonal, heads x heads blocks of rank x head_dim stored dense:
+PEFT's format has no way to leave the zero blocks out), the merged
+transformers export (every weight in the model's dtype) and the Kaggle bundle
+(its adapter or merged model, and about 64 MiB of wheels). The data,
+predictions and logs are small beside these and not counted.
 
 finetune checks the plan before it trains: against `run.disk_limit_gib`
 (Kaggle's 20 GB working folder, say) and the free space under the run's
@@ -29,7 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.models.memory import DTYPE_BYTES, GIB, LORA_DTYPE_BYTES, frozen_weight_bytes, lora_parameter_count
+from pipeline.models.memory import (
+    DTYPE_BYTES,
+    GIB,
+    LORA_DTYPE_BYTES,
+    frozen_weight_bytes,
+    lora_parameter_count,
+)
 from pipeline.models.model import PER_HEAD_INPUT
 
 WHEELS_BYTES = 64 * 2**20  # the bundle's wheels (requirements-kaggle.txt), as measured
@@ -45,7 +51,11 @@ def peft_parameter_count(spec, lora_cfg):
             continue
         shape = [size for _, size in dims]
         count += int(np.prod(shape[:-1])) * lora_cfg.rank  # A
-        heads = next(size for field, size in dims if field.endswith("_heads")) if name in PER_HEAD_INPUT else 1
+        heads = (
+            next(size for field, size in dims if field.endswith("_heads"))
+            if name in PER_HEAD_INPUT
+            else 1
+        )
         count += heads * shape[-1] * heads * lora_cfg.rank  # B (block-diagonal on q, k, v)
     return count
 
@@ -77,7 +87,11 @@ class DiskPlan:
     def report(self):
         rows = [
             ("adapter (finetune/adapter.lora.h5)", self.adapter),
-            (f"checkpoints (finetune/checkpoints/; {self.kept_checkpoints} kept, +1 while saving)", self.checkpoints),
+            (
+                f"checkpoints (finetune/checkpoints/; {self.kept_checkpoints} kept, +1 while "
+                "saving)",
+                self.checkpoints,
+            ),
             ("PEFT export (export/peft_adapter)", self.peft_export),
             ("merged export (export/transformers)", self.merged_export),
             ("Kaggle bundle (kaggle_bundle/)", self.bundle),
@@ -93,12 +107,24 @@ class DiskPlan:
 
 def plan_disk(cfg, spec):
     lora_bytes = lora_parameter_count(spec, cfg.lora) * LORA_DTYPE_BYTES
-    peft = peft_parameter_count(spec, cfg.lora) * 4 if cfg.export.peft else 0.0  # float32, as written
-    merged = frozen_weight_bytes(spec, {}, {}, DTYPE_BYTES[cfg.model.dtype]) if cfg.export.merged else 0.0
+    peft = (
+        peft_parameter_count(spec, cfg.lora) * 4 if cfg.export.peft else 0.0
+    )  # float32, as written
+    merged = (
+        frozen_weight_bytes(spec, {}, {}, DTYPE_BYTES[cfg.model.dtype])
+        if cfg.export.merged
+        else 0.0
+    )
     shipped = merged if cfg.kaggle.base_model == "export" else peft
-    return DiskPlan(adapter=lora_bytes, checkpoint=3 * lora_bytes, peft_export=peft, merged_export=merged,
-                    bundle=shipped + WHEELS_BYTES, kept_checkpoints=cfg.train.keep_checkpoints,
-                    limit_gib=cfg.run.disk_limit_gib)
+    return DiskPlan(
+        adapter=lora_bytes,
+        checkpoint=3 * lora_bytes,
+        peft_export=peft,
+        merged_export=merged,
+        bundle=shipped + WHEELS_BYTES,
+        kept_checkpoints=cfg.train.keep_checkpoints,
+        limit_gib=cfg.run.disk_limit_gib,
+    )
 
 
 def check_disk(plan, run_root, log=print):
@@ -106,19 +132,31 @@ def check_disk(plan, run_root, log=print):
     the free space under `run_root` leaves no room to train; warns when the
     exports will not fit the free space."""
     limit = plan.limit_gib
-    advice = ("lower lora.rank, adapt fewer kernels (lora.target_layers), set export.merged=false (the Kaggle "
-              "bundle needs only the PEFT adapter), or put run.root on a larger disk")
+    advice = (
+        "lower lora.rank, adapt fewer kernels (lora.target_layers), set export.merged=false (the "
+        "Kaggle "
+        "bundle needs only the PEFT adapter), or put run.root on a larger disk"
+    )
     if limit and plan.total > limit * GIB:
-        raise InputError(f"this run writes about {plan.total / GIB:.1f} GiB under {run_root} (adapter "
-                         f"{plan.adapter / GIB:.1f}, checkpoints {plan.checkpoints / GIB:.1f}, exports and bundle "
-                         f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}; {advice}")
+        raise InputError(
+            f"this run writes about {plan.total / GIB:.1f} GiB under {run_root} (adapter "
+            f"{plan.adapter / GIB:.1f}, checkpoints {plan.checkpoints / GIB:.1f}, exports and "
+            "bundle "
+            f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}; "
+            f"{advice}"
+        )
     folder = Path(run_root)
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if plan.training > free:
-        raise InputError(f"finetune writes about {plan.training / GIB:.1f} GiB (adapter and checkpoints) but "
-                         f"{folder} has {free / GIB:.1f} GiB free; {advice}")
+        raise InputError(
+            f"finetune writes about {plan.training / GIB:.1f} GiB (adapter and checkpoints) but "
+            f"{folder} has {free / GIB:.1f} GiB free; {advice}"
+        )
     if plan.total > free:
-        log(f"disk: the run's exports and bundle need about {plan.total / GIB:.1f} GiB in all, and {folder} has "
-            f"{free / GIB:.1f} GiB free: make room before `make export`")
+        log(
+            f"disk: the run's exports and bundle need about {plan.total / GIB:.1f} GiB in all, and "
+            f"{folder} has "
+            f"{free / GIB:.1f} GiB free: make room before `make export`"
+        )

@@ -22,16 +22,22 @@ def matmul_parameter_count(spec):
     output one is its own; Gemma 4's per-layer table)."""
     weights = spec.weight_dims()
     tied = "token_embedding/reverse_embeddings" not in weights
-    return sum(int(np.prod([size for _, size in dims])) for path, dims in weights.items()
-               if not path.endswith("/embeddings") or (tied and path == "token_embedding/embeddings"))
+    return sum(
+        int(np.prod([size for _, size in dims]))
+        for path, dims in weights.items()
+        if not path.endswith("/embeddings") or (tied and path == "token_embedding/embeddings")
+    )
 
 
 def attention_width(spec):
     """Query heads x head size, summed over the layers (Gemma 4's global
     layers have wider heads than its local ones)."""
     hidden = spec.dims.hidden_dim
-    return sum(int(np.prod([size for _, size in dims])) // hidden for path, dims in spec.weight_dims().items()
-               if path.endswith("/query/kernel"))
+    return sum(
+        int(np.prod([size for _, size in dims])) // hidden
+        for path, dims in spec.weight_dims().items()
+        if path.endswith("/query/kernel")
+    )
 
 
 def train_flops_per_token(spec, sequence_length, frozen=True):

@@ -31,7 +31,9 @@ from pipeline.text.tokens import stop_token_ids, strip_generated
 
 def make_decoder(causal_lm, stops):
     """The fastest decoder built for the model's family."""
-    return (GemmaDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(causal_lm, stops)
+    return (GemmaDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(
+        causal_lm, stops
+    )
 
 
 def bucket_length(longest_prompt, max_new_tokens, length_step):
@@ -63,8 +65,17 @@ class BatchedGenerator:
     ```
     """
 
-    def __init__(self, causal_lm, tokenizer, batch_size, max_new_tokens, length_step=64, log=print, decode=None,
-                 stops=None):
+    def __init__(
+        self,
+        causal_lm,
+        tokenizer,
+        batch_size,
+        max_new_tokens,
+        length_step=64,
+        log=print,
+        decode=None,
+        stops=None,
+    ):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -82,7 +93,10 @@ class BatchedGenerator:
         batches depend on `prompts` alone, so a resumed run decodes each row
         in the batch, and so with the tokens, of an uninterrupted one."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = [
+            order[start : start + self.batch_size]
+            for start in range(0, len(order), self.batch_size)
+        ]
         batches = [indices for indices in batches if not (skip and skip(indices))]
         total = sum(map(len, batches))
         start_time, rows_done, self.new_tokens, self.rows_at_limit = time.perf_counter(), 0, 0, 0
@@ -95,7 +109,8 @@ class BatchedGenerator:
             elapsed = time.perf_counter() - start_time
             self.log(
                 f"generate: {rows_done}/{total} rows, {rows_done / elapsed:.2f} rows/s, "
-                f"{self.new_tokens / elapsed:.1f} new tokens/s, {len(self.programs)} compiled shapes"
+                f"{self.new_tokens / elapsed:.1f} new tokens/s, {len(self.programs)} compiled "
+                "shapes"
             )
             texts = self.tokenizer.detokenize(outputs) if outputs else []
             yield indices, [_to_str(t) for t in texts]

@@ -43,8 +43,10 @@ def _shard(size_by_dim, axes, axis_size):
 
 def frozen_weight_bytes(spec, layout, axis_size, dtype_bytes):
     dims = spec.dims
-    total = sum(_shard([size for _, size in sizes], weight_axes(path, layout), axis_size)
-                for path, sizes in spec.weight_dims().items())
+    total = sum(
+        _shard([size for _, size in sizes], weight_axes(path, layout), axis_size)
+        for path, sizes in spec.weight_dims().items()
+    )
     norms = dims.hidden_dim * (2 * dims.num_layers + 1)
     return (total + norms) * dtype_bytes
 
@@ -60,7 +62,10 @@ def lora_parameter_count(spec, lora_cfg, layout=None, axis_size=None):
         if layer.split("/")[-1] not in lora_cfg.target_layers:
             continue
         shape = [size for _, size in dims]
-        for factor, factor_shape in (("a", shape[:-1] + [lora_cfg.rank]), ("b", [lora_cfg.rank, shape[-1]])):
+        for factor, factor_shape in (
+            ("a", shape[:-1] + [lora_cfg.rank]),
+            ("b", [lora_cfg.rank, shape[-1]]),
+        ):
             axes = weight_axes(f"{layer}/lora_kernel_{factor}", lora_layout)
             count += _shard(factor_shape, axes, axis_size or {})
     return count
@@ -84,7 +89,13 @@ def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets
 def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
     """Tensors one training row keeps for the backward pass, per device."""
     d = spec.dims
-    h, heads, kv, dh, ffw = d.hidden_dim, d.num_query_heads, d.num_key_value_heads, d.head_dim, d.ffw_dim
+    h, heads, kv, dh, ffw = (
+        d.hidden_dim,
+        d.num_query_heads,
+        d.num_key_value_heads,
+        d.head_dim,
+        d.ffw_dim,
+    )
     per_token = (
         6 * h  # norms' inputs and outputs, residuals
         + (2 * heads + 2 * kv) * dh / model_axis  # q, k, v, attention output
@@ -102,9 +113,16 @@ def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     tiny model's decoding program comes to 0.5 to 0.9 of it
     (tests/test_memory.py)."""
     d = spec.dims
-    h, heads, kv, dh, ffw = d.hidden_dim, d.num_query_heads, d.num_key_value_heads, d.head_dim, d.ffw_dim
-    per_token = ((4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis) * dtype_bytes
-                 + heads / model_axis * prompt_length * 4)
+    h, heads, kv, dh, ffw = (
+        d.hidden_dim,
+        d.num_query_heads,
+        d.num_key_value_heads,
+        d.head_dim,
+        d.ffw_dim,
+    )
+    per_token = (
+        4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis
+    ) * dtype_bytes + heads / model_axis * prompt_length * 4
     logits = d.vocabulary_size / model_axis * 4
     return rows * prompt_length * (per_token + logits)
 
@@ -159,8 +177,11 @@ class MemoryPlan:
             ("= generation", self.generation),
         ]
         share = f", JAX takes {self.memory_fraction:.0%} of it" if self.memory_fraction < 1 else ""
-        lines = [f"per-device memory plan (device: {self.device_gib:g} GiB{share}; plan within {HEADROOM:.0%}: "
-                 f"{self.budget / GIB:.2f} GiB)"]
+        lines = [
+            f"per-device memory plan (device: {self.device_gib:g} GiB{share}; plan within "
+            f"{HEADROOM:.0%}: "
+            f"{self.budget / GIB:.2f} GiB)"
+        ]
         lines += [f"  {name:<52} {size / GIB:9.3f} GiB" for name, size in rows]
         for name, total in (("training", self.training), ("generation", self.generation)):
             lines.append(f"  {name}: {'fits' if self.fits(total) else 'does NOT fit'}")
@@ -171,9 +192,11 @@ class MemoryPlan:
 def plan_memory(cfg, spec, device_gib=None):
     device_gib = device_gib or cfg.hardware.device_memory_gib
     mesh_shape, axis_names = cfg.distribution.mesh_shape, cfg.distribution.axis_names
-    axis_size = dict(zip(axis_names, mesh_shape))
+    axis_size = dict(zip(axis_names, mesh_shape, strict=False))
     model_axis = mesh_shape[1]
-    layout = spec.family.layout_axes(*axis_names) if model_axis > 1 else {}  # DataParallel replicates
+    layout = (
+        spec.family.layout_axes(*axis_names) if model_axis > 1 else {}
+    )  # DataParallel replicates
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     frozen = frozen_weight_bytes(spec, layout, axis_size, dtype_bytes)
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
@@ -182,15 +205,34 @@ def plan_memory(cfg, spec, device_gib=None):
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
     adapted = cfg.predict.adapter != "none"
-    copies = decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes,
-                                       cfg.lora.target_layers if adapted else [])
+    copies = decoder_kernel_copy_bytes(
+        spec, layout, axis_size, dtype_bytes, cfg.lora.target_layers if adapted else []
+    )
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])
     kv = kv_cache_bytes(
-        spec, predict_rows, cfg.train.sequence_length + cfg.predict.max_new_tokens, model_axis, dtype_bytes
+        spec,
+        predict_rows,
+        cfg.train.sequence_length + cfg.predict.max_new_tokens,
+        model_axis,
+        dtype_bytes,
     )
-    prompt_pass = prompt_pass_bytes(spec, predict_rows, cfg.train.sequence_length, model_axis, dtype_bytes)
-    plan = MemoryPlan(device_gib, cfg.hardware.memory_fraction or 1.0, frozen, lora_state, rows * per_row,
-                      lora_weights if adapted else 0.0, copies, kv, prompt_pass, rows, per_row, [])
+    prompt_pass = prompt_pass_bytes(
+        spec, predict_rows, cfg.train.sequence_length, model_axis, dtype_bytes
+    )
+    plan = MemoryPlan(
+        device_gib,
+        cfg.hardware.memory_fraction or 1.0,
+        frozen,
+        lora_state,
+        rows * per_row,
+        lora_weights if adapted else 0.0,
+        copies,
+        kv,
+        prompt_pass,
+        rows,
+        per_row,
+        [],
+    )
     budget = plan.budget
     if frozen + lora_state > budget:
         smaller_dtype = " or use model.dtype=bfloat16" if dtype_bytes > 2 else ""
@@ -202,9 +244,13 @@ def plan_memory(cfg, spec, device_gib=None):
         if not plan.fits(plan.training):
             max_rows = int((budget - frozen - lora_state) // per_row)
             if max_rows >= 1:
-                plan.suggestions.append(f"train.batch_size={max_rows * mesh_shape[0]} (or lower train.sequence_length)")
+                plan.suggestions.append(
+                    f"train.batch_size={max_rows * mesh_shape[0]} (or lower train.sequence_length)"
+                )
             else:
-                plan.suggestions.append("lower train.sequence_length: one row's activations do not fit")
+                plan.suggestions.append(
+                    "lower train.sequence_length: one row's activations do not fit"
+                )
         if not plan.fits(plan.generation):
             per_gen_row = (kv + prompt_pass) / predict_rows
             max_rows = int((budget - plan.generation + kv + prompt_pass) // per_gen_row)
@@ -212,6 +258,8 @@ def plan_memory(cfg, spec, device_gib=None):
                 plan.suggestions.append(f"predict.batch_size={max_rows * mesh_shape[0]}")
             else:
                 plan.suggestions.append(
-                    "the decoder's kernel copies do not fit: adapt fewer kernels (lora.target_layers: "
-                    "query, key, value, attention_output) or shard over more devices")
+                    "the decoder's kernel copies do not fit: adapt fewer kernels "
+                    "(lora.target_layers: "
+                    "query, key, value, attention_output) or shard over more devices"
+                )
     return plan

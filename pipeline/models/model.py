@@ -18,15 +18,23 @@ import json
 from pathlib import Path
 
 from pipeline.errors import InputError, MissingInputError
-from pipeline.models.families.registry import by_backbone_class
 from pipeline.models.families.family import ModelSpec
+from pipeline.models.families.registry import by_backbone_class
 from pipeline.parallel.distribution import build_distribution
 from pipeline.parallel.runtime import quiet_native_logs
 from pipeline.run.storage import adapter_settings_path
 
 # The projections of a Gemma decoder block, by their KerasHub layer names
 # (the names lora.target_layers matches); `GemmaDecoder` and the export read them.
-PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+PROJECTIONS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "ffw_gating",
+    "ffw_gating_2",
+    "ffw_linear",
+)
 PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
 
 
@@ -45,7 +53,9 @@ def read_model_spec(preset):
 def model_distribution(distribution_cfg, spec, batch_sizes):
     """The Keras distribution of the model `spec` on the configured mesh,
     checked (`parallel.distribution.build_distribution`), not yet set."""
-    return build_distribution(distribution_cfg, spec.family.layout_axes, spec.weight_dims(), batch_sizes)
+    return build_distribution(
+        distribution_cfg, spec.family.layout_axes, spec.weight_dims(), batch_sizes
+    )
 
 
 def load_model(cfg, batch_sizes):
@@ -64,8 +74,9 @@ def load_model(cfg, batch_sizes):
         tokenizer = getattr(keras_hub.models, spec.family.tokenizer_class).from_preset(preset)
     causal_lm_class = getattr(keras_hub.models, spec.family.causal_lm_class)
     if spec.family.text_only_config:
-        backbone = keras_internals.load_backbone(preset, causal_lm_class.backbone_cls, cfg.model.dtype,
-                                                 **spec.family.text_only_config)
+        backbone = keras_internals.load_backbone(
+            preset, causal_lm_class.backbone_cls, cfg.model.dtype, **spec.family.text_only_config
+        )
         causal_lm = causal_lm_class(backbone=backbone, preprocessor=None)
     else:
         causal_lm = causal_lm_class.from_preset(preset, preprocessor=None, dtype=cfg.model.dtype)
@@ -81,7 +92,9 @@ def forward_inputs(family, x):
     import numpy as np
 
     batch, length = x["token_ids"].shape
-    return dict(x, position_ids=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy())
+    return dict(
+        x, position_ids=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    )
 
 
 def family_of(causal_lm):
@@ -128,7 +141,10 @@ def save_adapter(causal_lm, lora_cfg, path):
     # Backbone.save_lora_weights reads values that one host of a pod does
     # not hold: gather them first.
     factors = {
-        index: (hosts.to_numpy(layer.lora_kernel_a.value), hosts.to_numpy(layer.lora_kernel_b.value))
+        index: (
+            hosts.to_numpy(layer.lora_kernel_a.value),
+            hosts.to_numpy(layer.lora_kernel_b.value),
+        )
         for index, layer in keras_internals.lora_layers(backbone).items()
     }
     if not hosts.is_main_process():
@@ -137,7 +153,11 @@ def save_adapter(causal_lm, lora_cfg, path):
     keras_internals.write_lora_file(path, keras_internals.lora_rank(backbone), factors)
     adapter_settings_path(path).write_text(
         json.dumps(
-            {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_layers": list(lora_cfg.target_layers)},
+            {
+                "rank": lora_cfg.rank,
+                "alpha": lora_cfg.alpha,
+                "target_layers": list(lora_cfg.target_layers),
+            },
             indent=2,
         )
     )

@@ -50,13 +50,17 @@ class KerasHubStepDecoder:
         token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
         if keras.distribution.distribution() is not None:
             sharding = data_sharding(token_ids.shape)
-            token_ids, padding_mask = hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
+            token_ids, padding_mask = (
+                hosts.global_batch(token_ids, sharding),
+                hosts.global_batch(padding_mask, sharding),
+            )
         out = self._compiled(model_state(self.causal_lm), token_ids, padding_mask)
         return hosts.to_numpy(out)
 
     def _stateless_decode(self, state, token_ids, padding_mask):
         # A greedy sampler has no variables of its own to map.
         with state_scope(self.causal_lm, state):
-            outputs = self.causal_lm.generate_step({"token_ids": token_ids, "padding_mask": padding_mask},
-                                                   self.stop_token_ids)
+            outputs = self.causal_lm.generate_step(
+                {"token_ids": token_ids, "padding_mask": padding_mask}, self.stop_token_ids
+            )
         return outputs["token_ids"]

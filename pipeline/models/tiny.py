@@ -7,8 +7,9 @@ same code paths as the real ones:
 
 - a SentencePiece model of Gemma's kind (BPE with byte fallback, digits
   split, no normalisation) trained on the bundled demo text, and a unigram
-  one as sentence-t5's for the encoder, both with Gemma's special tokens (`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then
-  `<start_of_turn>`, `<end_of_turn>`);
+  one as sentence-t5's for the encoder, both with Gemma's special tokens
+  (`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then `<start_of_turn>`,
+  `<end_of_turn>`);
 - a tiny `GemmaCausalLM` (every dimension the (1, 8) mesh shards divides by
   8), pre-trained briefly on the demo text so that it writes words, saved with
   `save_to_preset` and loaded back with `from_preset(path)`;
@@ -23,7 +24,8 @@ same code paths as the real ones:
   at 128 tokens like st5. It averages fixed random piece embeddings, so
   prompts that share words score high.
 
-Everything is seeded; `build_tiny_artifacts` skips what already exists.
+Everything is seeded; `build_tiny_artifacts` skips what was already built
+from the same inputs (`builder_key`) and builds again what was not.
 
 Example:
 ```python
@@ -34,9 +36,12 @@ mistral = build_tiny_family("artifacts/tiny", "mistral")  # the preset's folder
 """
 
 import dataclasses
+import hashlib
 import io
 import json
+import shutil
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +65,13 @@ SEED = 0
 BACKBONE_CONFIG = gemma.FAMILY.tiny_config
 # Special tokens of the byte-level BPE families (KerasHub's tokenizers name them).
 BPE_SPECIAL_TOKENS = {
-    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "llama3": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
     "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
 }
 
@@ -95,7 +106,7 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print, other_families=Fal
     with `other_families`, every other family's tiny preset too
     (`build_tiny_family`)."""
     paths = TinyPaths(Path(root))
-    paths.root.mkdir(parents=True, exist_ok=True)
+    clear_if_built_otherwise(paths.root, pretrain_steps, log)
     for path, model_type in ((paths.spm, "bpe"), (paths.encoder_spm, "unigram")):
         if not path.exists():
             log(f"tiny: training SentencePiece ({model_type}, {VOCABULARY_SIZE} pieces) -> {path}")
@@ -116,6 +127,44 @@ def build_tiny_artifacts(root, pretrain_steps=300, log=print, other_families=Fal
     return paths
 
 
+# What the stand-ins are built from, besides this module and the families'.
+BUILDER_PACKAGES = (
+    "keras",
+    "keras-hub",
+    "jax",
+    "jaxlib",
+    "tensorflow",
+    "tensorflow-text",
+    "sentencepiece",
+    "tokenizers",
+)
+
+
+def builder_key(pretrain_steps):
+    """A digest of everything the stand-ins are built from: this module, the
+    families' modules, the demo text, the pre-training steps and the
+    versions of the packages that build them. Built artifacts are kept while
+    it stays the same, and built again when it changes."""
+    digest = hashlib.sha256(f"pretrain_steps={pretrain_steps}".encode())
+    families = Path(gemma.__file__).parent
+    for source in [Path(__file__), DEMO_TEXTS, *sorted(families.glob("*.py"))]:
+        digest.update(source.read_bytes())
+    for package in BUILDER_PACKAGES:
+        digest.update(f"{package}=={metadata.version(package)}".encode())
+    return digest.hexdigest()
+
+
+def clear_if_built_otherwise(root, pretrain_steps, log):
+    """Empties `root` when what it holds was built from other inputs (see
+    `builder_key`), and records the key of what will be built there."""
+    key, stamp = builder_key(pretrain_steps), root / "builder.key"
+    if root.exists() and any(root.iterdir()) and (not stamp.exists() or stamp.read_text() != key):
+        log(f"tiny: {root} was built from other inputs (builder.key); building it again")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+
+
 def build_tiny_artifacts_for(preset, log=print):
     """The stand-ins a run of the tiny preset `preset` (a path under
     `TINY_DIR`) needs: the encoder and tiny Gemma, and the preset's own
@@ -132,13 +181,15 @@ def build_tiny_family(root, name, pretrain_steps=300, log=print):
     trained on the demo text; returns the preset's folder."""
     paths = TinyPaths(Path(root))
     preset = paths.family_preset(name)
+    clear_if_built_otherwise(paths.root, pretrain_steps, log)
     if (preset / "config.json").exists():
         return preset
     family = FAMILIES[name]
-    paths.root.mkdir(parents=True, exist_ok=True)
     log(f"tiny: building {name} preset ({pretrain_steps} pre-training steps) -> {preset}")
     with quiet_native_logs():
-        causal_lm = build_tiny_causal_lm(family, lambda: _family_tokenizer(family, paths), pretrain_steps, log)
+        causal_lm = build_tiny_causal_lm(
+            family, lambda: family_tokenizer(family, paths), pretrain_steps, log
+        )
         if family.text_only_config:
             causal_lm = with_vision_tower(family, causal_lm)
         causal_lm.save_to_preset(str(preset))
@@ -152,19 +203,34 @@ def with_vision_tower(family, causal_lm):
     import keras_hub
 
     models = keras_hub.models
-    vision = models.Gemma4VisionEncoder(image_size=32, patch_size=8, num_heads=2, hidden_dim=16, num_layers=1,
-                                        intermediate_dim=32, head_dim=8, output_dim=family.tiny_config["hidden_dim"],
-                                        pool_size=2, position_embedding_size=16, dtype="float32")
-    backbone = getattr(models, family.backbone_class)(**dict(family.tiny_config, image_size=32, vision_encoder=vision),
-                                                      dtype="float32")
+    vision = models.Gemma4VisionEncoder(
+        image_size=32,
+        patch_size=8,
+        num_heads=2,
+        hidden_dim=16,
+        num_layers=1,
+        intermediate_dim=32,
+        head_dim=8,
+        output_dim=family.tiny_config["hidden_dim"],
+        pool_size=2,
+        position_embedding_size=16,
+        dtype="float32",
+    )
+    backbone = getattr(models, family.backbone_class)(
+        **dict(family.tiny_config, image_size=32, vision_encoder=vision), dtype="float32"
+    )
     decoder = {weight.path: weight for weight in causal_lm.backbone.weights}
     for weight in backbone.weights:
         if weight.path in decoder:
             weight.assign(decoder[weight.path])
-    return getattr(models, family.causal_lm_class)(backbone=backbone, preprocessor=causal_lm.preprocessor)
+    return getattr(models, family.causal_lm_class)(
+        backbone=backbone, preprocessor=causal_lm.preprocessor
+    )
 
 
-def _family_tokenizer(family, paths):
+def family_tokenizer(family, paths):
+    """A tokenizer of the family's kind, trained on the demo text (Gemma 3
+    shares the tiny Gemma's SentencePiece model under `paths`)."""
     import keras_hub
 
     tokenizer_class = getattr(keras_hub.models, family.tokenizer_class)
@@ -173,12 +239,18 @@ def _family_tokenizer(family, paths):
             paths.spm.write_bytes(train_sentencepiece(_tokenizer_corpus(), "bpe"))
         return tokenizer_class(proto=paths.spm.read_bytes(), has_vision_tokens=False)
     if family.name == "gemma4":
-        return tokenizer_class(proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=GEMMA4_SPECIAL_IDS),
-                               has_audio_tokens=True)
+        return tokenizer_class(
+            proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=GEMMA4_SPECIAL_IDS),
+            has_audio_tokens=True,
+        )
     if family.name == "mistral":
-        return tokenizer_class(proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=MISTRAL_SPECIAL_IDS))
+        return tokenizer_class(
+            proto=train_sentencepiece(_tokenizer_corpus(), "bpe", special_ids=MISTRAL_SPECIAL_IDS)
+        )
     vocabulary, merges = train_byte_level_bpe(_tokenizer_corpus(), BPE_SPECIAL_TOKENS[family.name])
-    return tokenizer_class(vocabulary=vocabulary, merges=merges, unsplittable_tokens=BPE_SPECIAL_TOKENS[family.name])
+    return tokenizer_class(
+        vocabulary=vocabulary, merges=merges, unsplittable_tokens=BPE_SPECIAL_TOKENS[family.name]
+    )
 
 
 def _demo_paragraphs():
@@ -198,17 +270,48 @@ def _tokenizer_corpus():
 
 
 # Gemma's special pieces and ids (SentencePiece trainer arguments), Gemma 4's and Mistral's.
-GEMMA_SPECIAL_IDS = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-                         bos_piece="<bos>", unk_piece="<unk>",
-                         user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\t"])
-GEMMA4_SPECIAL_IDS = dict(GEMMA_SPECIAL_IDS, user_defined_symbols=[
-    "<|turn>", "<turn|>", "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
-    "\n", "\t"])
-MISTRAL_SPECIAL_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>",
-                           eos_piece="</s>", user_defined_symbols=["\n", "\t"])
+GEMMA_SPECIAL_IDS = dict(
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\t"],
+)
+GEMMA4_SPECIAL_IDS = dict(
+    GEMMA_SPECIAL_IDS,
+    user_defined_symbols=[
+        "<|turn>",
+        "<turn|>",
+        "<|image>",
+        "<|image|>",
+        "<image|>",
+        "<|audio>",
+        "<|audio|>",
+        "<audio|>",
+        "<|video|>",
+        "\n",
+        "\t",
+    ],
+)
+MISTRAL_SPECIAL_IDS = dict(
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    unk_piece="<unk>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+    user_defined_symbols=["\n", "\t"],
+)
 
 
-def train_sentencepiece(lines, model_type, vocabulary_size=VOCABULARY_SIZE, special_ids=GEMMA_SPECIAL_IDS):
+def train_sentencepiece(
+    lines, model_type, vocabulary_size=VOCABULARY_SIZE, special_ids=GEMMA_SPECIAL_IDS
+):
     """Returns a serialized SentencePiece model with Gemma's special ids (or
     `special_ids`): "bpe" with byte fallback as Gemma's (transformers' Gemma
     converter reads it), or "unigram" as sentence-t5's."""
@@ -243,7 +346,8 @@ def train_byte_level_bpe(lines, special_tokens, vocabulary_size=VOCABULARY_SIZE)
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocabulary_size - len(special_tokens), show_progress=False,
+        vocab_size=vocabulary_size - len(special_tokens),
+        show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(lines, trainer)
@@ -259,8 +363,9 @@ def build_tiny_gemma(proto, pretrain_steps, log=print):
     """A tiny GemmaCausalLM pre-trained on the demo text (next-token loss)."""
     import keras_hub
 
-    return build_tiny_causal_lm(gemma.FAMILY, lambda: keras_hub.models.GemmaTokenizer(proto=proto),
-                                pretrain_steps, log)
+    return build_tiny_causal_lm(
+        gemma.FAMILY, lambda: keras_hub.models.GemmaTokenizer(proto=proto), pretrain_steps, log
+    )
 
 
 def build_tiny_causal_lm(family, make_tokenizer, pretrain_steps, log=print):
@@ -273,9 +378,13 @@ def build_tiny_causal_lm(family, make_tokenizer, pretrain_steps, log=print):
     # After the seed: seeding TensorFlow clears the SentencePiece op's resource.
     tokenizer = make_tokenizer()
     models = keras_hub.models
-    preprocessor = getattr(models, family.causal_lm_class + "Preprocessor")(tokenizer, sequence_length=128)
+    preprocessor = getattr(models, family.causal_lm_class + "Preprocessor")(
+        tokenizer, sequence_length=128
+    )
     backbone = getattr(models, family.backbone_class)(**family.tiny_config, dtype="float32")
-    causal_lm = getattr(models, family.causal_lm_class)(backbone=backbone, preprocessor=preprocessor)
+    causal_lm = getattr(models, family.causal_lm_class)(
+        backbone=backbone, preprocessor=preprocessor
+    )
     if pretrain_steps:
         words = " ".join(_demo_paragraphs()).split()
         windows = [" ".join(words[i : i + 60]) for i in range(0, len(words) - 30, 15)]
@@ -295,7 +404,10 @@ def build_tiny_causal_lm(family, make_tokenizer, pretrain_steps, log=print):
             history = causal_lm.fit(
                 x=x, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True
             )
-        log(f"tiny: {family.name} pre-training loss {history.history['loss'][0]:.2f} -> {history.history['loss'][-1]:.2f}")
+        log(
+            f"tiny: {family.name} pre-training loss {history.history['loss'][0]:.2f} -> "
+            f"{history.history['loss'][-1]:.2f}"
+        )
     return causal_lm
 
 
@@ -312,7 +424,8 @@ def export_stand_in_encoder(proto, directory, dim=ENCODER_DIM):
             table = np.random.default_rng(SEED).normal(size=(vocab, dim)).astype("float32")
             self.embeddings = tf.Variable(table, trainable=False)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        # Plain TF ops: AutoGraph has nothing to convert (and warns it cannot).
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
         def __call__(self, sentences):
             ids = self.tokenizer.tokenize(sentences)[:, :ENCODER_MAX_TOKENS]
             pooled = tf.reduce_mean(tf.gather(self.embeddings, ids), axis=1)

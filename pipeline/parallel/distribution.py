@@ -76,9 +76,9 @@ def check_batch_sizes(mesh_shape, batch_sizes):
 def check_shardable(layout_axes, weight_dims, mesh_shape, axis_names):
     """`layout_axes` maps layout-map regexes to axis-name tuples;
     `weight_dims` maps weight paths to [(config field, size), ...]."""
-    axis_size = dict(zip(axis_names, mesh_shape))
+    axis_size = dict(zip(axis_names, mesh_shape, strict=True))
     for path, dims in weight_dims.items():
-        for (field, size), axis in zip(dims, weight_axes(path, layout_axes)):
+        for (field, size), axis in zip(dims, weight_axes(path, layout_axes), strict=False):
             if axis is not None and size % axis_size[axis]:
                 raise DistributionError(
                     f"{field}={size} of the model does not divide by the "

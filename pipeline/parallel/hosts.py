@@ -109,7 +109,11 @@ def broadcast_object(obj):
     """Process 0's picklable `obj` on every process."""
     from jax.experimental import multihost_utils
 
-    payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    payload = (
+        np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        if is_main_process()
+        else np.zeros(0, np.uint8)
+    )
     size = int(multihost_utils.broadcast_one_to_all(np.asarray(payload.size, np.int64)))
     buffer = np.zeros(size, np.uint8)
     if is_main_process():
@@ -156,4 +160,6 @@ def global_batch(array, sharding):
     import jax
 
     array = np.asarray(array)
-    return jax.make_array_from_process_local_data(sharding, array[local_rows(sharding, array.shape)], array.shape)
+    return jax.make_array_from_process_local_data(
+        sharding, array[local_rows(sharding, array.shape)], array.shape
+    )

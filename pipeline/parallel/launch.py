@@ -39,7 +39,6 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import Optional
 
 REMOTE_REPO = "prompt-recovery"  # in each worker's home folder
 JOB_LOG = "runs/pod-job/log"  # each worker's log, in the repository (scripts/pod_job.sh)
@@ -60,8 +59,11 @@ class SlicePreempted(PodError):
     notice) during `stage`."""
 
     def __init__(self, stage, state):
-        super().__init__(f"the slice was preempted {f'during {stage}' if stage else 'before a stage was seen running'} "
-                         f"({state})")
+        super().__init__(
+            "the slice was preempted "
+            f"{f'during {stage}' if stage else 'before a stage was seen running'} "
+            f"({state})"
+        )
         self.stage = stage
 
 
@@ -72,8 +74,8 @@ class WorkerStatus:
     worker: str
     state: str  # none, running, done, failed, preempted, stopped
     stage: str = ""
-    exit_code: Optional[int] = None
-    failed_at: Optional[float] = None  # seconds since 1970
+    exit_code: int | None = None
+    failed_at: float | None = None  # seconds since 1970
 
     @classmethod
     def parse(cls, line):
@@ -83,10 +85,17 @@ class WorkerStatus:
             raise PodError(f"unexpected status line from a worker: {line!r}")
         code = int(words[2]) if len(words) > 2 else None
         failed_at = float(words[3]) if len(words) > 3 else None
-        return cls(name.removeprefix("worker "), words[0], words[1] if len(words) > 1 else "", code, failed_at)
+        return cls(
+            name.removeprefix("worker "),
+            words[0],
+            words[1] if len(words) > 1 else "",
+            code,
+            failed_at,
+        )
 
     def __str__(self):
-        return f"worker {self.worker}: {' '.join(str(w) for w in (self.state, self.stage, self.exit_code) if w not in ('', None))}"
+        fields = (self.state, self.stage, self.exit_code)
+        return f"worker {self.worker}: {' '.join(str(w) for w in fields if w not in ('', None))}"
 
 
 @dataclasses.dataclass
@@ -96,7 +105,7 @@ class TpuPod:
     accelerator_type: str = "v3-32"
     runtime_version: str = "tpu-ubuntu2204-base"
     spot: bool = False
-    project: Optional[str] = None
+    project: str | None = None
 
     def _gcloud(self, *words, group="tpu-vm"):
         command = ["gcloud", "compute", "tpus", group, *words, f"--zone={self.zone}"]
@@ -105,10 +114,21 @@ class TpuPod:
     def create(self):
         """A spot slice is a queued resource of the same name as its node."""
         if self.spot:
-            return self._gcloud("create", self.name, f"--node-id={self.name}", f"--accelerator-type={self.accelerator_type}",
-                                f"--runtime-version={self.runtime_version}", "--spot", group="queued-resources")
-        return self._gcloud("create", self.name, f"--accelerator-type={self.accelerator_type}",
-                            f"--version={self.runtime_version}")
+            return self._gcloud(
+                "create",
+                self.name,
+                f"--node-id={self.name}",
+                f"--accelerator-type={self.accelerator_type}",
+                f"--runtime-version={self.runtime_version}",
+                "--spot",
+                group="queued-resources",
+            )
+        return self._gcloud(
+            "create",
+            self.name,
+            f"--accelerator-type={self.accelerator_type}",
+            f"--version={self.runtime_version}",
+        )
 
     def describe(self):
         return self._gcloud("describe", self.name, "--format=json")
@@ -122,10 +142,14 @@ class TpuPod:
         return self._gcloud("ssh", self.name, f"--worker={worker}", f"--command={remote_command}")
 
     def copy_to_workers(self, local_paths, remote_dir):
-        return self._gcloud("scp", "--recurse", "--worker=all", *map(str, local_paths), f"{self.name}:{remote_dir}")
+        return self._gcloud(
+            "scp", "--recurse", "--worker=all", *map(str, local_paths), f"{self.name}:{remote_dir}"
+        )
 
     def copy_from_worker(self, remote_path, local_path, worker=0):
-        return self._gcloud("scp", "--recurse", f"--worker={worker}", f"{self.name}:{remote_path}", str(local_path))
+        return self._gcloud(
+            "scp", "--recurse", f"--worker={worker}", f"{self.name}:{remote_path}", str(local_path)
+        )
 
     def delete(self):
         """A spot slice: the queued resource, with its node (--force)."""
@@ -136,8 +160,10 @@ class TpuPod:
     def setup(self, repo_archive, data_paths):
         """Repository (an archive from `archive_repository`) and data on every
         worker, then each worker prepared (Python, requirements)."""
-        unpack = (f"mkdir -p {REMOTE_REPO}/data && tar -xzf {Path(repo_archive).name} -C {REMOTE_REPO} "
-                  f"&& rm {Path(repo_archive).name}")
+        unpack = (
+            f"mkdir -p {REMOTE_REPO}/data && tar -xzf {Path(repo_archive).name} -C {REMOTE_REPO} "
+            f"&& rm {Path(repo_archive).name}"
+        )
         commands = [self.copy_to_workers([repo_archive], "~/"), self.ssh(unpack)]
         if data_paths:
             commands.append(self.copy_to_workers(data_paths, f"~/{REMOTE_REPO}/data/"))
@@ -153,7 +179,9 @@ class TpuPod:
         return self.ssh(f"cd {REMOTE_REPO} && bash scripts/pod_job.sh status", worker=worker)
 
     def job_log(self, worker, lines):
-        return self.ssh(f"cd {REMOTE_REPO} && bash scripts/pod_job.sh logs {int(lines)}", worker=worker)
+        return self.ssh(
+            f"cd {REMOTE_REPO} && bash scripts/pod_job.sh logs {int(lines)}", worker=worker
+        )
 
     def fetch(self, remote_run_dir, local_root, workers):
         """Worker 0's run folder, and every worker's log beside it
@@ -161,9 +189,15 @@ class TpuPod:
         folder is on a bucket (the stages put it there)."""
         run = Path(local_root) / Path(remote_run_dir).name
         on_bucket = str(remote_run_dir).startswith("gs://")
-        commands = [] if on_bucket else [self.copy_from_worker(f"{REMOTE_REPO}/{remote_run_dir}", local_root)]
-        return commands + [self.copy_from_worker(f"{REMOTE_REPO}/{JOB_LOG}", log_path(run, w), worker=w)
-                           for w in workers]
+        commands = (
+            []
+            if on_bucket
+            else [self.copy_from_worker(f"{REMOTE_REPO}/{remote_run_dir}", local_root)]
+        )
+        return commands + [
+            self.copy_from_worker(f"{REMOTE_REPO}/{JOB_LOG}", log_path(run, w), worker=w)
+            for w in workers
+        ]
 
 
 @dataclasses.dataclass
@@ -172,18 +206,25 @@ class Preemption:
     log showed last and the step the next slice resumed at."""
 
     stage: str
-    step_reached: Optional[int] = None
-    resumed_at: Optional[int] = None
+    step_reached: int | None = None
+    resumed_at: int | None = None
 
     def __str__(self):
-        said = f"preempted during {self.stage}" if self.stage else "preempted before a stage was seen running"
+        said = (
+            f"preempted during {self.stage}"
+            if self.stage
+            else "preempted before a stage was seen running"
+        )
         if self.stage != "finetune" or self.resumed_at is None:
             return said
         if self.step_reached is None:
             return f"{said} before its first step line; resumed at step {self.resumed_at}"
         lost = max(0, self.step_reached - self.resumed_at)
-        return (f"{said} at step {self.step_reached} (the last that worker 0's log showed), resumed at step "
-                f"{self.resumed_at}: {lost} step(s) lost")
+        return (
+            f"{said} at step {self.step_reached} (the last that worker 0's log showed), resumed at "
+            "step "
+            f"{self.resumed_at}: {lost} step(s) lost"
+        )
 
 
 def log_path(local_run_dir, worker):
@@ -198,7 +239,9 @@ def stages_of(target):
 def archive_repository(repo_root, archive_path):
     """The files git tracks, as they are in the working tree, in a .tar.gz."""
     repo_root = Path(repo_root)
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout
+    names = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True
+    ).stdout
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for name in filter(None, names.decode().split("\0")):
@@ -243,20 +286,33 @@ class Launcher:
     def workers(self):
         """The slice's worker numbers, from `gcloud ... describe`."""
         described = self.output(self.pod.describe())
-        return list(range(len(json.loads(described).get("networkEndpoints", [])))) if described else [0]
+        return (
+            list(range(len(json.loads(described).get("networkEndpoints", []))))
+            if described
+            else [0]
+        )
 
     def statuses(self, workers=None):
         found = []
         for worker in self.workers() if workers is None else workers:
-            lines = [line for line in self.output(self.pod.job_status(worker)).splitlines() if line.startswith("worker ")]
-            found.append(WorkerStatus.parse(lines[-1]) if lines else WorkerStatus(str(worker), "unknown"))
+            lines = [
+                line
+                for line in self.output(self.pod.job_status(worker)).splitlines()
+                if line.startswith("worker ")
+            ]
+            found.append(
+                WorkerStatus.parse(lines[-1]) if lines else WorkerStatus(str(worker), "unknown")
+            )
         return found
 
     def slice_state(self):
         """The queued resource's state for a spot slice, the node's
         otherwise; None when gcloud cannot describe it."""
         try:
-            described = json.loads(self.output(self.pod.describe_request() if self.pod.spot else self.pod.describe()) or "{}")
+            described = json.loads(
+                self.output(self.pod.describe_request() if self.pod.spot else self.pod.describe())
+                or "{}"
+            )
         except PodError:
             return None
         state = described.get("state", "")
@@ -274,8 +330,10 @@ class Launcher:
                 self.log(f"pod: the queued resource {self.pod.name} is {state}")
                 seen = state
             if state in (None, "FAILED", *PREEMPTED_STATES):
-                raise PodError(f"the queued resource {self.pod.name} is {state}; see `gcloud compute tpus "
-                               f"queued-resources describe {self.pod.name} --zone={self.pod.zone}`")
+                raise PodError(
+                    f"the queued resource {self.pod.name} is {state}; see `gcloud compute tpus "
+                    f"queued-resources describe {self.pod.name} --zone={self.pod.zone}`"
+                )
             time.sleep(poll_seconds)
 
     def wait(self, poll_seconds, progress_lines=10):
@@ -299,20 +357,30 @@ class Launcher:
                     self.log(f"pod: {status}")
                     seen[status.worker] = str(status)
                 self.stage = status.stage if status.state == "running" else self.stage
-            for line in lines[len(_overlap(last_lines, lines)):]:
+            for line in lines[len(_overlap(last_lines, lines)) :]:
                 self.log(f"pod: worker 0 | {line}")
                 self._follow(line)
             last_lines = lines
             broken = [s for s in statuses if s.state not in ("running", "done")]
             # A preempted host's peers are saving the same step: let them finish.
-            if broken and not (all(s.state == "preempted" for s in broken) and any(s.state == "running" for s in statuses)):
+            if broken and not (
+                all(s.state == "preempted" for s in broken)
+                and any(s.state == "running" for s in statuses)
+            ):
                 # The first to fail: the others may have failed because it did.
-                first = min(broken, key=lambda s: s.failed_at if s.failed_at is not None else float("inf"))
+                first = min(
+                    broken, key=lambda s: s.failed_at if s.failed_at is not None else float("inf")
+                )
                 if any(s.state == "preempted" for s in broken):
-                    raise SlicePreempted(first.stage, "exit code 75: the stages saved at a preemption notice")
+                    raise SlicePreempted(
+                        first.stage, "exit code 75: the stages saved at a preemption notice"
+                    )
                 self._raise_if_preempted(first.stage)
                 if first.state == "failed":
-                    raise PodError(f"stage {first.stage} failed on worker {first.worker} (make exited {first.exit_code})")
+                    raise PodError(
+                        f"stage {first.stage} failed on worker {first.worker} (make exited "
+                        f"{first.exit_code})"
+                    )
                 during = f" during {first.stage}" if first.stage else ""
                 raise PodError(f"the job on worker {first.worker} is {first.state}{during}")
             if all(s.state == "done" for s in statuses):
@@ -352,21 +420,35 @@ class Launcher:
                 finish()
                 break
             except PodError as error:
-                preempted = error if isinstance(error, SlicePreempted) else self._preempted(stages[0])
+                preempted = (
+                    error if isinstance(error, SlicePreempted) else self._preempted(stages[0])
+                )
                 if preempted is None:
                     raise
-                while self.slice_state() == "SUSPENDING":  # the stages' notice time: a delete would cut their save
+                while (
+                    self.slice_state() == "SUSPENDING"
+                ):  # the stages' notice time: a delete would cut their save
                     time.sleep(1)
                 if len(self.preemptions) >= retries:
-                    raise PodError(f"{preempted}; --retries {retries} used up: run `up` again with the same "
-                                   "arguments to go on from what the run folder holds") from None
+                    raise PodError(
+                        f"{preempted}; --retries {retries} used up: run `up` again with the same "
+                        "arguments to go on from what the run folder holds"
+                    ) from None
                 reached = self.step_reached if preempted.stage == "finetune" else None
                 self.preemptions.append(Preemption(preempted.stage, reached))
-                self.log(f"pod: {preempted}; preemption {len(self.preemptions)}: deleting the slice and requesting it again")
+                self.log(
+                    f"pod: {preempted}; preemption {len(self.preemptions)}: deleting the slice and "
+                    "requesting it again"
+                )
                 self.delete()
-                stages = stages[stages.index(preempted.stage):] if preempted.stage in stages else stages
+                stages = (
+                    stages[stages.index(preempted.stage) :] if preempted.stage in stages else stages
+                )
         if self.preemptions:
-            self.log(f"pod: {len(self.preemptions)} preemption(s): " + "; ".join(map(str, self.preemptions)))
+            self.log(
+                f"pod: {len(self.preemptions)} preemption(s): "
+                + "; ".join(map(str, self.preemptions))
+            )
 
     def fetch(self, remote_run_dir, local_root, tolerate=False):
         """Worker 0's run folder and every worker's log."""
@@ -388,7 +470,9 @@ class Launcher:
         except PodError as error:
             self.log(f"pod: {error}; fetching what there is")
             local_run = self.fetch(remote_run_dir, local_root, tolerate=True)
-            raise PodError(f"{error}; the workers' logs are in {log_path(local_run, 'N').parent}/") from None
+            raise PodError(
+                f"{error}; the workers' logs are in {log_path(local_run, 'N').parent}/"
+            ) from None
         local_run = self.fetch(remote_run_dir, local_root)
         if not self.dry_run:
             self.log(f"pod: done; the run folder and the workers' logs are in {local_run}")

@@ -31,11 +31,15 @@ NATIVE_NOISE = re.compile(
     r"|Unable to register cu(DNN|FFT|BLAS) factory"
     r"|computation placer already registered"
     r"|oneDNN custom operations are on"
+    r"|oneDNN supports DT_\w+ only on platforms with AVX-512"
     r"|This TensorFlow binary is optimized to use available CPU instructions"
     r"|rebuild TensorFlow with the appropriate compiler flags"
     r"|TF-TRT Warning"
     r"|normalizer\.cc.*precompiled_charsmap is empty"
 )
+
+# The compilation cache's size; the least recently used programs go first.
+COMPILATION_CACHE_BYTES = 4 << 30
 
 
 def verbose():
@@ -62,17 +66,23 @@ def quiet_native_logs():
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
-                    if not NATIVE_NOISE.search(line)]
+            kept = [
+                line
+                for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                if not NATIVE_NOISE.search(line)
+            ]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
 
 
-def setup_environment(distribution_cfg, memory_fraction=None):
+def setup_environment(distribution_cfg, memory_fraction=None, compilation_cache=None):
     """Selects the JAX backend, the virtual CPU device count, the share of a
-    GPU's memory JAX takes (`hardware.memory_fraction`), and hides
-    accelerators from TensorFlow."""
+    GPU's memory JAX takes (`hardware.memory_fraction`), the folder of
+    compiled programs kept between processes (`run.compilation_cache`), and
+    hides accelerators from TensorFlow."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    if compilation_cache:
+        use_compilation_cache(compilation_cache)
     if memory_fraction:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(memory_fraction))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -89,13 +99,30 @@ def setup_environment(distribution_cfg, memory_fraction=None):
                     "distribution.host_device_count is set but JAX was imported "
                     "before setup_environment(); call it first"
                 )
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_force_host_platform_device_count={count}".strip()
+            )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         if distribution_cfg.multi_host:
             # Collectives between processes on the CPU (a simulated pod).
             os.environ.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
     with quiet_native_logs():
         hide_accelerators_from_tensorflow()
+
+
+def use_compilation_cache(folder):
+    """Keeps every program XLA compiles in `folder` (JAX's persistent
+    compilation cache) for later processes, unless the environment names a
+    folder already (a test session's, shared by the processes it starts).
+
+    JAX's defaults keep only programs that took a second or more to compile;
+    on the CPU most take less, and a stage compiles dozens, so every program
+    is kept. A size limit turns on JAX's file lock, so that two processes
+    (the hosts of a simulated pod) never read an entry half written."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(folder))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_BYTES))
 
 
 def hide_accelerators_from_tensorflow():

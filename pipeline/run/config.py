@@ -21,12 +21,12 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
-from pipeline.text import templates
 from pipeline.errors import InputError
+from pipeline.text import templates
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu_tiny.yaml"
 
@@ -38,36 +38,46 @@ class ConfigError(InputError):
 @dataclasses.dataclass
 class RunConfig:
     root: str = "runs"  # every run writes under <root>/<name>/; a gs:// bucket path too
-    name: str = "default"
+    name: str = "default"  # the run's folder under root
     # Local copies of a bucket's run folder and of gs:// inputs
     # (pipeline/run/storage.py).
     mirrors: str = "runs/.bucket"
     # The most a run may write under root (a target's limit, e.g. Kaggle's
     # 20 GB working folder), checked by finetune before it trains; unset: the
     # free space alone is checked.
-    disk_limit_gib: Optional[float] = None
+    disk_limit_gib: float | None = None
+    # XLA's compiled programs, kept between runs (JAX's persistent compilation
+    # cache), so that a rerun or a resumed stage does not compile again;
+    # null turns it off. JAX_COMPILATION_CACHE_DIR in the environment wins.
+    compilation_cache: str | None = "artifacts/compilation_cache"
 
 
 @dataclasses.dataclass
 class ModelConfig:
     # A KerasHub preset name, a kaggle:// handle, or a local preset directory.
     preset: str = "gemma_instruct_7b_en"
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] = (
+        "bfloat16"  # the weights' and activations' dtype
+    )
 
 
 @dataclasses.dataclass
 class DistributionConfig:
-    mesh_shape: list[int] = dataclasses.field(default_factory=lambda: [1, 8])
-    axis_names: list[str] = dataclasses.field(default_factory=lambda: ["batch", "model"])
+    mesh_shape: list[int] = dataclasses.field(
+        default_factory=lambda: [1, 8]
+    )  # the device mesh (data, model); a model axis of 1 is data parallelism
+    axis_names: list[str] = dataclasses.field(
+        default_factory=lambda: ["batch", "model"]
+    )  # the mesh axes' names, as the layout maps use them
     # > 0: run on that many virtual CPU devices (XLA_FLAGS), e.g. 8 to
     # reproduce the TPU v3-8 mesh on a laptop.
     host_device_count: int = 0
     # Multi-host TPU slices: calls keras.distribution.initialize(). On Cloud
     # TPU the three fields below are inferred; set them to run elsewhere.
     multi_host: bool = False
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: str | None = None  # host:port of process 0 (multi_host only)
+    num_processes: int | None = None  # how many hosts (multi_host only)
+    process_id: int | None = None  # this host's index (multi_host only)
     # How long a process that has finished waits for the others at exit
     # (JAX's shutdown barrier; work that process 0 does alone is waited for
     # elsewhere, see pipeline/parallel/hosts.py).
@@ -86,43 +96,47 @@ class HardwareConfig:
     # GPUs: the share of device memory JAX takes at start-up (set as
     # XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's own default is 0.75). Unset on
     # TPUs and CPUs, which JAX does not preallocate.
-    memory_fraction: Optional[float] = None
+    memory_fraction: float | None = None
 
 
 @dataclasses.dataclass
 class SourceConfig:
     path: str  # .txt (blank-line separated), .csv or .jsonl
-    column: Optional[str] = None  # text column for .csv / .jsonl
+    column: str | None = None  # text column for .csv / .jsonl
 
 
 @dataclasses.dataclass
 class DataConfig:
-    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    sources: list[SourceConfig] = dataclasses.field(
+        default_factory=list
+    )  # list of {path, column}: the source texts to rewrite
     prompts: str = "prompts/rewrite_prompts.txt"  # the prompt pool, one per line
-    chunk_words: int = 256
-    min_chars: int = 50
-    max_rows: int = 5000
-    prompts_per_chunk: int = 1
-    seed: int = 0
+    chunk_words: int = 256  # source texts are cut into chunks of this many words
+    min_chars: int = 50  # shorter chunks are dropped
+    max_rows: int = 5000  # at most this many rewrite rows
+    prompts_per_chunk: int = 1  # prompts drawn for each chunk
+    seed: int = 0  # draws the prompts and orders the rows
     # "model": the instruct model rewrites (the reference method);
     # "rules": deterministic rule-based rewrites (the offline demo).
     rewriter: Literal["model", "rules"] = "model"
-    template: str = templates.REWRITE_TEMPLATE
+    template: str = (
+        templates.REWRITE_TEMPLATE
+    )  # the rewrite request, with {rewrite_prompt} and {original_text}
     # true: the request is one user turn in the model family's chat format
     # and a rewrite stops at its end of turn (Gemma's <end_of_turn>) or the
     # end token; false: the reference's bare template, stopping at the end
     # token (<eos>) only.
     chat_format: bool = True
-    batch_size: int = 8
-    max_new_tokens: int = 256
-    out: str = "data"
+    batch_size: int = 8  # rewrite rows generated together (global, all hosts)
+    max_new_tokens: int = 256  # the most tokens a rewrite may have
+    out: str = "data"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
 class LoraConfig:
-    rank: int = 64
-    alpha: float = 16.0
-    target_layers: list[str] = dataclasses.field(
+    rank: int = 64  # the LoRA rank (Keras' LoRA: per head on the attention kernels)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    target_layers: list[str] = dataclasses.field(  # the layers LoRA adapts, by Keras layer name
         default_factory=lambda: [
             "query",
             "key",
@@ -140,25 +154,27 @@ class SplitConfig:
     # Contiguous fractions of the data CSV, in this order: train, validation,
     # holdout (the reference used rows 0-4200 / 4200-4400 / 4400-5000).
     validation: float = 0.04
-    holdout: float = 0.12
+    holdout: float = 0.12  # see validation
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    data: Optional[str] = None  # defaults to this run's data stage output
-    template: str = templates.RECOVERY_TEMPLATE
-    sequence_length: int = 512
+    data: str | None = None  # defaults to this run's data stage output
+    template: str = (
+        templates.RECOVERY_TEMPLATE
+    )  # the recovery prompt, with {original_text} and {rewritten_text}
+    sequence_length: int = 512  # tokens per example, prompt and answer
     # Room kept for the answer (prompt tokens + <eos>); the texts are cut to
     # fit the rest. Predict builds its prompts with the same budget.
     max_response_tokens: int = 64
     # Pad each batch to the next multiple of this many tokens, batching rows
     # of similar length together (0: pad every row to sequence_length).
     length_step: int = 64
-    batch_size: int = 2
-    epochs: int = 1
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.01
-    seed: int = 0
+    batch_size: int = 2  # rows per step (global, all hosts)
+    epochs: int = 1  # passes over the training rows
+    learning_rate: float = 2e-4  # AdamW's learning rate
+    weight_decay: float = 0.01  # AdamW's, not on biases and scales
+    seed: int = 0  # the batch plan and the LoRA factors' initial values
     # Save a checkpoint every this many steps (and at every epoch end; 0:
     # epoch ends only). A rerun resumes from the last one.
     checkpoint_every: int = 200
@@ -166,8 +182,8 @@ class TrainConfig:
     # Where checkpoints go (default: <run>/finetune/checkpoints). On a pod
     # every host writes its own shards there: a bucket (gs://...) or a
     # folder every worker mounts.
-    checkpoint_dir: Optional[str] = None
-    out: str = "finetune"
+    checkpoint_dir: str | None = None
+    out: str = "finetune"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
@@ -175,55 +191,55 @@ class MeanPromptConfig:
     # Target prompts: the rewrite_prompt column of this CSV (default: this
     # run's data CSV); the search uses its training rows, and reports the
     # holdout rows' score beside.
-    targets: Optional[str] = None
+    targets: str | None = None
     # "words": words of the target prompts; "pieces": the encoder's own
     # SentencePiece pieces (how the `lucrarea` effect was found).
     vocabulary: Literal["words", "pieces"] = "words"
-    letters_only: bool = True
+    letters_only: bool = True  # vocabulary items of letters only
     top_fraction: float = 0.2  # keep the best words by single-word score
-    beam_width: int = 100
-    steps: int = 50
+    beam_width: int = 100  # beams kept at each step (3rd place: 100)
+    steps: int = 50  # the most search steps (3rd place: 50)
     moves: Literal["append", "edit"] = "append"  # edit: also insert and replace
     # The encoder's SentencePiece model, to count tokens (and list pieces);
     # default: the *.model file in the encoder's assets/ folder.
-    piece_model: Optional[str] = None
+    piece_model: str | None = None
     max_tokens: int = 128  # sentence-t5 sees no more
-    batch_size: int = 512
-    out: str = "mean_prompt"
+    batch_size: int = 512  # strings embedded together
+    out: str = "mean_prompt"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
 class PredictConfig:
-    input: Optional[str] = None  # defaults to this run's data stage output
-    rows: Literal["all", "holdout"] = "all"
+    input: str | None = None  # defaults to this run's data stage output
+    rows: Literal["all", "holdout"] = "all"  # all, or holdout: the split's last part
     # "run": this run's fine-tuned adapter; "none": the base model; or a
     # path to a .lora.h5 file.
     adapter: str = "run"
-    batch_size: int = 8
-    max_new_tokens: int = 35
-    fallback: str = "Improve the text to this."
+    batch_size: int = 8  # rows generated together (global, all hosts)
+    max_new_tokens: int = 35  # the most tokens of a recovered prompt
+    fallback: str = "Improve the text to this."  # written where the model gives nothing
     # The final prompt, joined from parts in this order: "model" (this
     # model's output), "mean_prompt" (the run's mean prompt) or the path of
     # another submission CSV (e.g. another adapter's). Empty parts are
     # skipped; the result is cut to the encoder's token limit.
     combine: list[str] = dataclasses.field(default_factory=lambda: ["model"])
-    separator: str = " "
-    out: str = "predict"
+    separator: str = " "  # joins the parts of combine
+    out: str = "predict"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
 class ScoreConfig:
     # A TF Hub URL, a Kaggle Models handle, or a local SavedModel directory.
     encoder: str = "https://tfhub.dev/google/sentence-t5/st5-base/1"
-    predictions: Optional[str] = None  # defaults to this run's submission.csv
-    truth: Optional[str] = None  # defaults to the predict stage's input
-    batch_size: int = 64
-    out: str = "score"
+    predictions: str | None = None  # defaults to this run's submission.csv
+    truth: str | None = None  # defaults to the predict stage's input
+    batch_size: int = 64  # strings embedded together
+    out: str = "score"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
 class CompareConfig:
-    out: str = "compare"
+    out: str = "compare"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
@@ -237,7 +253,7 @@ class ExportConfig:
     # Gemma 7B). Not needed when the Kaggle bundle ships the PEFT adapter for
     # Kaggle's own base model.
     merged: bool = True
-    out: str = "export"
+    out: str = "export"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
@@ -249,16 +265,20 @@ class KaggleConfig:
     # Kaggle Models input (Gemma 7B instruct), or "export" to ship this
     # run's merged export inside the bundle instead (small models only).
     base_model: str = "/kaggle/input/gemma/transformers/7b-it/3"
-    input: str = "/kaggle/input/llm-prompt-recovery/test.csv"
-    output: str = "/kaggle/working/submission.csv"
+    input: str = "/kaggle/input/llm-prompt-recovery/test.csv"  # the notebook's test CSV
+    output: str = "/kaggle/working/submission.csv"  # the notebook's submission
     # T4 and P100 have no fast bfloat16; float16 runs on their tensor cores.
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
     # The wheels are fetched for the notebook's Python and platforms.
     python_version: str = "3.11"
-    platforms: list[str] = dataclasses.field(
-        default_factory=lambda: ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux_2_12_x86_64"]
+    platforms: list[str] = dataclasses.field(  # the platform tags of the wheels
+        default_factory=lambda: [
+            "manylinux_2_28_x86_64",
+            "manylinux_2_17_x86_64",
+            "manylinux_2_12_x86_64",
+        ]
     )
-    out: str = "kaggle_bundle"
+    out: str = "kaggle_bundle"  # the stage's folder in the run
 
 
 @dataclasses.dataclass
@@ -290,7 +310,9 @@ def load_config(path=None, overrides=()):
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if raw is None:
-        raise ConfigError(f"{path}: the file is empty; a config names at least its run (run: name: ...)")
+        raise ConfigError(
+            f"{path}: the file is empty; a config names at least its run (run: name: ...)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
@@ -326,9 +348,7 @@ def _build(cls, data, where, source):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(
-            f"{source}: unknown key {key!r}; known keys here: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{source}: unknown key {key!r}; known keys here: {', '.join(fields)}")
     missing = [
         name
         for name, f in fields.items()

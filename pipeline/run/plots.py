@@ -3,12 +3,16 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def loss_curve(step_losses, epoch_val_losses, steps_per_epoch, path):
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(step_losses) + 1), step_losses, label="train loss (running mean over the epoch)")
+    ax.plot(
+        range(1, len(step_losses) + 1),
+        step_losses,
+        label="train loss (running mean over the epoch)",
+    )
     if epoch_val_losses:
         val_steps = [steps_per_epoch * (e + 1) for e in range(len(epoch_val_losses))]
         ax.plot(val_steps, epoch_val_losses, "o-", label="validation loss (per epoch)")

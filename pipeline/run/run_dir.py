@@ -2,11 +2,11 @@
 
 Every run lives in `<run.root>/<run.name>/`; each stage writes into its own
 folder there (named by the stage's `out` key) and saves the resolved config
-beside its outputs. On a pod only process 0 writes. A stage's inputs default to the previous stage's outputs
-in the same run. When `run.root` is a bucket (gs://...), the stages work in a
-local mirror of the run folder: each stage pulls it first (`start_stage`) and
-pushes it back when it ends, also on an error (`@pushes_run`), see
-`pipeline/run/storage.py`.
+beside its outputs. On a pod only process 0 writes. A stage's inputs default
+to the previous stage's outputs in the same run. When `run.root` is a bucket
+(gs://...), the stages work in a local mirror of the run folder: each stage
+pulls it first (`start_stage`) and pushes it back when it ends, also on an
+error (`@pushes_run`), see `pipeline/run/storage.py`.
 
 Example:
 ```python
@@ -19,10 +19,10 @@ run.submission  # runs/<name>/predict/submission.csv
 import functools
 from pathlib import Path
 
+from pipeline.errors import InputError
 from pipeline.parallel import hosts
 from pipeline.run.config import save_config
 from pipeline.run.storage import RunMirror, adapter_settings_path, is_bucket, mirror_path
-from pipeline.errors import InputError
 from pipeline.text.tables import TEST_COLUMNS, read_header, read_table, split_rows
 
 
@@ -43,7 +43,9 @@ class RunDir:
     def __init__(self, cfg):
         self.cfg = cfg
         run = f"{cfg.run.root.rstrip('/')}/{cfg.run.name}"
-        self.mirror = RunMirror(run, mirror_path(run, cfg.run.mirrors)) if is_bucket(cfg.run.root) else None
+        self.mirror = (
+            RunMirror(run, mirror_path(run, cfg.run.mirrors)) if is_bucket(cfg.run.root) else None
+        )
         self.root = self.mirror.local if self.mirror else Path(cfg.run.root) / cfg.run.name
 
     def start_stage(self, cfg, out):
@@ -72,7 +74,11 @@ class RunDir:
         train = self.cfg.train
         if train.checkpoint_dir:
             return train.checkpoint_dir
-        return f"{self.mirror.remote}/{train.out}/checkpoints" if self.mirror else self.root / train.out / "checkpoints"
+        return (
+            f"{self.mirror.remote}/{train.out}/checkpoints"
+            if self.mirror
+            else self.root / train.out / "checkpoints"
+        )
 
     @property
     def data_csv(self):
@@ -94,7 +100,11 @@ class RunDir:
         """The rows predict predicts (and compare scores): `predict.input`,
         or its holdout part when `predict.rows` is holdout."""
         df = read_table(
-            self.predict_input, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
+            self.predict_input,
+            TEST_COLUMNS,
+            ["original_text", "rewritten_text"],
+            empty="keep",
+            log=log,
         )
         if self.cfg.predict.rows == "holdout":
             _, _, holdout = split_rows(len(df), self.cfg.split)
@@ -171,8 +181,10 @@ class RunDir:
     def check_truth_available(self):
         if not self.truth_available():
             raise InputError(
-                f"{self.truth} has no rewrite_prompt column (a test file: there is nothing to score "
-                "against); `make evaluate` scores the adapter on the holdout rows of the training data "
+                f"{self.truth} has no rewrite_prompt column (a test file: there is nothing to "
+                "score "
+                "against); `make evaluate` scores the adapter on the holdout rows of the training "
+                "data "
                 "instead, or set score.truth to a CSV with id, rewrite_prompt"
             )
 

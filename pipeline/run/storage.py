@@ -67,16 +67,22 @@ def _local_md5(path):
 
 def _same(local, info):
     """True when the local file holds the object `info` describes."""
-    return (local.is_file() and local.stat().st_size == int(info["size"])
-            and (not info.get("md5Hash") or _local_md5(local) == info["md5Hash"]))
+    return (
+        local.is_file()
+        and local.stat().st_size == int(info["size"])
+        and (not info.get("md5Hash") or _local_md5(local) == info["md5Hash"])
+    )
 
 
 def _objects(fs, url):
     """key relative to `url` -> the object's info, for every object under it
     ("" -> its info when `url` names one object)."""
     prefix = url.removeprefix(SCHEME).rstrip("/")
-    return {key[len(prefix):].lstrip("/"): info for key, info in fs.find(url, detail=True).items()
-            if info.get("type") != "directory"}
+    return {
+        key[len(prefix) :].lstrip("/"): info
+        for key, info in fs.find(url, detail=True).items()
+        if info.get("type") != "directory"
+    }
 
 
 def _copy_down(fs, url, local, skip=()):
@@ -90,7 +96,8 @@ def _copy_down(fs, url, local, skip=()):
         target = local / key if key else local
         if not _same(target, info):
             target.parent.mkdir(parents=True, exist_ok=True)
-            # Beside, then renamed: a reader (another host of a pod sharing the folder) sees all or nothing.
+            # Beside, then renamed: a reader (another host of a pod sharing the
+            # folder) sees all or nothing.
             part = target.with_name(f"{target.name}.part-{os.getpid()}")
             fs.get_file(f"{url}/{key}" if key else url, str(part))
             os.replace(part, target)
@@ -174,14 +181,28 @@ def localized(cfg):
     return replace(
         cfg,
         model=replace(cfg.model, preset=local(cfg.model.preset)),
-        data=replace(cfg.data, prompts=local(cfg.data.prompts),
-                     sources=[replace(source, path=local(source.path)) for source in cfg.data.sources]),
+        data=replace(
+            cfg.data,
+            prompts=local(cfg.data.prompts),
+            sources=[replace(source, path=local(source.path)) for source in cfg.data.sources],
+        ),
         train=replace(cfg.train, data=local(cfg.train.data)),
-        mean_prompt=replace(cfg.mean_prompt, targets=local(cfg.mean_prompt.targets),
-                            piece_model=local(cfg.mean_prompt.piece_model)),
-        predict=replace(cfg.predict, input=local(cfg.predict.input), adapter=adapter(cfg.predict.adapter),
-                        combine=[combine_part(part) for part in cfg.predict.combine]),
-        score=replace(cfg.score, encoder=local(cfg.score.encoder), predictions=local(cfg.score.predictions),
-                      truth=local(cfg.score.truth)),
+        mean_prompt=replace(
+            cfg.mean_prompt,
+            targets=local(cfg.mean_prompt.targets),
+            piece_model=local(cfg.mean_prompt.piece_model),
+        ),
+        predict=replace(
+            cfg.predict,
+            input=local(cfg.predict.input),
+            adapter=adapter(cfg.predict.adapter),
+            combine=[combine_part(part) for part in cfg.predict.combine],
+        ),
+        score=replace(
+            cfg.score,
+            encoder=local(cfg.score.encoder),
+            predictions=local(cfg.score.predictions),
+            truth=local(cfg.score.truth),
+        ),
         export=replace(cfg.export, adapter=adapter(cfg.export.adapter)),
     )

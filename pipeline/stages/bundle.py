@@ -25,11 +25,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.errors import InputError, MissingInputError
 from pipeline.models.model import read_model_spec
 from pipeline.run.config import load_config
-from pipeline.text.encoder import find_piece_model
 from pipeline.run.run_dir import RunDir, pushes_run
-from pipeline.errors import InputError, MissingInputError
+from pipeline.text.encoder import find_piece_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO_ROOT / "requirements-kaggle.txt"
@@ -78,7 +78,9 @@ def run_kaggle_bundle_stage(cfg, log=print):
     source = run.transformers_model if merged else run.peft_adapter
     if not source.exists():
         merged_off = " with export.merged=true" if merged and not cfg.export.merged else ""
-        raise MissingInputError(f"{source} not found; run the export stage first (make export{merged_off})")
+        raise MissingInputError(
+            f"{source} not found; run the export stage first (make export{merged_off})"
+        )
     bundle = run.start_stage(cfg, cfg.kaggle.out)
     for leftover in ("transformers", "peft_adapter"):
         shutil.rmtree(bundle / leftover, ignore_errors=True)
@@ -90,11 +92,15 @@ def run_kaggle_bundle_stage(cfg, log=print):
         mean_prompt = run.mean_prompt.read_text().strip()
     if cfg.predict.combine != ["model"]:
         piece_model = "piece_model.model"
-        shutil.copyfile(find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), bundle / piece_model)
+        shutil.copyfile(
+            find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), bundle / piece_model
+        )
     trained_config = run.root / cfg.train.out / "config.yaml"
     trained = load_config(trained_config) if trained_config.exists() else cfg
     end_of_turn = read_model_spec(trained.model.preset).family.end_of_turn
-    settings = bundle_settings(cfg, trained, mean_prompt, None if merged else source.name, piece_model, end_of_turn)
+    settings = bundle_settings(
+        cfg, trained, mean_prompt, None if merged else source.name, piece_model, end_of_turn
+    )
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2))
     shutil.copyfile(REQUIREMENTS, bundle / "requirements.txt")
     shutil.copyfile(NOTEBOOK_SCRIPT, bundle / NOTEBOOK_SCRIPT.name)
@@ -111,13 +117,28 @@ def fetch_wheels(kaggle_cfg, folder, log=print):
     for old in folder.glob("prompt_recovery-*.whl"):
         old.unlink()
     platforms = [arg for platform in kaggle_cfg.platforms for arg in ("--platform", platform)]
-    log(f"kaggle-bundle: wheels for Python {kaggle_cfg.python_version} ({', '.join(kaggle_cfg.platforms)})")
-    _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", kaggle_cfg.python_version,
-         *platforms, "-r", str(REQUIREMENTS), "-d", str(folder))
+    log(
+        f"kaggle-bundle: wheels for Python {kaggle_cfg.python_version} "
+        f"({', '.join(kaggle_cfg.platforms)})"
+    )
+    _pip(
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        kaggle_cfg.python_version,
+        *platforms,
+        "-r",
+        str(REQUIREMENTS),
+        "-d",
+        str(folder),
+    )
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(folder), str(REPO_ROOT))
 
 
 def _pip(*args):
-    done = subprocess.run([sys.executable, "-m", "pip", "-q", *args], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "-q", *args], capture_output=True, text=True
+    )
     if done.returncode:
         raise RuntimeError(f"pip {args[0]} failed:\n{done.stderr.strip()[-2000:]}")

@@ -16,9 +16,9 @@ import json
 
 from pipeline.parallel import hosts
 from pipeline.run import plots
+from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit, load_sentence_encoder, score_prompts
-from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.tables import SUBMISSION_COLUMNS, read_table
 
 CONSTANT_BASELINE = "Improve the text to this."
@@ -43,7 +43,9 @@ def run_compare_stage(cfg, log=print):
 def compare_variants(cfg, run, stage_dir, log):
     run.check_truth_available()
     rows = run.read_predict_rows(log)
-    truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], log=log).set_index("id")
+    truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], log=log).set_index(
+        "id"
+    )
     ids = list(rows["id"])
     model = read_table(run.raw_outputs, SUBMISSION_COLUMNS, empty="keep", log=log).set_index("id")
     model_outputs = list(model["rewrite_prompt"].reindex(ids, fill_value=""))
@@ -58,12 +60,18 @@ def compare_variants(cfg, run, stage_dir, log):
     scores = {}
     for name, part_names in VARIANTS.items():
         if all(p in available for p in part_names):
-            prompts, _ = combine_parts([available[p] for p in part_names], cfg.predict.separator, cfg.predict.fallback, cut)
-            scores[name] = float(score_prompts(encoder, prompts, true_prompts, cfg.score.batch_size).mean())
+            prompts, _ = combine_parts(
+                [available[p] for p in part_names], cfg.predict.separator, cfg.predict.fallback, cut
+            )
+            scores[name] = float(
+                score_prompts(encoder, prompts, true_prompts, cfg.score.batch_size).mean()
+            )
     width = max(map(len, scores))
     log(f"compare: {len(ids)} rows ({cfg.predict.rows})")
     for name, score in sorted(scores.items(), key=lambda kv: -kv[1]):
         log(f"  {name:<{width}}  {score:.4f}")
-    (stage_dir / "compare.json").write_text(json.dumps({"rows": len(ids), "scores": scores}, indent=2))
+    (stage_dir / "compare.json").write_text(
+        json.dumps({"rows": len(ids), "scores": scores}, indent=2)
+    )
     plots.variant_bars(scores, stage_dir / "compare.png")
     return scores

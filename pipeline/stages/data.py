@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import InputError, MissingInputError
 from pipeline.parallel import hosts, preemption
-from pipeline.text import rules, templates
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text import rules, templates
 from pipeline.text.sources import chunk_texts, read_sources
 from pipeline.text.tables import TRAIN_COLUMNS, write_table
-from pipeline.errors import InputError, MissingInputError
 
 
 def read_prompt_pool(path):
@@ -47,11 +47,14 @@ def read_prompt_pool(path):
 
 def plan_rows(data_cfg, log=print):
     """The rows to generate: DataFrame(id, original_text, rewrite_prompt)."""
-    chunks, dropped = chunk_texts(read_sources(data_cfg.sources), data_cfg.chunk_words, data_cfg.min_chars)
+    chunks, dropped = chunk_texts(
+        read_sources(data_cfg.sources), data_cfg.chunk_words, data_cfg.min_chars
+    )
     log(f"data: {len(chunks)} chunks kept, dropped: {dict(dropped) or 'none'}")
     if not chunks:
         raise InputError(
-            f"data.sources: no text chunk kept (dropped: {dict(dropped) or 'none'}); check that the "
+            f"data.sources: no text chunk kept (dropped: {dict(dropped) or 'none'}); check that "
+            "the "
             "files hold texts, and data.min_chars"
         )
     prompts = read_prompt_pool(data_cfg.prompts)
@@ -81,7 +84,9 @@ def run_data_stage(cfg, log=print):
     # Process 0 plans and reads what is done; every host gets the same.
     plan, done = hosts.share_from_main(plan_and_resume)
     todo = ~plan["id"].isin(done).to_numpy()
-    log(f"data: {len(plan)} rows planned, {len(done)} already written, {int(todo.sum())} to rewrite")
+    log(
+        f"data: {len(plan)} rows planned, {len(done)} already written, {int(todo.sum())} to rewrite"
+    )
     if todo.any():
         written = int((~todo).sum())
         with preemption.watching() as notice:
@@ -91,7 +96,8 @@ def run_data_stage(cfg, log=print):
                 written += len(batch)
                 if notice.reached(number):
                     raise preemption.Preempted(
-                        f"data: preempted with {written}/{len(plan)} rows written to {partial}; rerun the "
+                        f"data: preempted with {written}/{len(plan)} rows written to {partial}; "
+                        "rerun the "
                         "stage to rewrite the rest"
                     )
     if not hosts.is_main_process():
@@ -111,10 +117,12 @@ def _rewrite(cfg, plan, todo, log):
     batches finish."""
     if cfg.data.rewriter == "rules":
         # No accelerator work: process 0 rewrites, the other hosts wait for it.
-        rows = hosts.share_from_main(lambda: [
-            {"id": r.id, "rewritten_text": rules.rewrite(r.rewrite_prompt, r.original_text)}
-            for r in plan[todo].itertuples()
-        ])
+        rows = hosts.share_from_main(
+            lambda: [
+                {"id": r.id, "rewritten_text": rules.rewrite(r.rewrite_prompt, r.original_text)}
+                for r in plan[todo].itertuples()
+            ]
+        )
         for start in range(0, len(rows), cfg.data.batch_size):
             yield rows[start : start + cfg.data.batch_size]
         return
@@ -125,21 +133,33 @@ def _rewrite(cfg, plan, todo, log):
     causal_lm, tokenizer = load_model(cfg, [cfg.data.batch_size])
     chat_turn = _chat_turn(cfg)
     requests = [
-        templates.format_rewrite_request(cfg.data.template, r.rewrite_prompt, r.original_text, chat_turn)
+        templates.format_rewrite_request(
+            cfg.data.template, r.rewrite_prompt, r.original_text, chat_turn
+        )
         for r in plan.itertuples()
     ]
     # The chat-format string starts the turn; the start token (<bos>) comes first.
     prompts = tokenize_batch(tokenizer, requests, add_bos=True)
-    stops = None if cfg.data.chat_format else [tokenizer.end_token_id]  # the reference stopped at <eos> only
-    generator = BatchedGenerator(causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log,
-                                 stops=stops)
+    stops = (
+        None if cfg.data.chat_format else [tokenizer.end_token_id]
+    )  # the reference stopped at <eos> only
+    generator = BatchedGenerator(
+        causal_lm, tokenizer, cfg.data.batch_size, cfg.data.max_new_tokens, log=log, stops=stops
+    )
     # Batches are planned over all rows, so a resumed row is decoded in the
     # same batch as in an uninterrupted run; only unfinished batches run.
     for indices, texts in generator.generate(prompts, skip=lambda indices: not todo[indices].any()):
-        yield [{"id": plan.id[i], "rewritten_text": t.strip()} for i, t in zip(indices, texts) if todo[i]]
+        yield [
+            {"id": plan.id[i], "rewritten_text": t.strip()}
+            for i, t in zip(indices, texts, strict=True)
+            if todo[i]
+        ]
     if generator.rows_at_limit:
-        log(f"data: {generator.rows_at_limit} rewrite(s) reached data.max_new_tokens={cfg.data.max_new_tokens} "
-            "and were cut there; raise it to keep them whole")
+        log(
+            f"data: {generator.rows_at_limit} rewrite(s) reached "
+            f"data.max_new_tokens={cfg.data.max_new_tokens} "
+            "and were cut there; raise it to keep them whole"
+        )
 
 
 def _chat_turn(cfg):
@@ -155,8 +175,13 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial):
     data = cfg.data
     setup = [data.template, data.rewriter]
     if data.rewriter == "model":
-        setup += [_chat_turn(cfg), cfg.model.preset, cfg.model.dtype,
-                  data.max_new_tokens, data.batch_size]
+        setup += [
+            _chat_turn(cfg),
+            cfg.model.preset,
+            cfg.model.dtype,
+            data.max_new_tokens,
+            data.batch_size,
+        ]
     digest = hashlib.sha256(
         pd.util.hash_pandas_object(plan, index=False).values.tobytes() + json.dumps(setup).encode()
     ).hexdigest()
@@ -164,7 +189,8 @@ def _check_plan_unchanged(plan_path, plan, cfg, partial):
         if json.loads(plan_path.read_text())["digest"] != digest:
             raise InputError(
                 f"{partial} was written for another plan or setup (sources, prompts, chunking, "
-                "seed, template, chat format, rewriter, model, dtype, max_new_tokens or batch size changed); delete "
+                "seed, template, chat format, rewriter, model, dtype, max_new_tokens or batch size "
+                "changed); delete "
                 "it to start over, or use another run.name"
             )
     plan_path.write_text(json.dumps({"digest": digest, "rows": len(plan)}))
@@ -189,6 +215,8 @@ def _read_partial(partial, planned_ids, log):
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             if row["id"] not in planned_ids:
-                raise InputError(f"{path}: row {row['id']!r} is not in the plan; delete {partial} to start over")
+                raise InputError(
+                    f"{path}: row {row['id']!r} is not in the plan; delete {partial} to start over"
+                )
             done[row["id"]] = row["rewritten_text"]
     return done

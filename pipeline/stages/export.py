@@ -106,7 +106,8 @@ def transformers_name(transformers_format, path):
         if match:
             return name.format(i=match.group(1)) if match.groups() else name, kind
     raise InputError(
-        f"export: the weight {path} has no name in {transformers_format.architecture}, so this variant of the "
+        f"export: the weight {path} has no name in {transformers_format.architecture}, so this "
+        "variant of the "
         "family cannot be exported; the other stages run on it"
     )
 
@@ -118,15 +119,19 @@ def run_export_stage(cfg, log=print):
     Returns their paths."""
     run = RunDir(cfg)
     if not cfg.export.merged and not (cfg.export.peft and run.export_adapter):
-        raise InputError("export.merged is false and there is no PEFT adapter to write (export.peft false, or "
-                         "export.adapter none): nothing to export")
+        raise InputError(
+            "export.merged is false and there is no PEFT adapter to write (export.peft false, or "
+            "export.adapter none): nothing to export"
+        )
     spec = read_model_spec(cfg.model.preset)
     family = spec.family
     if family.transformers is None:
         built = ", ".join(f.name for f in FAMILIES.values() if f.transformers)
         raise InputError(
-            f"export: model.preset is a {family.name} model; the transformers export (and the Kaggle bundle) is "
-            f"built and checked for {built} only so far. The other stages run on {family.name}: predict writes "
+            f"export: model.preset is a {family.name} model; the transformers export (and the "
+            "Kaggle bundle) is "
+            f"built and checked for {built} only so far. The other stages run on {family.name}: "
+            "predict writes "
             "the submission on the TPU"
         )
     stage_dir = run.start_stage(cfg, cfg.export.out)
@@ -141,12 +146,22 @@ def run_export_stage(cfg, log=print):
         paths["transformers"] = str(run.transformers_model)
         log(f"export: transformers model -> {run.transformers_model}")
     if adapter and cfg.export.peft:
-        base = family.transformers_format(spec.config).base_models.get(str(cfg.model.preset), str(cfg.model.preset))
+        base = family.transformers_format(spec.config).base_models.get(
+            str(cfg.model.preset), str(cfg.model.preset)
+        )
         ranks = write_peft_adapter(causal_lm.backbone, run.peft_adapter, base)
         paths["peft_adapter"] = str(run.peft_adapter)
         log(f"export: PEFT adapter, ranks {ranks} -> {run.peft_adapter}")
-    (stage_dir / "export.json").write_text(json.dumps({**paths, "adapter": str(adapter) if adapter else None,
-                                                       "preset": str(cfg.model.preset)}, indent=2))
+    (stage_dir / "export.json").write_text(
+        json.dumps(
+            {
+                **paths,
+                "adapter": str(adapter) if adapter else None,
+                "preset": str(cfg.model.preset),
+            },
+            indent=2,
+        )
+    )
     return paths
 
 
@@ -155,8 +170,11 @@ def merged_weights(backbone):
     kernel with its adapter merged."""
     from pipeline import keras_internals
 
-    values = {weight.path: weight for weight in backbone.weights
-              if not weight.path.endswith(("lora_kernel_a", "lora_kernel_b"))}
+    values = {
+        weight.path: weight
+        for weight in backbone.weights
+        if not weight.path.endswith(("lora_kernel_a", "lora_kernel_b"))
+    }
     for layer in keras_internals.lora_layers(backbone).values():
         values[f"{layer.path}/kernel"] = layer.kernel
     return {path: np.asarray(value) for path, value in values.items()}
@@ -165,8 +183,13 @@ def merged_weights(backbone):
 def write_transformers_model(causal_lm, tokenizer, folder, dtype):
     """The merged model, its config and tokenizer, as transformers loads
     them (`AutoModelForCausalLM`, `AutoTokenizer`)."""
-    write_transformers_weights(causal_lm, folder, dtype, bos_token_id=tokenizer.start_token_id,
-                               eos_token_id=tokenizer.end_token_id)
+    write_transformers_weights(
+        causal_lm,
+        folder,
+        dtype,
+        bos_token_id=tokenizer.start_token_id,
+        eos_token_id=tokenizer.end_token_id,
+    )
     write_transformers_tokenizer(transformers_format(causal_lm.backbone), tokenizer, folder)
 
 
@@ -229,13 +252,21 @@ def write_byte_level_bpe_tokenizer(tokenizer, tokenizer_config, folder):
     from pipeline import keras_internals
 
     vocabulary = dict(tokenizer.vocabulary)
-    merges = [tuple(merge.split(" ")) for merge in tokenizer.merges if not merge.startswith("#version:")]
+    merges = [
+        tuple(merge.split(" ")) for merge in tokenizer.merges if not merge.startswith("#version:")
+    ]
     hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocabulary, merges=merges))
     hf.add_special_tokens(list(tokenizer.unsplittable_tokens))
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Split(tokenizers.Regex(keras_internals.bpe_split_pattern()), behavior="isolated"),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=tokenizer.add_prefix_space, use_regex=False),
-    ])
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [
+            tokenizers.pre_tokenizers.Split(
+                tokenizers.Regex(keras_internals.bpe_split_pattern()), behavior="isolated"
+            ),
+            tokenizers.pre_tokenizers.ByteLevel(
+                add_prefix_space=tokenizer.add_prefix_space, use_regex=False
+            ),
+        ]
+    )
     hf.decoder = tokenizers.decoders.ByteLevel()
     hf.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -253,10 +284,16 @@ def write_peft_adapter(backbone, folder, base_model):
     tensors, module_ranks, scales = {}, {}, set()
     for layer in keras_internals.lora_layers(backbone).values():
         name, kind = transformers_name(weight_names, f"{layer.path}/kernel")
-        lora_a, lora_b = peft_factors(kind, np.asarray(layer.lora_kernel_a), np.asarray(layer.lora_kernel_b))
+        lora_a, lora_b = peft_factors(
+            kind, np.asarray(layer.lora_kernel_a), np.asarray(layer.lora_kernel_b)
+        )
         module = name.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a, dtype=np.float32)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b, dtype=np.float32)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
+            lora_a, dtype=np.float32
+        )
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
+            lora_b, dtype=np.float32
+        )
         module_ranks[module] = lora_a.shape[0]
         scales.add(layer.lora_alpha / layer.lora_rank)
     (scale,) = scales  # one alpha and rank for the whole adapter
@@ -268,19 +305,39 @@ def write_peft_adapter(backbone, folder, base_model):
     wider = {}
     for name, ranks in by_name.items():
         if len(ranks) == 1:
-            wider.update({name: r for r in ranks if r != rank})
+            (only,) = ranks
+            if only != rank:
+                wider[name] = only
         else:
-            wider.update({re.escape(module): r for module, r in module_ranks.items()
-                          if module.split(".")[-1] == name and r != rank})
+            wider.update(
+                {
+                    re.escape(module): r
+                    for module, r in module_ranks.items()
+                    if module.split(".")[-1] == name and r != rank
+                }
+            )
     # PEFT's LoraConfig fields (written as JSON: PEFT itself needs torch).
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": scale * rank, "target_modules": sorted(by_name),
-        "rank_pattern": wider, "alpha_pattern": {module: scale * r for module, r in wider.items()},
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "target_modules": sorted(by_name),
+        "rank_pattern": wider,
+        "alpha_pattern": {module: scale * r for module, r in wider.items()},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return {name: next(iter(ranks)) if len(ranks) == 1 else tuple(sorted(ranks)) for name, ranks in by_name.items()}
+    return {
+        name: next(iter(ranks)) if len(ranks) == 1 else tuple(sorted(ranks))
+        for name, ranks in by_name.items()
+    }

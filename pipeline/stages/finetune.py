@@ -23,20 +23,27 @@ import time
 import keras
 import numpy as np
 
-from pipeline.models import flops
-from pipeline.parallel import hosts, preemption
-from pipeline.run import plots
-from pipeline.text.batching import TrainingBatches, evaluation_batches
-from pipeline.parallel.checkpoint import CheckpointStore, Progress, check_reachable
-from pipeline.models.disk import check_disk, plan_disk
-from pipeline.parallel.distribution import data_sharding
-from pipeline.models.lora_training import compile_lora_training
-from pipeline.models.model import enable_lora, family_of, forward_inputs, load_model, read_model_spec, save_adapter
-from pipeline.text.recovery import RecoveryFormatter
-from pipeline.run.run_dir import RunDir, pushes_run
-from pipeline.parallel.runtime import set_seed
-from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
 from pipeline.errors import InputError
+from pipeline.models import flops
+from pipeline.models.disk import check_disk, plan_disk
+from pipeline.models.lora_training import compile_lora_training
+from pipeline.models.model import (
+    enable_lora,
+    family_of,
+    forward_inputs,
+    load_model,
+    read_model_spec,
+    save_adapter,
+)
+from pipeline.parallel import hosts, preemption
+from pipeline.parallel.checkpoint import CheckpointStore, Progress, check_reachable
+from pipeline.parallel.distribution import data_sharding
+from pipeline.parallel.runtime import set_seed
+from pipeline.run import plots
+from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.batching import TrainingBatches, evaluation_batches
+from pipeline.text.recovery import RecoveryFormatter
+from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
 
 TEXT_COLUMNS = ["original_text", "rewrite_prompt", "rewritten_text"]
 
@@ -90,7 +97,11 @@ def local_batches(rows, batches, batch_size, family):
     def generate():
         for batch in batches:
             x, y, weight = rows.arrays(batch)
-            yield {key: value[local] for key, value in forward_inputs(family, x).items()}, y[local], weight[local]
+            yield (
+                {key: value[local] for key, value in forward_inputs(family, x).items()},
+                y[local],
+                weight[local],
+            )
 
     spec = lambda dtype: tf.TensorSpec((n, None), dtype)  # noqa: E731
     inputs = {"token_ids": spec(tf.int32), "padding_mask": spec(tf.bool)}
@@ -109,10 +120,14 @@ def run_finetune_stage(cfg, log=print):
     train_df, val_df = hosts.share_from_main(lambda: load_splits(run.train_csv, cfg.split, log))
     if len(train_df) < tc.batch_size:
         raise InputError(
-            f"{run.train_csv}: {len(train_df)} training rows, fewer than train.batch_size={tc.batch_size}"
+            f"{run.train_csv}: {len(train_df)} training rows, fewer than "
+            f"train.batch_size={tc.batch_size}"
         )
     if tc.keep_checkpoints < 1:
-        raise InputError(f"train.keep_checkpoints={tc.keep_checkpoints}: keep at least 1 checkpoint to resume from")
+        raise InputError(
+            f"train.keep_checkpoints={tc.keep_checkpoints}: keep at least 1 checkpoint to resume "
+            "from"
+        )
     # Before any weight is loaded: will what the run writes fit?
     plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
     hosts.share_from_main(lambda: check_disk(plan, run.root, log))
@@ -120,21 +135,40 @@ def run_finetune_stage(cfg, log=print):
     set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
-    log(f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable weights")
+    log(
+        f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable "
+        "weights"
+    )
     train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
-    batches = TrainingBatches(train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed)
+    batches = TrainingBatches(
+        train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed
+    )
     log(
         f"finetune: {batches.steps_per_epoch} steps per epoch, {batches.real_tokens:,} real of "
-        f"{batches.computed_tokens:,} computed tokens ({batches.real_tokens / batches.computed_tokens:.1%} "
+        f"{batches.computed_tokens:,} computed tokens "
+        f"({batches.real_tokens / batches.computed_tokens:.1%} "
         f"real, length_step={tc.length_step})"
     )
     compile_lora_training(causal_lm, tc)
     check_reachable(run.checkpoints)
-    store = CheckpointStore(run.checkpoints, checkpoint_settings(cfg, train_rows), tc.keep_checkpoints)
+    store = CheckpointStore(
+        run.checkpoints, checkpoint_settings(cfg, train_rows), tc.keep_checkpoints
+    )
     try:
         progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
         with preemption.watching() as notice:
-            train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, notice, log)
+            train(
+                cfg,
+                causal_lm,
+                batches,
+                train_rows,
+                val_rows,
+                store,
+                progress,
+                stage_dir,
+                notice,
+                log,
+            )
     finally:
         store.close()  # waits for the last save
     save_adapter(causal_lm, cfg.lora, run.adapter)
@@ -147,7 +181,9 @@ def run_finetune_stage(cfg, log=print):
 def encode_splits(tokenizer, train_cfg, train_df, val_df, log):
     """Training and validation rows as tokens, texts cut to fit (counted)."""
     tc = train_cfg
-    formatter = RecoveryFormatter(tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens)
+    formatter = RecoveryFormatter(
+        tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens
+    )
     train_df, cut_train = formatter.fit_texts(train_df)
     val_df, cut_val = formatter.fit_texts(val_df)
     train_rows, responses_cut = formatter.encode(train_df)
@@ -164,8 +200,11 @@ def resume(store, causal_lm, total_steps, log):
     """The checkpoint's progress, loaded into the model (or a fresh start)."""
     progress = store.restore(causal_lm) or Progress()
     if progress.step >= total_steps:
-        log(f"finetune: {store.folder} is at step {progress.step}/{total_steps}: training is complete "
-            "(delete it to train again)")
+        log(
+            f"finetune: {store.folder} is at step {progress.step}/{total_steps}: training is "
+            "complete "
+            "(delete it to train again)"
+        )
     elif progress.step:
         log(f"finetune: resuming from {store.folder} at step {progress.step}/{total_steps}")
     return progress
@@ -194,20 +233,31 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
         todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
         feed = local_batches(train_rows, todo, tc.batch_size, family)
         if hosts.process_count() > 1 and epoch == progress.step // per_epoch:
-            log(f"finetune: process {hosts.process_index()} feeds {feed.element_spec[1].shape[0]} of the "
-                f"{tc.batch_size} rows of every batch")
+            log(
+                f"finetune: process {hosts.process_index()} feeds {feed.element_spec[1].shape[0]} "
+                "of the "
+                f"{tc.batch_size} rows of every batch"
+            )
         start = time.perf_counter()
         history = causal_lm.fit(
             feed,
-            validation_data=local_batches(val_rows, val_batches, tc.batch_size, family) if val_batches else None,
-            initial_epoch=epoch, epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0,
+            validation_data=local_batches(val_rows, val_batches, tc.batch_size, family)
+            if val_batches
+            else None,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
         )
         real_tokens = sum(len(train_rows.ids[r]) for b in todo for r in b.rows if r >= 0)
         measured = throughput.of(real_tokens, step_log.last_step_end - start)
         progress.epoch_throughput.append(measured)
         logs = {key: float(values[-1]) for key, values in history.history.items()}
         # The epoch's loss from its steps: whole even if the epoch was resumed.
-        logs["loss"] = float(np.mean(progress.step_losses[epoch * per_epoch : (epoch + 1) * per_epoch]))
+        logs["loss"] = float(
+            np.mean(progress.step_losses[epoch * per_epoch : (epoch + 1) * per_epoch])
+        )
         for key, value in logs.items():
             progress.epochs.setdefault(key, []).append(value)
         store.save(causal_lm, progress)
@@ -229,7 +279,10 @@ def write_history(stage_dir, progress, batches):
         )
     )
     plots.loss_curve(
-        progress.step_losses, progress.epochs.get("val_loss", []), batches.steps_per_epoch, stage_dir / "loss_curve.png"
+        progress.step_losses,
+        progress.epochs.get("val_loss", []),
+        batches.steps_per_epoch,
+        stage_dir / "loss_curve.png",
     )
 
 
@@ -286,7 +339,9 @@ class StepLog(keras.callbacks.Callback):
         step = self.progress.step
         if step % self.every == 0:
             rate = self.steps_in_fit / (self.last_step_end - self.start)
-            self.log(f"finetune: step {step}/{self.total_steps}, loss {loss:.4f}, {rate:.2f} steps/s")
+            self.log(
+                f"finetune: step {step}/{self.total_steps}, loss {loss:.4f}, {rate:.2f} steps/s"
+            )
 
 
 class Checkpointing(keras.callbacks.Callback):
@@ -320,6 +375,7 @@ class Checkpointing(keras.callbacks.Callback):
         """Waits for the checkpoint of this step, then ends the stage."""
         self.store.wait()
         raise preemption.Preempted(
-            f"finetune: preempted at step {self.progress.step}: its checkpoint is in {self.store.folder}; "
+            f"finetune: preempted at step {self.progress.step}: its checkpoint is in "
+            f"{self.store.folder}; "
             "rerun the stage to resume there"
         )

@@ -17,7 +17,9 @@ Example:
 ```python
 cache = EmbeddingCache(encoder, batch_size=512)
 objective = MeanScore(cache, ["Make it rhyme.", "Make it formal."])
-best, history = beam_search(objective, ["make", "it", "rhyme"], beam_width=4, steps=3, fits=lambda s: True)
+best, history = beam_search(
+    objective, ["make", "it", "rhyme"], beam_width=4, steps=3, fits=lambda s: True
+)
 ```
 """
 
@@ -26,12 +28,12 @@ import time
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.encoder import embed, find_piece_model, load_sentence_encoder
-from pipeline.text.token_limit import TokenLimit
 from pipeline.text.tables import read_table, split_rows
-from pipeline.errors import InputError
+from pipeline.text.token_limit import TokenLimit
 
 
 class EmbeddingCache:
@@ -49,7 +51,9 @@ class EmbeddingCache:
         self.misses += len(missing)
         self.hits += len(texts) - len(missing)
         if missing:
-            for text, vector in zip(missing, embed(self.encoder, missing, self.batch_size)):
+            for text, vector in zip(
+                missing, embed(self.encoder, missing, self.batch_size), strict=True
+            ):
                 self.vectors[text] = vector
         return np.stack([self.vectors[t] for t in texts])
 
@@ -80,11 +84,15 @@ def candidate_moves(text, vocabulary, moves):
                 yield " ".join(words[:i] + [item] + words[i + 1 :])
 
 
-def beam_search(objective, vocabulary, beam_width, steps, fits, moves="append", holdout=None, log=print):
+def beam_search(
+    objective, vocabulary, beam_width, steps, fits, moves="append", holdout=None, log=print
+):
     """Returns (best string, history of per-step scores)."""
     beams, best_score, history = [""], -np.inf, []
     for step in range(1, steps + 1):
-        candidates = {c for b in beams for c in candidate_moves(b, vocabulary, moves) if c not in beams}
+        candidates = {
+            c for b in beams for c in candidate_moves(b, vocabulary, moves) if c not in beams
+        }
         candidates = sorted(c for c in candidates if fits(c))
         if not candidates:
             log(f"mean-prompt: step {step}: no candidate fits the encoder's token limit; stop")
@@ -100,8 +108,11 @@ def beam_search(objective, vocabulary, beam_width, steps, fits, moves="append", 
         if holdout is not None:
             entry["holdout"] = float(holdout([beams[0]])[0])
         history.append(entry)
-        log(f"mean-prompt: step {step}: train {best_score:.4f}"
-            + (f", holdout {entry['holdout']:.4f}" if holdout else "") + f", {len(candidates)} candidates: {beams[0]!r}")
+        log(
+            f"mean-prompt: step {step}: train {best_score:.4f}"
+            + (f", holdout {entry['holdout']:.4f}" if holdout else "")
+            + f", {len(candidates)} candidates: {beams[0]!r}"
+        )
     return beams[0], history
 
 
@@ -139,24 +150,41 @@ def search_mean_prompt(cfg, run, stage_dir, log):
     from pipeline.run import plots
 
     mc = cfg.mean_prompt
-    df = read_table(run.mean_prompt_targets, ["rewrite_prompt"], ["rewrite_prompt"], empty="keep", log=log)
+    df = read_table(
+        run.mean_prompt_targets, ["rewrite_prompt"], ["rewrite_prompt"], empty="keep", log=log
+    )
     train_rows, _, holdout_rows = split_rows(len(df), cfg.split)
     prompts = df["rewrite_prompt"].str.strip()
     train = [p for p in prompts.iloc[list(train_rows)] if p]
     holdout = [p for p in prompts.iloc[list(holdout_rows)] if p]
     limit = TokenLimit(find_piece_model(cfg.score.encoder, mc.piece_model), mc.max_tokens)
     cache = EmbeddingCache(load_sentence_encoder(cfg.score.encoder), mc.batch_size)
-    objective, holdout_score = MeanScore(cache, train), MeanScore(cache, holdout) if holdout else None
-    vocabulary = build_vocabulary(mc.vocabulary, train, limit.pieces() if mc.vocabulary == "pieces" else [],
-                                  mc.letters_only, mc.top_fraction, objective)
-    log(f"mean-prompt: {len(train)} train / {len(holdout)} holdout targets, {len(vocabulary)} {mc.vocabulary} in the vocabulary")
+    objective, holdout_score = (
+        MeanScore(cache, train),
+        MeanScore(cache, holdout) if holdout else None,
+    )
+    vocabulary = build_vocabulary(
+        mc.vocabulary,
+        train,
+        limit.pieces() if mc.vocabulary == "pieces" else [],
+        mc.letters_only,
+        mc.top_fraction,
+        objective,
+    )
+    log(
+        f"mean-prompt: {len(train)} train / {len(holdout)} holdout targets, {len(vocabulary)} "
+        f"{mc.vocabulary} in the vocabulary"
+    )
     start = time.perf_counter()
-    best, history = beam_search(objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, holdout_score, log)
+    best, history = beam_search(
+        objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, holdout_score, log
+    )
     elapsed = time.perf_counter() - start
     if not history:
         raise InputError(
             f"mean-prompt: no candidate could be scored ({len(vocabulary)} vocabulary items, "
-            f"max_tokens={mc.max_tokens}); check mean_prompt.vocabulary, .letters_only and .top_fraction"
+            f"max_tokens={mc.max_tokens}); check mean_prompt.vocabulary, .letters_only and "
+            ".top_fraction"
         )
     (stage_dir / "mean_prompt.txt").write_text(best + "\n")
     summary = {
@@ -169,8 +197,10 @@ def search_mean_prompt(cfg, run, stage_dir, log):
     if holdout:
         constant, constant_score = best_constant(cache, train, train, holdout)
         summary["best_single_target_prompt"] = {"prompt": constant, "holdout": constant_score}
-        log(f"mean-prompt: holdout {history[-1]['holdout']:.4f} vs best single target prompt "
-            f"{constant_score:.4f} ({constant!r})")
+        log(
+            f"mean-prompt: holdout {history[-1]['holdout']:.4f} vs best single target prompt "
+            f"{constant_score:.4f} ({constant!r})"
+        )
     (stage_dir / "search.json").write_text(json.dumps(summary, indent=2))
     plots.search_curve(history, stage_dir / "search.png")
     log(f"mean-prompt: {best!r} -> {run.mean_prompt}")

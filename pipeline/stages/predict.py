@@ -18,13 +18,13 @@ import time
 
 import pandas as pd
 
-from pipeline.text.combine import combine_parts, load_parts
-from pipeline.text.encoder import encoder_token_limit
-from pipeline.parallel import hosts
 from pipeline.models.generation import BatchedGenerator
 from pipeline.models.model import load_adapter, load_model
-from pipeline.text.recovery import RecoveryFormatter
+from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.combine import combine_parts, load_parts
+from pipeline.text.encoder import encoder_token_limit
+from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import write_table
 
 
@@ -52,11 +52,13 @@ def run_predict_stage(cfg, log=print):
         tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     )
     df, n_cut = formatter.fit_texts(df)
-    generator = BatchedGenerator(causal_lm, tokenizer, cfg.predict.batch_size, cfg.predict.max_new_tokens, log=log)
+    generator = BatchedGenerator(
+        causal_lm, tokenizer, cfg.predict.batch_size, cfg.predict.max_new_tokens, log=log
+    )
     outputs = [""] * len(df)
     start = time.perf_counter()
     for indices, texts in generator.generate(formatter.prompt_ids(df)):
-        for i, text in zip(indices, texts):
+        for i, text in zip(indices, texts, strict=True):
             outputs[i] = text
     elapsed = time.perf_counter() - start
     if not hosts.is_main_process():

@@ -17,8 +17,8 @@ import pandas as pd
 
 from pipeline.parallel import hosts
 from pipeline.run import plots
-from pipeline.text.encoder import load_sentence_encoder, score_prompts
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.encoder import load_sentence_encoder, score_prompts
 from pipeline.text.tables import SUBMISSION_COLUMNS, TableError, read_table, split_rows
 
 
@@ -32,8 +32,12 @@ def run_score_stage(cfg, log=print):
 
 def score_submission(cfg, run, stage_dir, log):
     run.check_truth_available()
-    predictions = read_table(run.predictions, SUBMISSION_COLUMNS, ["rewrite_prompt"], empty="error", log=log)
-    truth = read_table(run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], empty="error", log=log)
+    predictions = read_table(
+        run.predictions, SUBMISSION_COLUMNS, ["rewrite_prompt"], empty="error", log=log
+    )
+    truth = read_table(
+        run.truth, ["id", "rewrite_prompt"], ["rewrite_prompt"], empty="error", log=log
+    )
     merged = predictions.merge(truth, on="id", how="left", suffixes=("_predicted", "_true"))
     missing = merged["rewrite_prompt_true"].isna()
     if missing.any():
@@ -52,7 +56,10 @@ def score_submission(cfg, run, stage_dir, log):
         )
     encoder = load_sentence_encoder(cfg.score.encoder)
     scores = score_prompts(
-        encoder, list(merged["rewrite_prompt_predicted"]), list(merged["rewrite_prompt_true"]), cfg.score.batch_size
+        encoder,
+        list(merged["rewrite_prompt_predicted"]),
+        list(merged["rewrite_prompt_true"]),
+        cfg.score.batch_size,
     )
     mean = float(scores.mean())
     pd.DataFrame(
@@ -63,7 +70,12 @@ def score_submission(cfg, run, stage_dir, log):
             "score": scores,
         }
     ).to_csv(stage_dir / "per_row.csv", index=False)
-    result = {"score": mean, "rows": len(merged), "predictions": str(run.predictions), "encoder": cfg.score.encoder}
+    result = {
+        "score": mean,
+        "rows": len(merged),
+        "predictions": str(run.predictions),
+        "encoder": cfg.score.encoder,
+    }
     (stage_dir / "score.json").write_text(json.dumps(result, indent=2))
     plots.score_histogram(scores, mean, stage_dir / "histogram.png")
     log(f"score: {mean:.4f} over {len(merged)} rows -> {stage_dir / 'score.json'}")

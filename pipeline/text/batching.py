@@ -98,7 +98,9 @@ class TrainingBatches:
 def evaluation_batches(rows, batch_size, sequence_length, length_step):
     """Every row once, in length order, batches filled with zero-weight rows."""
     lengths = padded_lengths(rows, sequence_length, length_step)
-    return filled_batches(sorted(range(len(lengths)), key=lambda r: lengths[r]), lengths, batch_size)
+    return filled_batches(
+        sorted(range(len(lengths)), key=lambda r: lengths[r]), lengths, batch_size
+    )
 
 
 def filled_batches(order, lengths, batch_size):
@@ -107,5 +109,7 @@ def filled_batches(order, lengths, batch_size):
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = list(order[start : start + batch_size])
-        batches.append(Batch(tuple(chunk + [-1] * (batch_size - len(chunk))), max(lengths[r] for r in chunk)))
+        batches.append(
+            Batch(tuple(chunk + [-1] * (batch_size - len(chunk))), max(lengths[r] for r in chunk))
+        )
     return batches

@@ -16,21 +16,39 @@ rows, n_fallback = combine_parts([["Make it rhyme.", ""], ["Improve this text."]
 
 import pandas as pd
 
-from pipeline.text.tables import SUBMISSION_COLUMNS, TableError, read_table
 from pipeline.errors import MissingInputError
+from pipeline.text.tables import SUBMISSION_COLUMNS, TableError, read_table
 
 # Cells pandas reads as missing by default, as the competition's scorer reads
 # submissions: such a prediction counts as blank.
 MISSING_BY_PANDAS = frozenset(
-    ["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+    [
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    ]
 )
 
 
 def combine_parts(parts, separator, fallback, cut=None):
     """Returns (combined prompts, rows that needed the fallback)."""
     combined, fallbacks = [], 0
-    for row in zip(*parts):
+    for row in zip(*parts, strict=False):
         text = separator.join(p.strip() for p in row if p and p.strip())
         if cut is not None:
             text = cut(text)
@@ -51,10 +69,14 @@ def load_parts(names, ids, mean_prompt_path):
             parts.append(None)
         elif name == "mean_prompt":
             if not mean_prompt_path.exists():
-                raise MissingInputError(f"{mean_prompt_path} not found; run the mean-prompt stage first")
+                raise MissingInputError(
+                    f"{mean_prompt_path} not found; run the mean-prompt stage first"
+                )
             parts.append([mean_prompt_path.read_text().strip()] * len(ids))
         else:
-            other = read_table(name, SUBMISSION_COLUMNS, empty="keep").set_index("id")["rewrite_prompt"]
+            other = read_table(name, SUBMISSION_COLUMNS, empty="keep").set_index("id")[
+                "rewrite_prompt"
+            ]
             missing = pd.Index(ids).difference(other.index)
             if len(missing):
                 raise TableError(f"{name}: column 'id': no row for id {missing[0]!r}")

@@ -84,7 +84,9 @@ def sharpened_cosine(a, b):
 
 def score_prompts(encoder, predicted, truth, batch_size=64):
     """Per-row sharpened cosine similarity of two lists of prompts."""
-    return sharpened_cosine(embed(encoder, predicted, batch_size), embed(encoder, truth, batch_size))
+    return sharpened_cosine(
+        embed(encoder, predicted, batch_size), embed(encoder, truth, batch_size)
+    )
 
 
 def find_piece_model(encoder_handle, piece_model=None):
@@ -103,6 +105,6 @@ def find_piece_model(encoder_handle, piece_model=None):
 
 def encoder_token_limit(cfg):
     """Cuts a combined prompt to what the encoder sees."""
-    return TokenLimit(find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), cfg.mean_prompt.max_tokens).cut
-
-
+    return TokenLimit(
+        find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), cfg.mean_prompt.max_tokens
+    ).cut

@@ -19,10 +19,10 @@ rows, n_responses_cut = formatter.encode(df)  # for pipeline.text.batching
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.text.batching import EncodedRows
 from pipeline.text.templates import format_recovery
 from pipeline.text.tokens import start_ids, tokenize_batch
-from pipeline.errors import InputError
 
 _MARGIN = 4  # re-tokenising cut text can add a token or two
 
@@ -54,7 +54,9 @@ class RecoveryFormatter:
         self.max_response_tokens = max_response_tokens
         self.prompt_budget = sequence_length - max_response_tokens
         self.start = start_ids(tokenizer)
-        overhead = len(tokenize_batch(tokenizer, [format_recovery(template, "", "")], add_bos=True)[0])
+        overhead = len(
+            tokenize_batch(tokenizer, [format_recovery(template, "", "")], add_bos=True)[0]
+        )
         self.text_budget = self.prompt_budget - overhead - _MARGIN
         if self.text_budget < 16:
             raise InputError(
@@ -68,7 +70,7 @@ class RecoveryFormatter:
         rewrites = tokenize_batch(self.tokenizer, df["rewritten_text"])
         df = df.copy()
         cut = 0
-        for row, (o, r) in enumerate(zip(originals, rewrites)):
+        for row, (o, r) in enumerate(zip(originals, rewrites, strict=True)):
             if len(o) + len(r) <= self.text_budget:
                 continue
             keep_o, keep_r = share_budget(len(o), len(r), self.text_budget)
@@ -80,7 +82,7 @@ class RecoveryFormatter:
     def prompt_texts(self, df):
         return [
             format_recovery(self.template, o, r)
-            for o, r in zip(df["original_text"], df["rewritten_text"])
+            for o, r in zip(df["original_text"], df["rewritten_text"], strict=True)
         ]
 
     def prompt_ids(self, df):
@@ -98,7 +100,7 @@ class RecoveryFormatter:
         responses = tokenize_batch(self.tokenizer, df["rewrite_prompt"])
         tok = self.tokenizer
         ids, prompt_lengths, cut = [], [], 0
-        for prompt, response in zip(prompts, responses):
+        for prompt, response in zip(prompts, responses, strict=True):
             prompt = self.start + prompt[-(self.prompt_budget - len(self.start)) :]
             cut += len(response) > self.max_response_tokens - 1
             response = response[: self.max_response_tokens - 1] + [tok.end_token_id]

@@ -32,12 +32,8 @@ RULES = {
     "Rewrite the text in lowercase without any punctuation.": lambda t: re.sub(
         r"[^\w\s]", "", t.lower()
     ),
-    "Reverse the order of the sentences in this text.": lambda t: " ".join(
-        reversed(_sentences(t))
-    ),
-    "Turn this text into a bulleted list.": lambda t: "\n".join(
-        "* " + s for s in _sentences(t)
-    ),
+    "Reverse the order of the sentences in this text.": lambda t: " ".join(reversed(_sentences(t))),
+    "Turn this text into a bulleted list.": lambda t: "\n".join("* " + s for s in _sentences(t)),
     "Make this text into a numbered list of steps.": lambda t: "\n".join(
         f"{i}. {s}" for i, s in enumerate(_sentences(t), 1)
     ),
@@ -53,8 +49,9 @@ RULES = {
     "Rewrite this text as a short poem.": lambda t: "\n".join(
         " ".join(s.split()[:5]) for s in _sentences(t)[:4]
     ),
-    "Rewrite this text as a news headline.": lambda t: "BREAKING: "
-    + " ".join(t.split()[:8]).title().rstrip(".,"),
+    "Rewrite this text as a news headline.": lambda t: (
+        "BREAKING: " + " ".join(t.split()[:8]).title().rstrip(".,")
+    ),
 }
 
 

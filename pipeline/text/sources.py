@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.text.tables import read_table
 from pipeline.errors import InputError, MissingInputError
+from pipeline.text.tables import read_table
 
 
 def read_sources(source_cfgs):

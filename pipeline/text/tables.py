@@ -75,7 +75,9 @@ def _check_shape(text, path, columns):
     except csv.Error as e:
         raise TableError(f"{path}: not a valid CSV file: {e}") from None
     if not records:
-        raise TableError(f"{path}: the file is empty; it needs a header line ({','.join(columns)}) and rows")
+        raise TableError(
+            f"{path}: the file is empty; it needs a header line ({','.join(columns)}) and rows"
+        )
     if len(records) == 1:
         raise TableError(f"{path}: a header ({','.join(records[0])}) and no rows; add rows")
     header = [name.strip() for name in records[0]]
@@ -83,7 +85,8 @@ def _check_shape(text, path, columns):
     if twice:
         # pandas would rename the second one (`name.1`) and use the first silently.
         raise TableError(
-            f"{path}: line 1 (the header): column {twice[0]!r} appears {header.count(twice[0])} times; "
+            f"{path}: line 1 (the header): column {twice[0]!r} appears {header.count(twice[0])} "
+            "times; "
             "give each column its own name"
         )
     for row, record in enumerate(records[1:], 1):
@@ -150,9 +153,7 @@ def split_rows(n_rows, split_cfg):
     n_validation = int(round(n_rows * split_cfg.validation))
     n_train = n_rows - n_validation - n_holdout
     if n_train <= 0:
-        raise TableError(
-            f"split.validation + split.holdout leave no training rows out of {n_rows}"
-        )
+        raise TableError(f"split.validation + split.holdout leave no training rows out of {n_rows}")
     return (
         range(0, n_train),
         range(n_train, n_train + n_validation),

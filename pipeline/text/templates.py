@@ -29,7 +29,6 @@ RECOVERY_TEMPLATE = (
 )
 
 
-
 def format_rewrite_request(template, rewrite_prompt, original_text, chat_turn=None):
     """The request that asks the instruct model for a rewrite: one user turn
     in the model family's chat format (`chat_turn`, with `{content}`; see

@@ -9,7 +9,6 @@ strip_generated(output_ids, len(ids[0]), stops)  # the new tokens, up to a stop
 """
 
 
-
 def start_ids(tokenizer):
     """What a sequence starts with: the start token (`<bos>`), or nothing
     for a tokenizer without one (Qwen's)."""

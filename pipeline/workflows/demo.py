@@ -16,19 +16,23 @@ run_demo(load_config())  # configs/cpu_tiny.yaml
 import dataclasses
 from pathlib import Path
 
+from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts_for
 from pipeline.stages.compare import run_compare_stage
 from pipeline.stages.data import run_data_stage
 from pipeline.stages.finetune import run_finetune_stage
 from pipeline.stages.mean_prompt import run_mean_prompt_stage
 from pipeline.stages.predict import run_predict_stage
 from pipeline.stages.score import run_score_stage
-from pipeline.models.tiny import TINY_DIR, build_tiny_artifacts_for
 
 
 def run_demo(cfg, log=print):
     if Path(cfg.model.preset).is_relative_to(TINY_DIR):
         build_tiny_artifacts_for(cfg.model.preset, log=log)
-    stages = (("data", run_data_stage), ("finetune", run_finetune_stage), ("mean-prompt", run_mean_prompt_stage))
+    stages = (
+        ("data", run_data_stage),
+        ("finetune", run_finetune_stage),
+        ("mean-prompt", run_mean_prompt_stage),
+    )
     for name, stage in stages:
         log(f"=== {name} ===")
         stage(cfg, log=log)

@@ -19,9 +19,9 @@ run_evaluate_stage(cfg)  # -> runs/kaggle_tpu_v3_8/score_holdout/score.json
 import dataclasses
 
 from pipeline.parallel import hosts
+from pipeline.run.run_dir import RunDir
 from pipeline.stages.compare import run_compare_stage
 from pipeline.stages.predict import run_predict_stage
-from pipeline.run.run_dir import RunDir
 from pipeline.stages.score import run_score_stage
 
 HOLDOUT_SUFFIX = "_holdout"
@@ -34,9 +34,16 @@ def holdout_config(cfg):
     combine = [part for part in cfg.predict.combine if part in PARTS_OF_EVERY_ROW] or ["model"]
     return dataclasses.replace(
         cfg,
-        predict=dataclasses.replace(cfg.predict, input=str(RunDir(cfg).train_csv), rows="holdout", combine=combine,
-                                    out=cfg.predict.out + HOLDOUT_SUFFIX),
-        score=dataclasses.replace(cfg.score, predictions=None, truth=None, out=cfg.score.out + HOLDOUT_SUFFIX),
+        predict=dataclasses.replace(
+            cfg.predict,
+            input=str(RunDir(cfg).train_csv),
+            rows="holdout",
+            combine=combine,
+            out=cfg.predict.out + HOLDOUT_SUFFIX,
+        ),
+        score=dataclasses.replace(
+            cfg.score, predictions=None, truth=None, out=cfg.score.out + HOLDOUT_SUFFIX
+        ),
         compare=dataclasses.replace(cfg.compare, out=cfg.compare.out + HOLDOUT_SUFFIX),
     )
 
@@ -47,8 +54,11 @@ def run_evaluate_stage(cfg, log=print):
     run = RunDir(cfg)
     if not hosts.share_from_main(run.truth_available):
         holdout = holdout_config(cfg)
-        log(f"evaluate: {run.truth} has no rewrite_prompt column; predicting the holdout rows of "
-            f"{holdout.predict.input} into {RunDir(holdout).submission.parent} to score the adapter there")
+        log(
+            f"evaluate: {run.truth} has no rewrite_prompt column; predicting the holdout rows of "
+            f"{holdout.predict.input} into {RunDir(holdout).submission.parent} to score the "
+            "adapter there"
+        )
         cfg = holdout
         run_predict_stage(cfg, log=log)
     score = run_score_stage(cfg, log=log)

@@ -17,7 +17,8 @@ spec.family.layout_axes("batch", "model")
 """
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +59,9 @@ class TransformersFormat:
 
     architecture: str
     weights: tuple
-    config: Optional[Callable] = None
+    config: Callable | None = None
     tokenizer: str = "keras_hub"
-    tokenizer_config: Optional[dict] = None
+    tokenizer_config: dict | None = None
     base_models: dict = dataclasses.field(default_factory=dict)
 
 
@@ -110,7 +111,7 @@ class Family:
     causal_lm_class: str
     tokenizer_class: str
     chat_turn: str
-    end_of_turn: Optional[str]
+    end_of_turn: str | None
     dimensions: Callable
     weight_dims: Callable
     layout_axes: Callable
@@ -119,7 +120,7 @@ class Family:
     presets: tuple
     fast_decoder: bool = False
     transformers: Optional["TransformersFormat"] = None
-    transformers_variant: Optional[Callable] = None
+    transformers_variant: Callable | None = None
     check_config: Callable = lambda config: None
     text_only_config: dict = dataclasses.field(default_factory=dict)
     position_ids: bool = False

@@ -36,20 +36,48 @@ def check_text_only(config):
 
 TRANSFORMERS = TransformersFormat(
     architecture="Gemma3ForCausalLM",
-    weights=gemma_transformers_weights("pre_feedforward_layernorm") + (
-        ("decoder_block_{i}/attention/query_norm/scale", "model.layers.{i}.self_attn.q_norm.weight", "copy"),
-        ("decoder_block_{i}/attention/key_norm/scale", "model.layers.{i}.self_attn.k_norm.weight", "copy"),
-        ("decoder_block_{i}/post_attention_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", "copy"),
-        ("decoder_block_{i}/post_ffw_norm/scale", "model.layers.{i}.post_feedforward_layernorm.weight", "copy"),
+    weights=gemma_transformers_weights("pre_feedforward_layernorm")
+    + (
+        (
+            "decoder_block_{i}/attention/query_norm/scale",
+            "model.layers.{i}.self_attn.q_norm.weight",
+            "copy",
+        ),
+        (
+            "decoder_block_{i}/attention/key_norm/scale",
+            "model.layers.{i}.self_attn.k_norm.weight",
+            "copy",
+        ),
+        (
+            "decoder_block_{i}/post_attention_norm/scale",
+            "model.layers.{i}.post_attention_layernorm.weight",
+            "copy",
+        ),
+        (
+            "decoder_block_{i}/post_ffw_norm/scale",
+            "model.layers.{i}.post_feedforward_layernorm.weight",
+            "copy",
+        ),
     ),
-    base_models={f"gemma3_instruct_{size}": f"google/gemma-3-{size.removesuffix('_text')}-it"
-                 for size in ("270m", "1b", "4b_text", "12b_text", "27b_text")},
+    base_models={
+        f"gemma3_instruct_{size}": f"google/gemma-3-{size.removesuffix('_text')}-it"
+        for size in ("270m", "1b", "4b_text", "12b_text", "27b_text")
+    },
 )
 
 # What every Gemma 3 text model sets (KerasHub's defaults differ).
-GEMMA3_TEXT = dict(image_size=None, vision_encoder=None, query_head_dim_normalize=True, use_query_key_norm=True,
-                   use_post_ffw_norm=True, use_post_attention_norm=True, use_sliding_window_attention=True,
-                   sliding_window_size=1024, local_rope_scaling_factor=1.0, global_rope_scaling_factor=1.0)
+GEMMA3_TEXT = dict(
+    image_size=None,
+    vision_encoder=None,
+    query_head_dim_normalize=True,
+    use_query_key_norm=True,
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    use_sliding_window_attention=True,
+    sliding_window_size=1024,
+    local_rope_scaling_factor=1.0,
+    global_rope_scaling_factor=1.0,
+)
 
 FAMILY = Family(
     name="gemma3",
@@ -63,24 +91,71 @@ FAMILY = Family(
     layout_axes=gemma_layout_axes,
     # As published (Hugging Face config.json, text part).
     architectures={
-        "gemma3_1b": dict(GEMMA3_TEXT, vocabulary_size=262144, num_layers=26, num_query_heads=4,
-                          num_key_value_heads=1, hidden_dim=1152, intermediate_dim=6912, head_dim=256,
-                          sliding_window_size=512),
-        "gemma3_4b": dict(GEMMA3_TEXT, vocabulary_size=262144, num_layers=34, num_query_heads=8,
-                          num_key_value_heads=4, hidden_dim=2560, intermediate_dim=10240, head_dim=256,
-                          global_rope_scaling_factor=8.0),
-        "gemma3_12b": dict(GEMMA3_TEXT, vocabulary_size=262144, num_layers=48, num_query_heads=16,
-                           num_key_value_heads=8, hidden_dim=3840, intermediate_dim=15360, head_dim=256,
-                           global_rope_scaling_factor=8.0),
+        "gemma3_1b": dict(
+            GEMMA3_TEXT,
+            vocabulary_size=262144,
+            num_layers=26,
+            num_query_heads=4,
+            num_key_value_heads=1,
+            hidden_dim=1152,
+            intermediate_dim=6912,
+            head_dim=256,
+            sliding_window_size=512,
+        ),
+        "gemma3_4b": dict(
+            GEMMA3_TEXT,
+            vocabulary_size=262144,
+            num_layers=34,
+            num_query_heads=8,
+            num_key_value_heads=4,
+            hidden_dim=2560,
+            intermediate_dim=10240,
+            head_dim=256,
+            global_rope_scaling_factor=8.0,
+        ),
+        "gemma3_12b": dict(
+            GEMMA3_TEXT,
+            vocabulary_size=262144,
+            num_layers=48,
+            num_query_heads=16,
+            num_key_value_heads=8,
+            hidden_dim=3840,
+            intermediate_dim=15360,
+            head_dim=256,
+            global_rope_scaling_factor=8.0,
+        ),
         # Queries scaled by hidden / heads (168), not head_dim.
-        "gemma3_27b": dict(GEMMA3_TEXT, vocabulary_size=262144, num_layers=62, num_query_heads=32,
-                           num_key_value_heads=16, hidden_dim=5376, intermediate_dim=21504, head_dim=128,
-                           global_rope_scaling_factor=8.0, query_head_dim_normalize=False),
+        "gemma3_27b": dict(
+            GEMMA3_TEXT,
+            vocabulary_size=262144,
+            num_layers=62,
+            num_query_heads=32,
+            num_key_value_heads=16,
+            hidden_dim=5376,
+            intermediate_dim=21504,
+            head_dim=128,
+            global_rope_scaling_factor=8.0,
+            query_head_dim_normalize=False,
+        ),
     },
-    tiny_config=dict(GEMMA3_TEXT, vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8,
-                     hidden_dim=128, intermediate_dim=256, head_dim=16, sliding_window_size=512),
-    presets=("gemma3_instruct_270m", "gemma3_instruct_1b", "gemma3_instruct_4b_text", "gemma3_instruct_12b_text",
-             "gemma3_instruct_27b_text"),
+    tiny_config=dict(
+        GEMMA3_TEXT,
+        vocabulary_size=1024,
+        num_layers=2,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        hidden_dim=128,
+        intermediate_dim=256,
+        head_dim=16,
+        sliding_window_size=512,
+    ),
+    presets=(
+        "gemma3_instruct_270m",
+        "gemma3_instruct_1b",
+        "gemma3_instruct_4b_text",
+        "gemma3_instruct_12b_text",
+        "gemma3_instruct_27b_text",
+    ),
     transformers=TRANSFORMERS,
     check_config=check_text_only,
 )

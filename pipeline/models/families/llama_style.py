@@ -8,8 +8,15 @@ from pipeline.models.families.family import Dimensions
 
 def llama_style_dimensions(config):
     head_dim = config.get("head_dim") or config["hidden_dim"] // config["num_query_heads"]
-    return Dimensions(config["vocabulary_size"], config["num_layers"], config["num_query_heads"],
-                      config["num_key_value_heads"], config["hidden_dim"], head_dim, config["intermediate_dim"])
+    return Dimensions(
+        config["vocabulary_size"],
+        config["num_layers"],
+        config["num_query_heads"],
+        config["num_key_value_heads"],
+        config["hidden_dim"],
+        head_dim,
+        config["intermediate_dim"],
+    )
 
 
 def llama_style_weight_dims(tied_by_default):
@@ -32,15 +39,17 @@ def _weight_dims(config, tied_embeddings):
         weights["token_embedding/reverse_embeddings"] = [hidden, vocabulary]
     for i in range(dims.num_layers):
         block = f"transformer_layer_{i}"
-        weights.update({
-            f"{block}/self_attention/query/kernel": [hidden, query, head],
-            f"{block}/self_attention/key/kernel": [hidden, kv, head],
-            f"{block}/self_attention/value/kernel": [hidden, kv, head],
-            f"{block}/self_attention/attention_output/kernel": [query, head, hidden],
-            f"{block}/feedforward_gate_dense/kernel": [hidden, ffw],
-            f"{block}/feedforward_intermediate_dense/kernel": [hidden, ffw],
-            f"{block}/feedforward_output_dense/kernel": [ffw, hidden],
-        })
+        weights.update(
+            {
+                f"{block}/self_attention/query/kernel": [hidden, query, head],
+                f"{block}/self_attention/key/kernel": [hidden, kv, head],
+                f"{block}/self_attention/value/kernel": [hidden, kv, head],
+                f"{block}/self_attention/attention_output/kernel": [query, head, hidden],
+                f"{block}/feedforward_gate_dense/kernel": [hidden, ffw],
+                f"{block}/feedforward_intermediate_dense/kernel": [hidden, ffw],
+                f"{block}/feedforward_output_dense/kernel": [ffw, hidden],
+            }
+        )
     return weights
 
 
@@ -50,7 +59,11 @@ def llama_style_layout_axes(data_axis="batch", model_axis="model"):
     return {
         "token_embedding/embeddings": (model_axis, data_axis),
         "token_embedding/reverse_embeddings": (data_axis, model_axis),
-        "transformer_layer.*self_attention.*(query|key|value).kernel": (model_axis, data_axis, None),
+        "transformer_layer.*self_attention.*(query|key|value).kernel": (
+            model_axis,
+            data_axis,
+            None,
+        ),
         "transformer_layer.*attention_output.kernel": (model_axis, None, data_axis),
         "transformer_layer.*feedforward_intermediate_dense.kernel": (data_axis, model_axis),
         "transformer_layer.*feedforward_gate_dense.kernel": (data_axis, model_axis),
@@ -66,18 +79,44 @@ def llama_style_transformers_weights(query_key_norms=False):
     weights = (
         ("token_embedding/embeddings", "model.embed_tokens.weight", "copy"),
         ("token_embedding/reverse_embeddings", "lm_head.weight", "transpose"),
-        ("transformer_layer_{i}/self_attention_layernorm/scale", f"{block}.input_layernorm.weight", "copy"),
+        (
+            "transformer_layer_{i}/self_attention_layernorm/scale",
+            f"{block}.input_layernorm.weight",
+            "copy",
+        ),
         (f"{attention}/query/kernel", f"{block}.self_attn.q_proj.weight", "hidden_first"),
         (f"{attention}/key/kernel", f"{block}.self_attn.k_proj.weight", "hidden_first"),
         (f"{attention}/value/kernel", f"{block}.self_attn.v_proj.weight", "hidden_first"),
         (f"{attention}/attention_output/kernel", f"{block}.self_attn.o_proj.weight", "output"),
-        ("transformer_layer_{i}/feedforward_layernorm/scale", f"{block}.post_attention_layernorm.weight", "copy"),
-        ("transformer_layer_{i}/feedforward_gate_dense/kernel", f"{block}.mlp.gate_proj.weight", "transpose"),
-        ("transformer_layer_{i}/feedforward_intermediate_dense/kernel", f"{block}.mlp.up_proj.weight", "transpose"),
-        ("transformer_layer_{i}/feedforward_output_dense/kernel", f"{block}.mlp.down_proj.weight", "transpose"),
+        (
+            "transformer_layer_{i}/feedforward_layernorm/scale",
+            f"{block}.post_attention_layernorm.weight",
+            "copy",
+        ),
+        (
+            "transformer_layer_{i}/feedforward_gate_dense/kernel",
+            f"{block}.mlp.gate_proj.weight",
+            "transpose",
+        ),
+        (
+            "transformer_layer_{i}/feedforward_intermediate_dense/kernel",
+            f"{block}.mlp.up_proj.weight",
+            "transpose",
+        ),
+        (
+            "transformer_layer_{i}/feedforward_output_dense/kernel",
+            f"{block}.mlp.down_proj.weight",
+            "transpose",
+        ),
         ("sequence_output_layernorm/scale", "model.norm.weight", "copy"),
     )
     if query_key_norms:
-        weights += ((f"{attention}/query_dense_layernorm/scale", f"{block}.self_attn.q_norm.weight", "copy"),
-                    (f"{attention}/key_dense_layernorm/scale", f"{block}.self_attn.k_norm.weight", "copy"))
+        weights += (
+            (
+                f"{attention}/query_dense_layernorm/scale",
+                f"{block}.self_attn.q_norm.weight",
+                "copy",
+            ),
+            (f"{attention}/key_dense_layernorm/scale", f"{block}.self_attn.k_norm.weight", "copy"),
+        )
     return weights

@@ -11,15 +11,23 @@ from pipeline.models.families.llama_style import (
     llama_style_weight_dims,
 )
 
-MISTRAL_7B = dict(vocabulary_size=32000, num_layers=32, num_query_heads=32, num_key_value_heads=8, hidden_dim=4096,
-                  intermediate_dim=14336)
+MISTRAL_7B = dict(
+    vocabulary_size=32000,
+    num_layers=32,
+    num_query_heads=32,
+    num_key_value_heads=8,
+    hidden_dim=4096,
+    intermediate_dim=14336,
+)
 
 TRANSFORMERS = TransformersFormat(
     architecture="MistralForCausalLM",
     weights=llama_style_transformers_weights(),
-    base_models={"mistral_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.1",
-                 "mistral_0.2_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.2",
-                 "mistral_0.3_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.3"},
+    base_models={
+        "mistral_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.1",
+        "mistral_0.2_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.2",
+        "mistral_0.3_instruct_7b_en": "mistralai/Mistral-7B-Instruct-v0.3",
+    },
 )
 
 
@@ -34,9 +42,19 @@ FAMILY = Family(
     weight_dims=llama_style_weight_dims(tied_by_default=False),
     layout_axes=llama_style_layout_axes,
     # As published (Hugging Face config.json); v0.3 has 32768 pieces.
-    architectures={"mistral_7b": MISTRAL_7B, "mistral_0.3_7b": dict(MISTRAL_7B, vocabulary_size=32768)},
-    tiny_config=dict(vocabulary_size=1024, num_layers=2, num_query_heads=8, num_key_value_heads=8, hidden_dim=128,
-                     intermediate_dim=256, sliding_window=512),
+    architectures={
+        "mistral_7b": MISTRAL_7B,
+        "mistral_0.3_7b": dict(MISTRAL_7B, vocabulary_size=32768),
+    },
+    tiny_config=dict(
+        vocabulary_size=1024,
+        num_layers=2,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        hidden_dim=128,
+        intermediate_dim=256,
+        sliding_window=512,
+    ),
     presets=("mistral_instruct_7b_en", "mistral_0.2_instruct_7b_en", "mistral_0.3_instruct_7b_en"),
     transformers=TRANSFORMERS,
 )

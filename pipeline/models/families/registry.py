@@ -12,8 +12,17 @@ family.chat_turn.format(content="Rewrite this ...")
 from pipeline.errors import InputError
 from pipeline.models.families import gemma, gemma3, gemma4, llama3, mistral, qwen3
 
-FAMILIES = {family.name: family for family in (gemma.FAMILY, gemma3.FAMILY, mistral.FAMILY, llama3.FAMILY,
-                                               qwen3.FAMILY, gemma4.FAMILY)}
+FAMILIES = {
+    family.name: family
+    for family in (
+        gemma.FAMILY,
+        gemma3.FAMILY,
+        mistral.FAMILY,
+        llama3.FAMILY,
+        qwen3.FAMILY,
+        gemma4.FAMILY,
+    )
+}
 
 
 def by_backbone_class(class_name, preset=None):
@@ -23,6 +32,7 @@ def by_backbone_class(class_name, preset=None):
             return family
     supported = ", ".join(f"{f.name} ({f.backbone_class})" for f in FAMILIES.values())
     raise InputError(
-        f"model.preset {str(preset)!r} is a {class_name}, which the pipeline does not run; it runs {supported}. "
+        f"model.preset {str(preset)!r} is a {class_name}, which the pipeline does not run; it runs "
+        f"{supported}. "
         "Pick a preset of one of these (README: Models)"
     )
