@@ -1,4 +1,4 @@
-"""Prints the README's model table: per family and architecture, the meshes it
+"""Prints the model table of docs/models.md: per family and architecture, the meshes it
 shards on and whether the Kaggle TPU v3-8, TPU v5e-8 and 2 x T4 configs hold
 it, by the memory plan (their batch sizes and lengths).
 

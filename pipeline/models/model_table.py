@@ -1,4 +1,4 @@
-"""The README's model table: per family and published architecture, the
+"""The model table of docs/models.md: per family and published architecture, the
 mesh shapes its weights shard on, and whether a target machine holds its
 training and generation by the memory plan, on the first mesh of that
 machine that shards it. Plain arithmetic on the families' data: no
@@ -17,7 +17,7 @@ from pipeline.models.families.registry import FAMILIES
 from pipeline.models.memory import plan_memory
 from pipeline.parallel.distribution import DistributionError, check_shardable
 
-# The machines of the README's table and their configs.
+# The machines of the model table and their configs.
 TARGET_CONFIGS = {
     "TPU v3-8": "configs/kaggle_tpu_v3_8.yaml",
     "TPU v5e-8": "configs/kaggle_tpu_v5e_8.yaml",

@@ -70,7 +70,7 @@ class Family:
     """One model family as the pipeline runs it.
 
     Args:
-        name: the family's name in messages and the README (`gemma3`).
+        name: the family's name in messages and the docs (`gemma3`).
         backbone_class / causal_lm_class / tokenizer_class: KerasHub's
             class names (`class_name` in a preset's config.json).
         chat_turn: one user turn, then the start of the model's turn, with
@@ -88,7 +88,7 @@ class Family:
             plans and random-weight runs (no download).
         tiny_config: the tiny stand-in's backbone config (every sharded
             dimension divides by 8).
-        presets: KerasHub presets of the family (the README's table).
+        presets: KerasHub presets of the family (docs/models.md).
         fast_decoder: whether `decoding.GemmaDecoder` runs this family
             (else KerasHub's own decoding step runs, on the same buckets).
         transformers: how the export stage writes the family in Hugging

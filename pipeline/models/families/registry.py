@@ -34,5 +34,5 @@ def by_backbone_class(class_name, preset=None):
     raise InputError(
         f"model.preset {str(preset)!r} is a {class_name}, which the pipeline does not run; it runs "
         f"{supported}. "
-        "Pick a preset of one of these (README: Models)"
+        "Pick a preset of one of these (docs/models.md)"
     )
