@@ -27,8 +27,9 @@ allocator) slows the next:
 Writes bench/results/throughput_gpu.json: the device, the versions, the peak
 figures used, and every case. `--quick` runs fewer steps and a shorter sweep
 (8 and 32 rows), to finish within a few minutes on one GPU. On a CPU-only
-machine `--architectures tiny,gemma4_tiny --quick` runs every path on
-the tiny architectures (a smoke test; tests/test_bench.py); `<family>_tiny`
+machine `--architectures tiny,gemma4_tiny --quick --smoke` runs every path
+on the tiny architectures at an eighth of the shapes (a smoke test;
+tests/test_bench.py); `<family>_tiny`
 is each family's stand-in architecture, `tiny` Gemma's.
 
     python bench/gpu_throughput.py --quick --peak-tflops 989 --bandwidth-gbs 4800   # H100/H200
@@ -51,6 +52,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = ("pipeline", "keras_hub", "data", "hf")
 PROMPT, NEW_TOKENS = 256, 64  # decoding shapes of the sweep
 REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 330, 512  # the data stage's reference method
+TRAINING_LENGTH = 512
+
+
+def use_smoke_shapes():
+    """`--smoke`: every path at an eighth of the shapes, to check the code on
+    a CPU (tests/test_bench.py); its figures measure nothing."""
+    global PROMPT, NEW_TOKENS, REFERENCE_PROMPT, REFERENCE_MAX_LENGTH, TRAINING_LENGTH
+    PROMPT, NEW_TOKENS = 32, 8
+    REFERENCE_PROMPT, REFERENCE_MAX_LENGTH = 40, 64
+    TRAINING_LENGTH = 64
 
 
 def architecture(name):
@@ -70,7 +81,8 @@ def architecture(name):
 
 
 def training_shape(spec):
-    return (4, 512) if spec.dims.hidden_dim >= 3072 else (8, 512)  # 7B-wide models: 4 rows of 512
+    # 7B-wide models: 4 rows of 512
+    return (4 if spec.dims.hidden_dim >= 3072 else 8), TRAINING_LENGTH
 
 
 def random_lm(spec, lora):
@@ -349,7 +361,7 @@ def run_case(arch, case, args):
         str(args.peak_tflops),
         "--bandwidth-gbs",
         str(args.bandwidth_gbs),
-    ] + (["--quick"] if args.quick else [])
+    ] + [flag for flag in ("--quick", "--smoke") if getattr(args, flag[2:])]
     # The HF case builds a small Keras backbone for its config: on the CPU,
     # so that JAX does not take the accelerator's memory from torch.
     env = dict(os.environ, JAX_PLATFORMS="cpu") if case == "hf" else None
@@ -400,9 +412,14 @@ def main():
         "--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps, batch sweep 8 and 32")
+    parser.add_argument(
+        "--smoke", action="store_true", help="an eighth of the shapes: a CPU check of every path"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_gpu.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # ARCH:CASE, run in this process
     args = parser.parse_args()
+    if args.smoke:
+        use_smoke_shapes()
     args.steps, args.reference_rows = (4, 2) if args.quick else (20, 4)
     args.sweep = [8, 32] if args.quick else [8, 32, 64, 128]
     args.data_rows = 32 if args.quick else 64

@@ -27,6 +27,7 @@ def test_gpu_benchmark_runs_every_case_in_its_own_process_on_the_tiny_architectu
             "--architectures",
             "tiny,gemma4_tiny",
             "--quick",
+            "--smoke",
             "--out",
             str(out),
         ],
