@@ -116,3 +116,40 @@ def test_orbaxs_ocdbt_merge_notice_is_dropped_and_other_absl_records_kept(tmp_pa
         absl.warning("[process=0] Skipping merge of OCDBT checkpoints: No per-process OCDBT")
         absl.warning("a save failed")
     assert [r.getMessage() for r in caplog.records] == ["a save failed"]
+
+
+COMPILING_CHILD = """
+import sys
+from pipeline.parallel.runtime import setup_environment
+from pipeline.run.config import DistributionConfig
+setup_environment(DistributionConfig(), compilation_cache=sys.argv[1] or None)
+import jax, jax.numpy as jnp
+print(jax.jit(lambda x: x * 2 + 1)(jnp.arange(3)).tolist(), jax.config.jax_compilation_cache_dir)
+"""
+
+
+def compile_in_a_child(folder):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILING_CHILD, str(folder or "")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_compiled_programs_are_kept_for_the_next_process(tmp_path):
+    folder = tmp_path / "compilation_cache"
+    assert compile_in_a_child(folder) == f"[1, 3, 5] {folder}\n"
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("*-cache")}
+    assert kept  # a program that compiles in well under a second is kept too
+    assert compile_in_a_child(folder) == f"[1, 3, 5] {folder}\n"
+    # Read back, not compiled and written again.
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*-cache")} == kept
+
+
+def test_no_compilation_cache_when_turned_off():
+    assert compile_in_a_child(None) == "[1, 3, 5] None\n"
