@@ -35,12 +35,16 @@ tiny-default: $(STAMP)
 demo: $(STAMP)
 	PYTHONUNBUFFERED=1 $(call RUN,demo)
 
-# Both print the 20 slowest tests at the end.
+# Both print the 20 slowest tests at the end, and run the tests on
+# TEST_WORKERS pytest-xdist workers (tests/conftest.py groups them).
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest --durations=20 -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest --durations=20 tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest --durations=20 -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # ruff (pyproject.toml): the formatter's check, then the linter.
 lint: $(STAMP)

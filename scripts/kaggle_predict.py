@@ -12,11 +12,27 @@ then writes the submission (default: settings.json's `output`,
 import argparse
 import importlib
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 BUNDLE = Path(__file__).resolve().parent
+
+
+def check_python(settings):
+    """Stops before pip when this notebook's Python or machine is not the one
+    the bundle's wheels were fetched for, saying what to rebuild."""
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    machine = platform.machine()
+    arches = {tag.split("_", 3)[-1] for tag in settings["platforms"]}
+    if running != settings["python_version"] or sys.platform != "linux" or machine not in arches:
+        sys.exit(
+            f"error: this bundle's wheels are for Python {settings['python_version']} on "
+            f"{', '.join(settings['platforms'])}; this notebook runs Python {running} on "
+            f"{sys.platform} {machine}. Rebuild it: make kaggle-bundle "
+            f'ARGS="kaggle.python_version={running}"'
+        )
 
 
 def install(bundle):
@@ -52,12 +68,13 @@ def main():
         "--no-install", action="store_true", help="the wheels are installed already"
     )
     args = parser.parse_args()
+    settings = json.loads((BUNDLE / "settings.json").read_text())
     if not args.no_install:
+        check_python(settings)
         install(BUNDLE)
     from pipeline.errors import InputError
     from pipeline.kaggle.transformers_predict import run_transformers_predict
 
-    settings = json.loads((BUNDLE / "settings.json").read_text())
     if args.base_model:
         settings["base_model"] = args.base_model
     try:

@@ -25,7 +25,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.parallel.launch import (
+ROOT = Path(__file__).resolve().parent.parent
+# Runs on a fresh clone's python3 (3.10 or later, standard library only), before
+# `make install` has installed the package anywhere.
+sys.path.insert(0, str(ROOT))
+
+from pipeline.parallel.launch import (  # noqa: E402
     REMOTE_REPO,
     Launcher,
     PodError,
@@ -33,13 +38,21 @@ from pipeline.parallel.launch import (
     archive_repository,
     stages_of,
 )
-from pipeline.run.config import ConfigError, load_config
-from pipeline.run.storage import is_bucket
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipeline.parallel.slices import SliceError, mesh_override, slice_of  # noqa: E402
+from pipeline.run.config import ConfigError, load_config  # noqa: E402
+from pipeline.run.storage import is_bucket  # noqa: E402
 
 STEPS = ["up", "create", "setup", "start", "wait", "run", "status", "logs", "fetch", "delete"]
 ARCHIVE = ROOT / "runs" / "tpu-pod" / "repo.tar.gz"
+
+
+def mesh_said(cfg, mesh, args):
+    if not mesh:
+        return f"mesh {cfg.distribution.mesh_shape}"
+    return (
+        f"mesh {mesh.partition('=')[2]}, the slice's ({args.config} has "
+        f"{cfg.distribution.mesh_shape}; the workers get {mesh})"
+    )
 
 
 def main():
@@ -50,7 +63,12 @@ def main():
     parser.add_argument("--name", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True, help="e.g. europe-west4-a (v3 slices)")
     parser.add_argument("--accelerator-type", default="v3-32")
-    parser.add_argument("--runtime-version", default="tpu-ubuntu2204-base")
+    parser.add_argument(
+        "--runtime-version",
+        default=None,
+        help="TPU VM image (default: the accelerator type's: tpu-ubuntu2204-base for v2 to v4, "
+        "v2-alpha-tpuv5-lite for v5litepod, v2-alpha-tpuv6e for v6e)",
+    )
     parser.add_argument(
         "--spot",
         action="store_true",
@@ -114,6 +132,18 @@ def main():
             f"config error: {args.config} does not set distribution.multi_host: true; a pod needs "
             "it"
         )
+    try:
+        tpu = slice_of(args.accelerator_type, args.runtime_version)
+        mesh = mesh_override(
+            tpu,
+            cfg.distribution.mesh_shape,
+            any(o.startswith("distribution.mesh_shape=") for o in args.overrides),
+        )
+        overrides = args.overrides + ([mesh] if mesh else [])
+        load_config(args.config, overrides)  # what the workers will load, checked here
+    except (SliceError, ConfigError) as e:
+        sys.exit(f"config error: {e}")
+    print(f"tpu_pod: {tpu.describe()}; {mesh_said(cfg, mesh, args)}")
     if args.retries < 0:
         sys.exit(f"--retries {args.retries}: give 0 or more")
     if args.retries and not is_bucket(cfg.run.root):
@@ -122,15 +152,13 @@ def main():
             "slice's disks go "
             "with it, and the next slice resumes from what the bucket holds"
         )
-    pod = TpuPod(
-        args.name, args.zone, args.accelerator_type, args.runtime_version, args.spot, args.project
-    )
+    pod = TpuPod(args.name, args.zone, args.accelerator_type, tpu.runtime, args.spot, args.project)
     launcher = Launcher(pod, dry_run=args.dry_run)
     run_dir = f"{cfg.run.root}/{cfg.run.name}"
     if args.step in ("up", "setup") and not args.dry_run:
         ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
         archive_repository(ROOT, ARCHIVE)
-    start = pod.start(stages_of(args.stage), args.config, args.overrides)
+    start = pod.start(stages_of(args.stage), args.config, overrides)
     # A run on a bucket needs no fetch: only the workers' logs come here.
     local_root = args.into or ("runs" if is_bucket(cfg.run.root) else cfg.run.root)
     finish = lambda: launcher.finish(run_dir, local_root, args.poll_seconds)  # noqa: E731
@@ -139,7 +167,7 @@ def main():
             with launcher.deleting(args.delete):
                 launcher.up(
                     pod.setup(ARCHIVE, args.data),
-                    lambda stages: pod.start(stages, args.config, args.overrides),
+                    lambda stages: pod.start(stages, args.config, overrides),
                     stages_of(args.stage),
                     args.poll_seconds,
                     finish,

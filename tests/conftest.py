@@ -1,7 +1,12 @@
 """Test set-up: JAX on 8 virtual CPU devices (the TPU v3-8 mesh) with a
 persistent compilation cache, the tiny stand-in artifacts built once per
-session (skipped when already built), and a GCS emulator on loopback for the
-tests that write to a bucket."""
+machine (skipped when already built), and a GCS emulator on loopback for the
+tests that write to a bucket.
+
+`make test` runs the files on two pytest-xdist workers: each file's tests
+stay on one worker (its module fixtures are built once), the tests of the
+session's demo run share one worker with it, and the files with slow tests
+start first."""
 
 import os
 import socket
@@ -10,20 +15,41 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.models.tiny import stand_in_store
 from pipeline.parallel.runtime import setup_environment
 from pipeline.run.config import DistributionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # One compilation cache for the session and every process it starts, kept
-# between sessions: most of the suite's time is XLA compiling the same small
-# programs in processes of their own.
+# between sessions and shared by the machine's clones, beside the stand-ins:
+# most of the suite's time is XLA compiling the same small programs in
+# processes of their own.
 setup_environment(
     DistributionConfig(host_device_count=8),
-    compilation_cache=ROOT / "artifacts" / "compilation_cache",
+    compilation_cache=stand_in_store() / "compilation_cache",
 )
 
 import pytest  # noqa: E402
+
+SLOW_MARKS = {"slow", "pod", "kill"}
+
+
+def pytest_collection_modifyitems(items):
+    """Groups the tests for pytest-xdist (`--dist loadgroup`): by file, the
+    demo run's users together; groups with slow tests first, so that the
+    longest work does not start last."""
+    for item in items:
+        group = "demo_run" if "demo_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    slow_groups = {
+        group_of(item) for item in items if SLOW_MARKS & {m.name for m in item.iter_markers()}
+    }
+    items.sort(key=lambda item: group_of(item) not in slow_groups)  # stable: file order kept
+
+
+def group_of(item):
+    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ A simulated pod is `processes` local processes, each with
 `devices // processes` virtual CPU devices, joined by
 `keras.distribution.initialize` through a coordinator on localhost, with
 gloo for the collectives between them: the configs' own multi-host path.
+`bare_python` finds another interpreter (a fresh clone's, Kaggle's).
 """
 
 import os
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +38,11 @@ def host_overrides(process_id, processes, port, devices):
 
 def start_stage(script, overrides, processes=1, devices=8, log_dir=None):
     """Starts `scripts/<script>.py` on every process; returns the Popen list
-    (stdout and stderr of process i go to `log_dir/<script>.<i>.log`)."""
+    (stdout and stderr of process i go to `log_dir/<script>.<i>.log`, by
+    default under runs/test-logs/, a folder per pytest-xdist worker)."""
     port = free_port()
-    log_dir = Path(log_dir or ROOT / "runs" / "test-logs")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    log_dir = Path(log_dir or ROOT / "runs" / "test-logs" / worker)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the test process's 8 devices; each child sets its own
@@ -72,3 +77,21 @@ def run_stage(script, overrides, processes=1, devices=8, log_dir=None, timeout=9
     for process, output in zip(started, outputs, strict=True):
         assert process.returncode == 0, f"{script} failed ({process.returncode}):\n{output[-4000:]}"
     return outputs
+
+
+def bare_python(version="3.10"):
+    """An interpreter of `version` without this project's packages (pyenv's
+    or the system's): what a fresh clone's `python3` may be."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    found = [
+        *sorted(pyenv.glob(f"versions/{version}.*/bin/python3")),
+        Path(f"/usr/bin/python{version}"),
+    ]
+    for python in found:
+        if python.exists() and not imports_yaml(python):
+            return python
+    pytest.skip(f"no Python {version} without PyYAML on this machine")
+
+
+def imports_yaml(python):
+    return subprocess.run([python, "-c", "import yaml"], capture_output=True).returncode == 0

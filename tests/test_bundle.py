@@ -5,15 +5,18 @@ package index, and run: the submission is the predict stage's."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from processes import ROOT, bare_python
 
+from pipeline.run.config import KaggleConfig
 from pipeline.run.run_dir import RunDir
-from pipeline.stages.bundle import run_kaggle_bundle_stage
+from pipeline.stages.bundle import fetch_wheels, run_kaggle_bundle_stage
 from pipeline.stages.export import run_export_stage
 from pipeline.text.combine import combine_parts
 from pipeline.text.encoder import find_piece_model
@@ -46,10 +49,14 @@ def test_bundle_asks_for_the_export_first(tiny_cfg):
         run_kaggle_bundle_stage(tiny_cfg, log=lambda *_: None)
 
 
-def test_the_bundle_ships_the_adapter_and_the_notebook_loads_it(tiny_cfg, monkeypatch):
+def test_the_bundle_ships_the_adapter_and_the_notebook_loads_it(tiny_cfg, monkeypatch, tmp_path):
     """The wheels' download aside (the slow test below installs them), the
     bundle holds the run's PEFT adapter, its settings name it, and the
-    notebook's predict loads the base model with it."""
+    notebook's predict loads the base model (where Kaggle mounts it) with it."""
+    kaggle_input = tmp_path / "kaggle-input"
+    gemma = kaggle_input / "models" / "google" / "gemma" / "transformers" / "7b-it" / "3"
+    gemma.mkdir(parents=True)
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(kaggle_input))
     from pipeline.kaggle import transformers_predict
     from pipeline.stages import bundle as bundle_stage
 
@@ -67,7 +74,7 @@ def test_the_bundle_ships_the_adapter_and_the_notebook_loads_it(tiny_cfg, monkey
     loaded = []
 
     def load_model(model_dir, adapter_dir, torch_dtype):
-        loaded.append(adapter_dir)
+        loaded.append((model_dir, adapter_dir))
         raise Loaded
 
     monkeypatch.setattr(transformers_predict, "load_model", load_model)
@@ -79,13 +86,68 @@ def test_the_bundle_ships_the_adapter_and_the_notebook_loads_it(tiny_cfg, monkey
         transformers_predict.run_transformers_predict(
             settings, bundle, bundle / "test.csv", bundle / "out.csv", log=lambda *_: None
         )
-    assert loaded == [bundle / "peft_adapter"]
+    assert loaded == [(str(gemma), bundle / "peft_adapter")]
+
+
+def test_the_notebook_refuses_a_bundle_for_another_python_before_installing(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copyfile(ROOT / "scripts" / "kaggle_predict.py", bundle / "kaggle_predict.py")
+    settings = {"python_version": "3.9", "platforms": ["manylinux_2_28_x86_64"]}
+    (bundle / "settings.json").write_text(json.dumps(settings))
+    done = subprocess.run(
+        [sys.executable, str(bundle / "kaggle_predict.py")], capture_output=True, text=True
+    )
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        f"wheels are for Python 3.9 on manylinux_2_28_x86_64; this notebook runs Python {running}"
+        in done.stderr
+    )
+    assert f'make kaggle-bundle ARGS="kaggle.python_version={running}"' in done.stderr
+
+
+@pytest.mark.slow
+def test_the_default_bundles_wheels_install_offline_on_kaggles_python_3_12(tmp_path):
+    """Kaggle's image runs Python 3.12: the wheels fetched for the default
+    kaggle settings install there with no index, and the compiled ones load.
+    (--no-deps: torch, which Kaggle's image has, is a 500 MB CUDA wheel here.)"""
+    python = bare_python("3.12")
+    fetch_wheels(KaggleConfig(), tmp_path / "wheels", log=lambda *_: None)
+    venv = tmp_path / "kaggle-3.12"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    offline = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    offline["PIP_CONFIG_FILE"] = os.devnull
+    wheels = tmp_path / "wheels"
+    install = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index"]
+    done = subprocess.run(
+        [
+            *install,
+            "--no-deps",
+            "--find-links",
+            str(wheels),
+            "-r",
+            str(ROOT / "requirements-kaggle.txt"),
+            *map(str, wheels.glob("prompt_recovery-*.whl")),
+        ],
+        env=offline,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = "numpy, pandas, regex, safetensors, sentencepiece, tokenizers, yaml"
+    imports = f"import {compiled}; import pipeline.text.tables"
+    subprocess.run([str(venv / "bin" / "python"), "-c", imports], env=offline, check=True)
 
 
 @pytest.mark.slow
 def test_bundle_installs_offline_and_writes_the_pipelines_submission(demo_run, tmp_path):
     cfg, _, _ = demo_run
-    cfg = with_changes(cfg, predict={"combine": ["model", "mean_prompt"]})
+    # This machine's CPU torch wheel is for the tests' Python, so the notebook runs on it here.
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cfg = with_changes(
+        cfg, predict={"combine": ["model", "mean_prompt"]}, kaggle={"python_version": running}
+    )
     quiet = dict(log=lambda *_: None)
     run_export_stage(cfg, **quiet)
     # Kaggle's own Gemma (transformers format) stands for the base model.

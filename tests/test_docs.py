@@ -53,7 +53,7 @@ def test_links_resolve():
 
 
 def documented_commands():
-    """Every `make ...` and `python scripts/...` line of the pages' bash
+    """Every `make ...` and `python(3) scripts/...` line of the pages' bash
     blocks, and every inline `make ...` span, as (page, command)."""
     found = []
     for page in PAGES:
@@ -61,7 +61,7 @@ def documented_commands():
         for block in re.findall(r"```bash\n(.*?)```", text, re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" # ")[0].strip()
-                if line.startswith(("make ", "python scripts/")):
+                if line.startswith(("make ", "python scripts/", "python3 scripts/")):
                     found.append((page.name, line))
         for span in re.findall(r"`(make [a-z][^`]*)`", text):
             found.append((page.name, span))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import ROOT
+from processes import ROOT, bare_python
 
 from pipeline.parallel.launch import archive_repository
 
@@ -387,3 +387,32 @@ def test_a_relaunch_starts_again_at_the_interrupted_stage():
         ["data", "finetune", "mean-prompt", "predict"],
         ["finetune", "mean-prompt", "predict"],
     ]
+
+
+@pytest.mark.parametrize(
+    "accelerator_type, said",
+    [
+        ("v3-32", "v3-32: 32 devices on 4 host(s), runtime tpu-ubuntu2204-base; mesh [4, 8]"),
+        ("v4-32", "v4-32: 16 devices on 4 host(s), runtime tpu-ubuntu2204-base; mesh [4,4]"),
+        ("v5litepod-16", "16 devices on 4 host(s), runtime v2-alpha-tpuv5-lite; mesh [4,4]"),
+        ("v6e-16", "v6e-16: 16 devices on 4 host(s), runtime v2-alpha-tpuv6e; mesh [4,4]"),
+    ],
+)
+def test_the_launcher_runs_on_a_fresh_clones_bare_python3(tmp_path, accelerator_type, said):
+    """`python3 scripts/tpu_pod.py` and `make tpu-pod`, as the README shows
+    them, with a bare Python 3.10 as `python3`, before any `make install`."""
+    clone = tmp_path / "clone"
+    with tarfile.open(archive_repository(ROOT, tmp_path / "repo.tar.gz")) as archive:
+        archive.extractall(clone, filter="data")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").symlink_to(bare_python())
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    options = f"up --name pr --zone z --accelerator-type {accelerator_type} --data data/test.csv"
+    for command in (
+        ["python3", "scripts/tpu_pod.py", *options.split(), "--dry-run"],
+        ["make", "tpu-pod", f"POD={options} --dry-run"],
+    ):
+        done = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert said in done.stdout and f"--accelerator-type={accelerator_type}" in done.stdout
+    assert not (clone / ".venv").exists()

@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 
+from pipeline.errors import InputError
 from pipeline.models import generation
 from pipeline.stages.predict import run_predict_stage
 from pipeline.text.tables import TableError
@@ -98,6 +99,13 @@ def test_bad_input_csv_stops_before_loading_the_model(tiny_cfg, tmp_path):
     (tmp_path / "test.csv").write_text("id,original_text\n1,a\n")
     tiny_cfg.predict.input = str(tmp_path / "test.csv")
     with pytest.raises(TableError, match="missing column 'rewritten_text'"):
+        run_predict_stage(tiny_cfg, log=lambda *_: None)
+
+
+def test_holdout_rows_of_a_file_that_is_not_a_training_csv_are_refused(tiny_cfg, tmp_path):
+    _test_csv(tmp_path)  # a test file: no rewrite_prompt, so no split to take the holdout of
+    tiny_cfg.predict.input, tiny_cfg.predict.rows = str(tmp_path / "test.csv"), "holdout"
+    with pytest.raises(InputError, match=r"test\.csv: predict\.rows=holdout .* predict\.rows=all"):
         run_predict_stage(tiny_cfg, log=lambda *_: None)
 
 

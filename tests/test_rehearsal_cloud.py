@@ -24,8 +24,11 @@ from pipeline.text import rules
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
+# The stand-in slice: 2 workers of 4 devices, as a v5p-16 is (8 devices, 4 to a
+# host); the launcher gives the workers that slice's mesh, [2, 4], in place of
+# the config's [4, 8].
+ACCELERATOR = "--accelerator-type=v5p-16"
 SIZES = [
-    "distribution.mesh_shape=[2,4]",
     "distribution.host_device_count=4",
     "model.preset=data/gemma_tiny",
     "score.encoder=data/encoder",
@@ -105,7 +108,14 @@ def log_of_worker_0(into):
 
 def tpu_pod(env, *words, check=True, timeout=1500):
     result = subprocess.run(
-        [sys.executable, "scripts/tpu_pod.py", *words, "--zone=standin-a", "--poll-seconds=1"],
+        [
+            sys.executable,
+            "scripts/tpu_pod.py",
+            *words,
+            "--zone=standin-a",
+            "--poll-seconds=1",
+            ACCELERATOR,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -138,6 +148,7 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
         *SIZES,
         f"run.root={gcs_bucket}/runs",
     )
+    assert "v5p-16: 8 devices on 2 host(s), runtime v2-alpha-tpuv5; mesh [2,4]" in result.stdout
     run = f"{gcs_bucket}/runs/cloud_tpu_v3_32"
     with epath.Path(f"{run}/predict/submission.csv").open() as f:
         submission = pd.read_csv(f, dtype=str, keep_default_na=False)
@@ -197,6 +208,7 @@ def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_un
             "--name=spot",
             "--zone=standin-a",
             "--poll-seconds=1",
+            ACCELERATOR,
             "--spot",
             "--retries=1",
             *data,
@@ -287,6 +299,7 @@ def test_a_dropped_connection_leaves_the_run_going_and_status_logs_fetch_pick_it
             "--name=dropped",
             "--zone=standin-a",
             "--poll-seconds=1",
+            ACCELERATOR,
             *data,
             "--stage=data",
             *SIZES,

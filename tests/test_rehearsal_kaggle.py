@@ -1,10 +1,12 @@
 """Rehearsal of the Kaggle TPU VM run: the README's own command,
-`make all CONFIG=configs/kaggle_tpu_v3_8.yaml`, on the tiny stand-ins.
+`make all CONFIG=configs/kaggle_tpu_v5e_8.yaml`, on the tiny stand-ins.
 
-Only the model, the encoder, the device count and the file paths are
-overridden (the base config's sizes, dtype and search settings stay); the
-inputs lie in a folder the run must not change, like `/kaggle/input`; the
-test file has no true prompts, like the competition's.
+Only the model, the encoder and the device count are overridden (the base
+config's sizes, dtype, search settings and input paths stay); the inputs
+are mounted in Kaggle's current layout (`competitions/<slug>/`,
+`datasets/<owner>/<slug>/`) in a folder the run must not change, which
+`KAGGLE_INPUT_ROOT` puts where `/kaggle/input` would be; the test file has
+no true prompts, like the competition's.
 """
 
 import hashlib
@@ -34,15 +36,17 @@ def snapshot(folder):
 
 @pytest.fixture(scope="module")
 def kaggle_input(tmp_path_factory):
-    """/kaggle/input as the notebook sees it: source texts and the
-    competition's test.csv (no rewrite_prompt), read-only."""
+    """/kaggle/input as a notebook sees it today: the user's source texts (a
+    dataset) and the competition's test.csv (no rewrite_prompt), read-only."""
     folder = tmp_path_factory.mktemp("kaggle") / "input"
     paragraphs = [
         p.strip() for p in (ROOT / "demo" / "texts.txt").read_text().split("\n\n") if p.strip()
     ]
-    (folder / "source-texts").mkdir(parents=True)
-    pd.DataFrame({"text": paragraphs}).to_csv(folder / "source-texts" / "texts.csv", index=False)
-    (folder / "llm-prompt-recovery").mkdir()
+    sources = folder / "datasets" / "someone" / "source-texts"
+    sources.mkdir(parents=True)
+    pd.DataFrame({"text": paragraphs}).to_csv(sources / "texts.csv", index=False)
+    competition = folder / "competitions" / "llm-prompt-recovery"
+    competition.mkdir(parents=True)
     test = pd.DataFrame(
         {
             "id": [f"t{i}" for i in range(5)],
@@ -53,7 +57,7 @@ def kaggle_input(tmp_path_factory):
             ],
         }
     )
-    test.to_csv(folder / "llm-prompt-recovery" / "test.csv", index=False)
+    test.to_csv(competition / "test.csv", index=False)
     for path in [folder, *folder.rglob("*")]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     return folder
@@ -66,16 +70,15 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
         f"model.preset={tiny.preset}",
         f"score.encoder={tiny.encoder}",
         "distribution.host_device_count=8",
-        f"data.sources='[{{path: {kaggle_input}/source-texts/texts.csv, column: text}}]'",
-        f"predict.input={kaggle_input}/llm-prompt-recovery/test.csv",
     ]
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("XLA_FLAGS", "VERBOSE", "MAKEFLAGS", "MAKELEVEL")
     }
+    env["KAGGLE_INPUT_ROOT"] = str(kaggle_input)
     result = subprocess.run(
-        ["make", "all", "CONFIG=configs/kaggle_tpu_v3_8.yaml", "ARGS=" + " ".join(args)],
+        ["make", "all", "CONFIG=configs/kaggle_tpu_v5e_8.yaml", "ARGS=" + " ".join(args)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -84,7 +87,7 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    run = tmp_path / "kaggle_tpu_v3_8"
+    run = tmp_path / "kaggle_tpu_v5e_8"
     submission = pd.read_csv(run / "predict" / "submission.csv", dtype=str, keep_default_na=False)
     assert list(submission["id"]) == [f"t{i}" for i in range(5)]
     assert (submission["rewrite_prompt"].str.strip() != "").all()

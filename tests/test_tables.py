@@ -120,3 +120,10 @@ def test_split_is_contiguous_and_complete():
 def test_malformed_files_stop_with_file_row_and_what_to_do(tmp_path, text, message):
     with pytest.raises(TableError, match=message):
         read_table(_csv(tmp_path, text), TEST_COLUMNS, TEXTS)
+
+
+def test_a_text_longer_than_the_csv_modules_field_limit_loads(tmp_path):
+    long_text = "word " * 60_000  # 300,000 characters, over csv's 131,072
+    path = _csv(tmp_path, f'id,original_text,rewritten_text\n1,"{long_text}",b\n')
+    df = read_table(path, TEST_COLUMNS, TEXTS)
+    assert df["original_text"][0] == long_text

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.text.combine import combine_parts
+from pipeline.text.kaggle_paths import found_on_kaggle
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import TEST_COLUMNS, read_table, write_table
 from pipeline.text.tokens import stop_token_ids, strip_generated
@@ -122,10 +123,11 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
     """Writes the submission for `input_csv` (id, original_text,
     rewritten_text) with the bundle's model, adapter and settings."""
     bundle_dir = Path(bundle_dir)
+    input_csv = found_on_kaggle(input_csv, log)
     df = read_table(
         input_csv, TEST_COLUMNS, ["original_text", "rewritten_text"], empty="keep", log=log
     )
-    model_dir = settings["base_model"]
+    model_dir = found_on_kaggle(settings["base_model"], log)
     if model_dir == "export":
         model_dir = bundle_dir / "transformers"
     adapter_dir = bundle_dir / settings["adapter"] if settings["adapter"] else None

@@ -25,7 +25,10 @@ same code paths as the real ones:
   prompts that share words score high.
 
 Everything is seeded; `build_tiny_artifacts` skips what was already built
-from the same inputs (`builder_key`) and builds again what was not.
+from the same inputs (`builder_key`) and builds again what was not. Builds
+are kept once per machine (`stand_in_store`): `artifacts/tiny` is a link to
+the store's build of the same inputs, so a second clone builds nothing, and
+one process builds while the others wait for it.
 
 Example:
 ```python
@@ -35,10 +38,13 @@ mistral = build_tiny_family("artifacts/tiny", "mistral")  # the preset's folder
 ```
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shutil
 import warnings
 from importlib import metadata
@@ -104,27 +110,76 @@ class TinyPaths:
 def build_tiny_artifacts(root, pretrain_steps=300, log=print, other_families=False):
     """Builds (or reuses) the tokenizer, tiny Gemma preset and encoder;
     with `other_families`, every other family's tiny preset too
-    (`build_tiny_family`)."""
-    paths = TinyPaths(Path(root))
-    clear_if_built_otherwise(paths.root, pretrain_steps, log)
-    for path, model_type in ((paths.spm, "bpe"), (paths.encoder_spm, "unigram")):
-        if not path.exists():
-            log(f"tiny: training SentencePiece ({model_type}, {VOCABULARY_SIZE} pieces) -> {path}")
-            path.write_bytes(train_sentencepiece(_tokenizer_corpus(), model_type))
-    proto = paths.spm.read_bytes()
-    if not (paths.preset / "config.json").exists():
-        log(f"tiny: building Gemma preset ({pretrain_steps} pre-training steps) -> {paths.preset}")
-        with quiet_native_logs():
-            build_tiny_gemma(proto, pretrain_steps, log).save_to_preset(str(paths.preset))
-    if not (paths.encoder / "assets" / "spiece.model").exists():
-        log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
-        with quiet_native_logs():
-            export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
+    (`build_tiny_family`). A `root` that is not a folder of its own becomes a
+    link to the machine's store (`linked_to_store`)."""
+    paths = TinyPaths(linked_to_store(Path(root), pretrain_steps))
+    with building(paths.root):
+        clear_if_built_otherwise(paths.root, pretrain_steps, log)
+        build_default_stand_ins(paths, pretrain_steps, log)
     if other_families:
         for name in FAMILIES:
             if name != "gemma":
                 build_tiny_family(root, name, pretrain_steps, log)
     return paths
+
+
+def build_default_stand_ins(paths, pretrain_steps, log):
+    """What the embedded default uses and is not built yet: the tokenizers,
+    the tiny Gemma and the encoder."""
+    for path, model_type in ((paths.spm, "bpe"), (paths.encoder_spm, "unigram")):
+        if not path.exists():
+            log(f"tiny: training SentencePiece ({model_type}, {VOCABULARY_SIZE} pieces) -> {path}")
+            path.write_bytes(train_sentencepiece(_tokenizer_corpus(), model_type))
+    if not (paths.preset / "config.json").exists():
+        log(f"tiny: building Gemma preset ({pretrain_steps} steps pre-trained) -> {paths.preset}")
+        with quiet_native_logs():
+            gemma_lm = build_tiny_gemma(paths.spm.read_bytes(), pretrain_steps, log)
+            gemma_lm.save_to_preset(str(paths.preset))
+    if not (paths.encoder / "assets" / "spiece.model").exists():
+        log(f"tiny: exporting stand-in sentence encoder -> {paths.encoder}")
+        with quiet_native_logs():
+            export_stand_in_encoder(paths.encoder_spm.read_bytes(), paths.encoder)
+
+
+def stand_in_store():
+    """This machine's store of built stand-ins, shared by every clone:
+    `$PROMPT_RECOVERY_CACHE`, else `$XDG_CACHE_HOME/prompt-recovery` (by
+    default `~/.cache/prompt-recovery`)."""
+    if os.environ.get("PROMPT_RECOVERY_CACHE"):
+        return Path(os.environ["PROMPT_RECOVERY_CACHE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "prompt-recovery"
+
+
+def linked_to_store(root, pretrain_steps):
+    """`root` itself when it is a folder of its own (built in place, as
+    before); otherwise `root` made a link to the store's folder for these
+    inputs (`builder_key`), which is returned."""
+    if root.exists() and not root.is_symlink():
+        return root
+    target = stand_in_store() / "tiny" / builder_key(pretrain_steps)[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    if not (root.is_symlink() and root.resolve() == target.resolve()):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staged = root.with_name(f".{root.name}.{os.getpid()}")
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(target, target_is_directory=True)
+        staged.replace(root)  # atomic: a process reading the old link finds one or the other
+    return root
+
+
+@contextlib.contextmanager
+def building(folder):
+    """Holds the build lock of `folder`: one process builds, the others wait
+    and then find it built."""
+    folder = folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # What the stand-ins are built from, besides this module and the families'.
@@ -160,8 +215,8 @@ def clear_if_built_otherwise(root, pretrain_steps, log):
     key, stamp = builder_key(pretrain_steps), root / "builder.key"
     if root.exists() and any(root.iterdir()) and (not stamp.exists() or stamp.read_text() != key):
         log(f"tiny: {root} was built from other inputs (builder.key); building it again")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root.resolve())
+    root.resolve().mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
 
 
@@ -179,20 +234,21 @@ def build_tiny_artifacts_for(preset, log=print):
 def build_tiny_family(root, name, pretrain_steps=300, log=print):
     """Builds (or reuses) the tiny preset of family `name`, its tokenizer
     trained on the demo text; returns the preset's folder."""
-    paths = TinyPaths(Path(root))
+    paths = TinyPaths(linked_to_store(Path(root), pretrain_steps))
     preset = paths.family_preset(name)
-    clear_if_built_otherwise(paths.root, pretrain_steps, log)
-    if (preset / "config.json").exists():
-        return preset
-    family = FAMILIES[name]
-    log(f"tiny: building {name} preset ({pretrain_steps} pre-training steps) -> {preset}")
-    with quiet_native_logs():
-        causal_lm = build_tiny_causal_lm(
-            family, lambda: family_tokenizer(family, paths), pretrain_steps, log
-        )
-        if family.text_only_config:
-            causal_lm = with_vision_tower(family, causal_lm)
-        causal_lm.save_to_preset(str(preset))
+    with building(paths.root):
+        clear_if_built_otherwise(paths.root, pretrain_steps, log)
+        if (preset / "config.json").exists():
+            return preset
+        family = FAMILIES[name]
+        log(f"tiny: building {name} preset ({pretrain_steps} pre-training steps) -> {preset}")
+        with quiet_native_logs():
+            causal_lm = build_tiny_causal_lm(
+                family, lambda: family_tokenizer(family, paths), pretrain_steps, log
+            )
+            if family.text_only_config:
+                causal_lm = with_vision_tower(family, causal_lm)
+            causal_lm.save_to_preset(str(preset))
     return preset
 
 

@@ -23,7 +23,10 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-import yaml
+try:
+    import yaml
+except ModuleNotFoundError:  # the launcher on a bare python3, before `make install`
+    from pipeline.run import plain_yaml as yaml
 
 from pipeline.errors import InputError
 from pipeline.text import templates
@@ -264,13 +267,15 @@ class KaggleConfig:
     # The base model in transformers format as the notebook sees it: a
     # Kaggle Models input (Gemma 7B instruct), or "export" to ship this
     # run's merged export inside the bundle instead (small models only).
-    base_model: str = "/kaggle/input/gemma/transformers/7b-it/3"
-    input: str = "/kaggle/input/llm-prompt-recovery/test.csv"  # the notebook's test CSV
+    base_model: str = "/kaggle/input/models/google/gemma/transformers/7b-it/3"
+    # The notebook's test CSV (a /kaggle/input path is found in either layout).
+    input: str = "/kaggle/input/competitions/llm-prompt-recovery/test.csv"
     output: str = "/kaggle/working/submission.csv"  # the notebook's submission
     # T4 and P100 have no fast bfloat16; float16 runs on their tensor cores.
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
-    # The wheels are fetched for the notebook's Python and platforms.
-    python_version: str = "3.11"
+    # The wheels are fetched for the notebook's Python (Kaggle's image runs
+    # 3.12 since December 2025) and platforms.
+    python_version: str = "3.12"
     platforms: list[str] = dataclasses.field(  # the platform tags of the wheels
         default_factory=lambda: [
             "manylinux_2_28_x86_64",

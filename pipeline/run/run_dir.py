@@ -107,6 +107,14 @@ class RunDir:
             log=log,
         )
         if self.cfg.predict.rows == "holdout":
+            if "rewrite_prompt" not in read_header(self.predict_input):
+                # Without it the file is not a run's training CSV, whose split the
+                # holdout is; most of its ids would be missing from the submission.
+                raise InputError(
+                    f"{self.predict_input}: predict.rows=holdout takes the holdout part of a "
+                    "run's own training CSV, and this file has no 'rewrite_prompt' column; "
+                    "set predict.rows=all to predict every row"
+                )
             _, _, holdout = split_rows(len(df), self.cfg.split)
             df = df.iloc[list(holdout)].reset_index(drop=True)
         return df

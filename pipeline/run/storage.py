@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import MissingInputError
+from pipeline.text.kaggle_paths import found_on_kaggle
 
 SCHEME = "gs://"
 
@@ -160,13 +161,14 @@ def adapter_settings_path(path):
 
 def localized(cfg):
     """`cfg` with each gs:// input replaced by its local copy (fetched into
-    `run.mirrors` when missing or changed): source texts, prompt pool,
+    `run.mirrors` when missing or changed) and each /kaggle/input path by
+    where Kaggle mounted it (`found_on_kaggle`): source texts, prompt pool,
     CSVs, adapters (with their settings file), the preset, the encoder and
     its SentencePiece model."""
     import dataclasses
 
     def local(path):
-        return localize(path, cfg.run.mirrors) if path else path
+        return localize(found_on_kaggle(path), cfg.run.mirrors) if path else path
 
     def adapter(choice):
         if choice in ("run", "none") or not is_bucket(choice):

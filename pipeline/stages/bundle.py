@@ -60,6 +60,9 @@ def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model, end_of_turn
         "mean_prompt": mean_prompt,
         "piece_model": piece_model,
         "encoder_max_tokens": cfg.mean_prompt.max_tokens,
+        # What the wheels were fetched for: the notebook checks it before installing.
+        "python_version": cfg.kaggle.python_version,
+        "platforms": cfg.kaggle.platforms,
     }
 
 

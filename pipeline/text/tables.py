@@ -70,6 +70,7 @@ def _check_shape(text, path, columns):
     """A header, at least one row, and as many fields in every row as in the
     header (pandas would silently take the extra leading fields of a longer
     row as its index, shifting the columns)."""
+    allow_fields_as_long_as(text)
     try:
         records = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
     except csv.Error as e:
@@ -95,6 +96,13 @@ def _check_shape(text, path, columns):
                 f"{path}: row {row}: {len(record)} fields under a header of {len(records[0])} "
                 f"({','.join(records[0])}); quote texts that hold commas"
             )
+
+
+def allow_fields_as_long_as(text):
+    """Raises the csv module's field limit (128 KiB by default) to the file's
+    length: a long text is valid CSV, and the stages cut texts to their token
+    budget anyway."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
 
 
 def _check_ids(df, path):
