@@ -35,6 +35,7 @@ import pytest  # noqa: E402
 SLOW_MARKS = {"slow", "pod", "kill"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Groups the tests for pytest-xdist (`--dist loadgroup`): by file, the
     demo run's users together; groups with slow tests first, so that the
