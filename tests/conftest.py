@@ -4,9 +4,8 @@ machine (skipped when already built), and a GCS emulator on loopback for the
 tests that write to a bucket.
 
 `make test` runs the files on two pytest-xdist workers: each file's tests
-stay on one worker (its module fixtures are built once), the tests of the
-session's demo run share one worker with it, and the files with slow tests
-start first."""
+stay on one worker (its module fixtures are built once), and the tests of the
+session's demo run share one worker with it."""
 
 import os
 import socket
@@ -32,25 +31,14 @@ setup_environment(
 
 import pytest  # noqa: E402
 
-SLOW_MARKS = {"slow", "pod", "kill"}
-
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Groups the tests for pytest-xdist (`--dist loadgroup`): by file, the
-    demo run's users together; groups with slow tests first, so that the
-    longest work does not start last."""
+    demo run's users together."""
     for item in items:
         group = "demo_run" if "demo_run" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
-    slow_groups = {
-        group_of(item) for item in items if SLOW_MARKS & {m.name for m in item.iter_markers()}
-    }
-    items.sort(key=lambda item: group_of(item) not in slow_groups)  # stable: file order kept
-
-
-def group_of(item):
-    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="session")
