@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan model-table docs-tables bench tiny tiny-default clean
+.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan preflight model-table docs-tables bench tiny tiny-default clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ kaggle-bundle: $(STAMP) $(if $(CONFIG),,tiny-default)
 
 memory-plan: $(STAMP) $(if $(CONFIG),,tiny-default)
 	$(call RUN,memory_plan)
+
+# Can this machine read the preset and the encoder and write the run? (tpu_pod.py setup runs it on worker 0)
+preflight: $(STAMP) $(if $(CONFIG),,tiny-default)
+	$(call RUN,preflight)
 
 model-table: $(STAMP)
 	$(PY) scripts/model_table.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares one TPU VM worker (scripts/tpu_pod.py setup runs it on every
-# worker): a Python that the pinned JAX supports (3.11 or newer), then
+# worker): `make` (apt-get, where the image lacks it), a Python that the
+# pinned JAX supports (3.11 or newer), then
 # `make install REQUIREMENTS=requirements-tpu.txt` with it.
 #
 # TPU VM runtime images (tpu-ubuntu2204-base) ship Python 3.10. Then uv
@@ -10,6 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_VERSION=3.11
+
+if ! command -v make > /dev/null; then
+  echo "setup: no make here; installing it with apt-get"
+  sudo apt-get update -qq
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make
+fi
 
 find_python() {
   for candidate in python3.13 python3.12 python3.11 python3; do

@@ -22,7 +22,10 @@ commands only.
 """
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # `make install` has installed the package anywhere.
 sys.path.insert(0, str(ROOT))
 
+from pipeline.parallel.kaggle_credentials import (  # noqa: E402
+    HOW_TO_PROVIDE,
+    downloads_from_kaggle,
+    find_credentials,
+)
 from pipeline.parallel.launch import (  # noqa: E402
     REMOTE_REPO,
     Launcher,
@@ -53,6 +61,30 @@ def mesh_said(cfg, mesh, args):
         f"mesh {mesh.partition('=')[2]}, the slice's ({args.config} has "
         f"{cfg.distribution.mesh_shape}; the workers get {mesh})"
     )
+
+
+@contextlib.contextmanager
+def credentials_for_workers(preset, step, dry_run):
+    """The Kaggle credentials file that setup copies to every worker (None
+    when the preset is not downloaded from Kaggle), in a private temporary
+    folder while the step runs; exits before anything is created when they
+    are needed and missing."""
+    if step not in ("up", "create", "setup") or not downloads_from_kaggle(preset):
+        yield None
+        return
+    credentials = find_credentials(os.environ, Path.home())
+    if credentials is None:
+        sys.exit(
+            f"tpu_pod {step}: model.preset {preset} is downloaded from Kaggle on every worker, "
+            f"and no Kaggle credentials were found here to copy to them: {HOW_TO_PROVIDE}"
+        )
+    print(
+        f"tpu_pod: model.preset {preset} comes from Kaggle: setup copies the credentials of "
+        f"{credentials.source} to ~/.kaggle/{credentials.file_name} on every worker (mode 600)"
+    )
+    with tempfile.TemporaryDirectory(prefix="tpu-pod-") as folder:
+        path = Path(folder) / credentials.file_name
+        yield path if dry_run else credentials.write_into(folder)
 
 
 def main():
@@ -162,47 +194,49 @@ def main():
     # A run on a bucket needs no fetch: only the workers' logs come here.
     local_root = args.into or ("runs" if is_bucket(cfg.run.root) else cfg.run.root)
     finish = lambda: launcher.finish(run_dir, local_root, args.poll_seconds)  # noqa: E731
-    try:
-        if args.step == "up":
-            with launcher.deleting(args.delete):
-                launcher.up(
-                    pod.setup(ARCHIVE, args.data),
-                    lambda stages: pod.start(stages, args.config, overrides),
-                    stages_of(args.stage),
-                    args.poll_seconds,
-                    finish,
-                    args.retries,
+    with credentials_for_workers(cfg.model.preset, args.step, args.dry_run) as credentials:
+        setup = pod.setup(ARCHIVE, args.data, args.config, overrides, credentials)
+        try:
+            if args.step == "up":
+                with launcher.deleting(args.delete):
+                    launcher.up(
+                        setup,
+                        lambda stages: pod.start(stages, args.config, overrides),
+                        stages_of(args.stage),
+                        args.poll_seconds,
+                        finish,
+                        args.retries,
+                    )
+            elif args.step in ("run", "wait"):
+                with launcher.deleting(args.delete):
+                    if args.step == "run":
+                        launcher.execute([start])
+                    finish()
+            elif args.step == "status":
+                for status in launcher.statuses():
+                    print(status)
+            elif args.step == "logs":
+                for worker in launcher.workers():
+                    print(
+                        f"=== worker {worker}: the last {args.lines} lines of "
+                        f"~/{REMOTE_REPO}/runs/pod-job/log"
+                    )
+                    print(launcher.output(pod.job_log(worker, args.lines)), end="")
+            elif args.step == "fetch":
+                launcher.fetch(run_dir, local_root)
+            elif args.step == "create":
+                launcher.create()
+                launcher.wait_ready(args.poll_seconds)
+            else:
+                launcher.execute(
+                    {
+                        "setup": setup,
+                        "start": [start],
+                        "delete": [pod.delete()],
+                    }[args.step]
                 )
-        elif args.step in ("run", "wait"):
-            with launcher.deleting(args.delete):
-                if args.step == "run":
-                    launcher.execute([start])
-                finish()
-        elif args.step == "status":
-            for status in launcher.statuses():
-                print(status)
-        elif args.step == "logs":
-            for worker in launcher.workers():
-                print(
-                    f"=== worker {worker}: the last {args.lines} lines of "
-                    f"~/{REMOTE_REPO}/runs/pod-job/log"
-                )
-                print(launcher.output(pod.job_log(worker, args.lines)), end="")
-        elif args.step == "fetch":
-            launcher.fetch(run_dir, local_root)
-        elif args.step == "create":
-            launcher.create()
-            launcher.wait_ready(args.poll_seconds)
-        else:
-            launcher.execute(
-                {
-                    "setup": pod.setup(ARCHIVE, args.data),
-                    "start": [start],
-                    "delete": [pod.delete()],
-                }[args.step]
-            )
-    except PodError as error:
-        sys.exit(f"tpu_pod {args.step}: {error}")
+        except PodError as error:
+            sys.exit(f"tpu_pod {args.step}: {error}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,21 @@ from processes import ROOT, bare_python
 from pipeline.parallel.launch import archive_repository
 
 
-def dry_run(*args):
+# Credentials as `KAGGLE_USERNAME` and `KAGGLE_KEY` (the default preset is
+# Gemma on Kaggle), in a home folder of their own.
+def with_kaggle_credentials(home):
+    return dict(os.environ, HOME=str(home), KAGGLE_USERNAME="someone", KAGGLE_KEY="0123abcd")
+
+
+def dry_run(*args, env=None):
     result = subprocess.run(
         [sys.executable, "scripts/tpu_pod.py", *args, "--dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
+        env=env or with_kaggle_credentials(ROOT / "runs"),
     )
+    assert result.returncode == 0, result.stderr
     return [
         shlex.split(line.removeprefix("(dry run) "))
         for line in result.stdout.splitlines()
@@ -51,9 +58,12 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
         "create",
         "scp",
         "ssh",
+        "scp",  # create, copy, unpack, data
         "scp",
+        "ssh",  # the Kaggle credentials, into ~/.kaggle
         "ssh",
-        "ssh",  # create, copy, unpack, data, setup, start
+        "ssh",
+        "ssh",  # setup, worker 0's preflight, start
         "describe",
         "ssh",
         "ssh",  # wait: the workers, each one's status, worker 0's log
@@ -75,9 +85,22 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
         commands[3][6:8] == ["--worker=all", "data/test.csv"]
         and commands[3][8] == "pr:~/prompt-recovery/data/"
     )
-    assert "--command=cd prompt-recovery && bash scripts/setup_worker.sh" in commands[4]
-    (start,) = [word for word in commands[5] if word.startswith("--command=")]
-    assert "--worker=all" in commands[5]
+    assert commands[4][7].endswith("/kaggle.json") and commands[4][6:9:2] == [
+        "--worker=all",
+        "pr:~/",
+    ]
+    assert (
+        "--command=mkdir -p ~/.kaggle && chmod 700 ~/.kaggle && mv ~/kaggle.json "
+        "~/.kaggle/kaggle.json && chmod 600 ~/.kaggle/kaggle.json" in commands[5]
+    )
+    assert "--command=cd prompt-recovery && bash scripts/setup_worker.sh" in commands[6]
+    assert "--worker=0" in commands[7] and (
+        "--command=cd prompt-recovery && make preflight CONFIG=configs/cloud_tpu_v3_32.yaml "
+        "REQUIREMENTS=requirements-tpu.txt 'ARGS=lora.rank=8 train.epochs=2'" in commands[7]
+    )
+    commands = commands[:4] + commands[8:]  # as before the credentials and the preflight
+    (start,) = [word for word in commands[4] if word.startswith("--command=")]
+    assert "--worker=all" in commands[4]
     assert shlex.split(start.removeprefix("--command=")) == [
         "cd",
         "prompt-recovery",
@@ -90,10 +113,10 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
         "finetune",
     ]
     assert (
-        "--worker=0" in commands[7]
-        and "--command=cd prompt-recovery && bash scripts/pod_job.sh status" in commands[7]
+        "--worker=0" in commands[6]
+        and "--command=cd prompt-recovery && bash scripts/pod_job.sh status" in commands[6]
     )
-    fetch_run, fetch_log = commands[10], commands[11]
+    fetch_run, fetch_log = commands[9], commands[10]
     assert "--worker=0" in fetch_run and fetch_run[7:9] == [
         "pr:prompt-recovery/runs/cloud_tpu_v3_32",
         "runs",
@@ -102,7 +125,60 @@ def test_up_creates_copies_prepares_starts_waits_fetches_and_deletes():
         "pr:prompt-recovery/runs/pod-job/log",
         "runs/cloud_tpu_v3_32/pod-logs/worker-0.log",
     ]
-    assert commands[12][5:7] == ["pr", "--quiet"]
+    assert commands[11][5:7] == ["pr", "--quiet"]
+
+
+def test_a_preset_from_kaggle_without_credentials_here_is_refused_before_the_slice_is_made(
+    tmp_path,
+):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    command = [sys.executable, "scripts/tpu_pod.py", "up", "--name=pr", "--zone=z", "--dry-run"]
+    for preset in ("gemma_instruct_7b_en", "kaggle://keras/mistral/keras/mistral_instruct_7b_en/3"):
+        result = subprocess.run(
+            [*command, f"model.preset={preset}"],
+            cwd=ROOT,
+            env=dict(env, HOME=str(tmp_path)),
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode != 0 and "create" not in result.stdout
+        assert f"model.preset {preset} is downloaded from Kaggle on every worker" in result.stderr
+        assert "~/.kaggle/kaggle.json" in result.stderr and "gs://BUCKET/PRESET" in result.stderr
+    # A preset on a bucket needs none, and none is copied.
+    commands = dry_run(
+        "up",
+        "--name=pr",
+        "--zone=z",
+        "model.preset=gs://b/gemma",
+        env=dict(env, HOME=str(tmp_path)),
+    )
+    assert commands[0][4] == "create" and not any(".kaggle" in " ".join(c) for c in commands)
+
+
+def test_the_credentials_kagglehub_would_use_are_the_ones_found(tmp_path):
+    from pipeline.parallel.kaggle_credentials import downloads_from_kaggle, find_credentials
+
+    assert find_credentials({}, tmp_path) is None
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text('{"username": "a", "key": "k1"}')
+    found = find_credentials({}, tmp_path)
+    assert (found.file_name, found.content) == ("kaggle.json", '{"username": "a", "key": "k1"}')
+    env = {"KAGGLE_USERNAME": "b", "KAGGLE_KEY": "k2"}
+    assert find_credentials(env, tmp_path).content == '{"username": "b", "key": "k2"}'
+    (tmp_path / ".kaggle" / "access_token").write_text("token-1\n")
+    assert find_credentials(env, tmp_path).content == "token-1"
+    found = find_credentials(dict(env, KAGGLE_API_TOKEN="token-2"), tmp_path)
+    assert (found.file_name, found.content, found.source) == (
+        "access_token",
+        "token-2",
+        "KAGGLE_API_TOKEN",
+    )
+    written = found.write_into(tmp_path)
+    assert written.read_text() == "token-2" and written.stat().st_mode & 0o777 == 0o600
+    assert downloads_from_kaggle("gemma_instruct_7b_en")
+    assert downloads_from_kaggle("kaggle://google/gemma/keras/gemma_7b_en/3")
+    for elsewhere in ("gs://b/gemma", "hf://google/gemma-7b", "data/gemma_tiny", "/kaggle/input/x"):
+        assert not downloads_from_kaggle(elsewhere)
 
 
 def test_a_spot_slice_is_a_queued_resource_waited_for_and_deleted_with_its_node():
@@ -406,7 +482,7 @@ def test_the_launcher_runs_on_a_fresh_clones_bare_python3(tmp_path, accelerator_
         archive.extractall(clone, filter="data")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python3").symlink_to(bare_python())
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    env = dict(with_kaggle_credentials(tmp_path), PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
     options = f"up --name pr --zone z --accelerator-type {accelerator_type} --data data/test.csv"
     for command in (
         ["python3", "scripts/tpu_pod.py", *options.split(), "--dry-run"],

@@ -136,7 +136,7 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
     from etils import epath
 
     env, data, folder = cloud
-    env = with_emulator(env)
+    env = with_emulator(dict(env, STANDIN_GCLOUD_WITHOUT_MAKE="1"))  # worker 1's image lacks make
     result = tpu_pod(
         env,
         "up",
@@ -167,7 +167,40 @@ def test_up_runs_every_stage_on_a_bucket_fetches_the_logs_and_deletes_the_slice(
     assert "(read by every host)" in log_of_worker_0(tmp_path)
     assert "pod: worker 0 | " in result.stdout  # progress while waiting
     assert "setup: Python 3." in result.stdout  # each worker found (or fetched) a Python 3.11+
+    assert "setup: no make here; installing it with apt-get" in result.stdout
+    apt_calls = (folder / "slices" / "apt-get.log").read_text().splitlines()
+    assert "whole/worker-1: apt-get install -y -qq make" in apt_calls
+    assert not [call for call in apt_calls if call.startswith("whole/worker-0")]
+    assert "preflight: model.preset data/gemma_tiny can be read" in result.stdout
     assert not (folder / "slices" / "whole").exists()
+
+
+def test_a_gated_preset_gets_the_credentials_on_every_worker_and_worker_0_checks_it_first(
+    cloud, tmp_path
+):
+    """Without credentials here, `up` refuses before the slice is made; with
+    them, setup puts them in each worker's ~/.kaggle (the workers have none
+    of their own), and worker 0's preflight, which cannot reach Kaggle from
+    this machine, stops the run before any stage starts."""
+    env, data, folder = cloud
+    gated = "model.preset=kaggle://google/gemma/keras/gemma_2b_en/2"
+    env = dict(env, HOME=str(tmp_path))
+    refused = tpu_pod(env, "up", "--name=gated", *data, *SIZES, gated, check=False)
+    assert refused.returncode != 0 and "no Kaggle credentials were found here" in refused.stderr
+    assert not (folder / "slices" / "gated").exists()
+    env = dict(env, KAGGLE_USERNAME="someone", KAGGLE_KEY="0123abcd")
+    result = tpu_pod(env, "up", "--name=gated", *data, *SIZES, gated, check=False)
+    assert result.returncode != 0
+    assert "setup copies the credentials of KAGGLE_USERNAME and KAGGLE_KEY" in result.stdout
+    said = result.stdout + result.stderr
+    assert "error: model.preset kaggle://google/gemma/keras/gemma_2b_en/2 cannot be reached" in said
+    for worker in (0, 1):
+        home = folder / "slices" / "gated" / f"worker-{worker}"
+        credentials = home / ".kaggle" / "kaggle.json"
+        assert json.loads(credentials.read_text()) == {"username": "someone", "key": "0123abcd"}
+        assert credentials.stat().st_mode & 0o777 == 0o600
+        assert not (home / "prompt-recovery" / "runs" / "pod-job").exists()  # no stage started
+    tpu_pod(env, "delete", "--name=gated")
 
 
 def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_uninterrupted_adapter(

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from etils import epath
 
-from pipeline.errors import MissingInputError
+from pipeline.errors import InputError, MissingInputError
 from pipeline.run.config import load_config
 from pipeline.run.run_dir import RunDir
 from pipeline.run.storage import RunMirror, localize, localized, mirror_path
@@ -23,6 +23,56 @@ def objects(url):
     fs.invalidate_cache()
     prefix = url.removeprefix("gs://") + "/"
     return sorted(key.removeprefix(prefix) for key in fs.find(url))
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        # tensorstore refuses a bucket name that gcsfs accepts
+        (["train.checkpoint_dir=gs://ab/checkpoints"], "Invalid GCS bucket name"),
+        (["train.checkpoint_dir=gs://no-such-bucket/checkpoints"], "NOT_FOUND"),
+        (["run.root=gs://no-such-bucket/runs"], "run.root gs://no-such-bucket/runs: cannot write"),
+    ],
+)
+def test_a_run_that_cannot_be_written_stops_the_data_stage_before_it_loads_the_model(
+    tiny_cfg, gcs_bucket, tmp_path, monkeypatch, overrides, said
+):
+    import pipeline.models.model
+
+    def load_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline.models.model, "load_model", load_model)
+    epath.Path(f"{gcs_bucket}/runs/cpu_tiny/finetune/checkpoints/1/meta").write_text("{}")
+    cfg = load_config(
+        None,
+        [
+            f"run.root={gcs_bucket}/runs",
+            f"run.mirrors={tmp_path / 'mirrors'}",
+            f"model.preset={tiny_cfg.model.preset}",
+            *overrides,
+        ],
+    )
+    with pytest.raises(InputError, match=said):
+        run_data_stage(cfg, log=lambda *_: None)
+    # Not a probe left, nothing of the stage, and what was there is still there.
+    assert objects(gcs_bucket) == ["runs/cpu_tiny/finetune/checkpoints/1/meta"]
+
+
+def test_the_write_checks_leave_the_bucket_as_they_found_it(gcs_bucket, tmp_path):
+    checkpoint = f"{gcs_bucket}/runs/cpu_tiny/finetune/checkpoints/1/meta"
+    epath.Path(checkpoint).write_text("{}")
+    run = RunDir(load_config(None, [f"run.root={gcs_bucket}/runs", f"run.mirrors={tmp_path}"]))
+    run.check_writable()  # gcsfs in runs/, tensorstore in the checkpoint folder
+    assert objects(gcs_bucket) == [checkpoint.removeprefix(f"{gcs_bucket}/")]
+
+
+def test_a_local_run_root_that_cannot_be_written_is_named(tiny_cfg, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    tiny_cfg.run.root = str(tmp_path / "a-file" / "runs")
+    with pytest.raises(InputError, match=r"run.root .*a-file/runs: cannot write there"):
+        run_data_stage(tiny_cfg, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_push_and_pull_copy_what_changed_and_leave_out_the_skipped_folders(gcs_bucket, tmp_path):

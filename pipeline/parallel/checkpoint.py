@@ -178,6 +178,28 @@ class CheckpointStore:
             )
 
 
+def check_tensorstore_writes(url, key):
+    """Raises InputError naming `key` unless tensorstore, Orbax's writer of
+    the arrays, can write to (and delete from) the bucket folder `url`. It
+    refuses what gcsfs accepts (e.g. a bucket name shorter than 3
+    characters), which would otherwise show only at the first checkpoint's
+    asynchronous save, `train.checkpoint_every` steps into training."""
+    import tensorstore
+
+    bucket, _, path = url.removeprefix("gs://").partition("/")
+    probe = f".write-probe-{secrets.token_hex(4)}"
+    try:
+        spec = {"driver": "gcs", "bucket": bucket, "path": f"{path.strip('/')}/".lstrip("/")}
+        store = tensorstore.KvStore.open(spec).result()
+        store.write(probe, b"probe").result()
+        store.write(probe, None).result()  # None deletes the one key
+    except Exception as error:  # tensorstore raises ValueError for all of it
+        raise InputError(
+            f"{key} {url}: tensorstore (which writes the checkpoints' arrays) cannot write there "
+            f"({error}); give a bucket it can write to"
+        ) from None
+
+
 def check_reachable(folder):
     """On a pod, raises InputError unless every host sees what process 0
     writes in `folder` (each host writes its own shards of a checkpoint

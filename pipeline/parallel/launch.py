@@ -157,9 +157,12 @@ class TpuPod:
             return self._gcloud("delete", self.name, "--force", "--quiet", group="queued-resources")
         return self._gcloud("delete", self.name, "--quiet")
 
-    def setup(self, repo_archive, data_paths):
+    def setup(self, repo_archive, data_paths, config, overrides, credentials=None):
         """Repository (an archive from `archive_repository`) and data on every
-        worker, then each worker prepared (Python, requirements)."""
+        worker, the Kaggle credentials file (when given) in `~/.kaggle/`
+        readable by the owner only, then each worker prepared (`make`, a
+        Python, the requirements), then worker 0's preflight (can it read
+        the preset and the encoder and write the run?) before any stage."""
         unpack = (
             f"mkdir -p {REMOTE_REPO}/data && tar -xzf {Path(repo_archive).name} -C {REMOTE_REPO} "
             f"&& rm {Path(repo_archive).name}"
@@ -167,8 +170,27 @@ class TpuPod:
         commands = [self.copy_to_workers([repo_archive], "~/"), self.ssh(unpack)]
         if data_paths:
             commands.append(self.copy_to_workers(data_paths, f"~/{REMOTE_REPO}/data/"))
+        if credentials:
+            name = Path(credentials).name
+            commands += [
+                self.copy_to_workers([credentials], "~/"),
+                self.ssh(
+                    f"mkdir -p ~/.kaggle && chmod 700 ~/.kaggle && mv ~/{name} ~/.kaggle/{name} "
+                    f"&& chmod 600 ~/.kaggle/{name}"
+                ),
+            ]
         commands.append(self.ssh(f"cd {REMOTE_REPO} && bash scripts/setup_worker.sh"))
-        return commands
+        return commands + [self.ssh(self._make_on_worker("preflight", config, overrides), worker=0)]
+
+    def _make_on_worker(self, target, config, overrides):
+        words = [
+            "make",
+            target,
+            f"CONFIG={config}",
+            "REQUIREMENTS=requirements-tpu.txt",
+            f"ARGS={' '.join(overrides)}",
+        ]
+        return f"cd {REMOTE_REPO} && {shlex.join(words)}"
 
     def start(self, stages, config, overrides):
         """Starts the stages on every worker, detached; returns at once."""

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 from pipeline.parallel import hosts
+from pipeline.parallel.checkpoint import check_tensorstore_writes
 from pipeline.run.config import save_config
-from pipeline.run.storage import RunMirror, adapter_settings_path, is_bucket, mirror_path
+from pipeline.run.storage import (
+    RunMirror,
+    adapter_settings_path,
+    check_writable,
+    is_bucket,
+    mirror_path,
+)
 from pipeline.text.tables import TEST_COLUMNS, read_header, read_table, split_rows
 
 
@@ -50,9 +57,11 @@ class RunDir:
 
     def start_stage(self, cfg, out):
         """Joins the pod if the config says multi_host (every stage starts
-        here); process 0 pulls a bucket's run folder, makes the stage folder
-        and saves the config."""
+        here); process 0 checks that the run can be written (`check_writable`),
+        pulls a bucket's run folder, makes the stage folder and saves the
+        config."""
         hosts.initialize(cfg.distribution)
+        hosts.share_from_main(self.check_writable)
         stage_dir = self.root / out
         if hosts.is_main_process():
             if self.mirror:
@@ -60,6 +69,19 @@ class RunDir:
             stage_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, stage_dir / "config.yaml")
         return stage_dir
+
+    def check_writable(self):
+        """Raises InputError unless the run root and the checkpoint folder
+        can be written by what writes them (gcsfs and tensorstore on a
+        bucket): every stage checks, before it loads a model, so that a
+        folder finetune could not save to stops the data stage, not the
+        first checkpoint hours later."""
+        check_writable(self.cfg.run.root, "run.root")
+        key = "train.checkpoint_dir" if self.cfg.train.checkpoint_dir else "the checkpoint folder"
+        if is_bucket(self.checkpoints):
+            check_tensorstore_writes(str(self.checkpoints), key)
+        else:
+            check_writable(self.checkpoints, key)
 
     def push(self, path=None):
         """Process 0 copies the run folder (or `path` in it) to the run's

@@ -33,9 +33,10 @@ mirror.push()  # what the stage wrote
 import base64
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
-from pipeline.errors import MissingInputError
+from pipeline.errors import InputError, MissingInputError
 from pipeline.text.kaggle_paths import found_on_kaggle
 
 SCHEME = "gs://"
@@ -103,6 +104,35 @@ def _copy_down(fs, url, local, skip=()):
             fs.get_file(f"{url}/{key}" if key else url, str(part))
             os.replace(part, target)
     return len(objects)
+
+
+def exists(url):
+    """True when the bucket holds the object `url`."""
+    return _filesystem().exists(url)
+
+
+def check_writable(path, key):
+    """Raises InputError naming `key` unless a file can be written to (and
+    deleted from) `path`: on a bucket by gcsfs, which writes the run's files
+    there; a local folder in the nearest one that exists (nothing is made)."""
+    probe = f".write-probe-{secrets.token_hex(4)}"
+    try:
+        if is_bucket(path):
+            fs, url = _filesystem(), f"{str(path).rstrip('/')}/{probe}"
+            fs.pipe_file(url, b"probe")
+            fs.rm_file(url)
+        else:
+            folder = next(
+                p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists()
+            )
+            (folder / probe).write_bytes(b"probe")
+            (folder / probe).unlink()
+    except Exception as error:  # any client error: the message says what it was
+        raise InputError(
+            f"{key} {path}: cannot write there ({type(error).__name__}: {error}); check the "
+            "path (a bucket's name), that it exists, and that this machine's account may write "
+            "to it"
+        ) from None
 
 
 def localize(url, mirrors):
