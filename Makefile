@@ -8,7 +8,10 @@ PYTHON ?= python3
 REQUIREMENTS ?= requirements-cpu.txt
 CONFIG ?=
 ARGS ?=
-VENV := .venv
+# In a Kaggle notebook (KAGGLE_KERNEL_RUN_TYPE set) the venv goes to /tmp: a
+# clone lands in /kaggle/working, whose 20 GB cap TensorFlow, libtpu and
+# jaxlib would take about 3.5 GB of.
+VENV ?= $(if $(KAGGLE_KERNEL_RUN_TYPE),/tmp/prompt-recovery-venv,.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)

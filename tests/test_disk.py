@@ -54,6 +54,54 @@ def test_kaggle_configs_fit_the_working_folder_and_say_what_to_change_when_not(t
     assert "does NOT fit" in merged.report()
 
 
+def test_what_the_working_folder_holds_already_counts_against_the_limit(tmp_path):
+    """Kaggle's 20 GB cap is on /kaggle/working, where the clone and its
+    .venv (TensorFlow, libtpu and jaxlib: about 3.5 GB) already are."""
+    cfg = load_config("configs/kaggle_tpu_v5e_8.yaml")
+    assert cfg.run.disk_limit_folder == "/kaggle/working"
+    plan = plan_disk(cfg, GEMMA_7B)
+    working = tmp_path / "working"
+    venv = working / "prompt-recovery" / ".venv" / "lib"
+    venv.mkdir(parents=True)
+    room = cfg.run.disk_limit_gib * GIB - plan.total  # about 1.6 GiB: not a whole .venv
+    with open(venv / "libtpu.so", "wb") as f:  # sparse: its size, not its blocks, on disk
+        f.truncate(int(room) - GIB // 2)
+    (working / "notes.txt").write_text("x" * 1000)
+    logs = []
+    check_disk(plan, working / "prompt-recovery" / "runs", logs.append, working)
+    assert f"holds {(room - GIB // 2) / GIB:.1f} GiB already (prompt-recovery " in logs[0]
+    assert ", notes.txt 0.0)" in logs[0]
+    with open(venv / "libtpu.so", "wb") as f:
+        f.truncate(int(room) + 2**20)
+    with pytest.raises(InputError, match=r"already holds .*VENV=/tmp/prompt-recovery-venv"):
+        check_disk(plan, working / "prompt-recovery" / "runs", logs.append, working)
+    check_disk(plan, tmp_path / "runs", logs.append, tmp_path / "no-such-folder")  # nothing held
+
+
+def test_in_a_kaggle_notebook_make_puts_the_venv_outside_the_working_folder():
+    import os
+    import subprocess
+
+    from processes import ROOT
+
+    def venv_made(**env):
+        dry = subprocess.run(
+            ["make", "-n", "install", "REQUIREMENTS=requirements-tpu.txt"],
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")} | env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dry.stdout.splitlines()[0]
+
+    assert (
+        venv_made(KAGGLE_KERNEL_RUN_TYPE="Interactive")
+        == "python3 -m venv /tmp/prompt-recovery-venv"
+    )
+    assert venv_made() == "python3 -m venv .venv"
+
+
 def test_peft_export_stores_the_block_diagonal_b_dense():
     rank4 = load_config(
         "configs/kaggle_tpu_v3_8.yaml", ["lora.rank=4", "lora.target_layers=[query]"]

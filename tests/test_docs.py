@@ -4,6 +4,7 @@ command README.md and docs/ show is one that runs: each `make` line as a
 dry run (`make -n`) with its CONFIG and ARGS loaded as a config, each
 launcher line as a dry run or its subcommand's --help."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -85,7 +86,9 @@ def test_documented_command_runs(page, command):
         run = [sys.executable, *words[1:]]
     else:  # a launcher step that would reach Cloud TPU: its options parse
         run = [sys.executable, words[1], words[2], "--help"]
-    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # A user with Kaggle credentials, which the launcher copies to the workers.
+    env = dict(os.environ, KAGGLE_USERNAME="someone", KAGGLE_KEY="0123abcd")
+    done = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{page}: {command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 

@@ -68,3 +68,22 @@ def test_two_matches_are_named_not_chosen(mounted):
     with pytest.raises(KaggleInputError, match="2 matches") as e:
         found_on_kaggle("/kaggle/input/texts/t.csv")
     assert f"{root}/datasets/a/texts/t.csv, {root}/datasets/b/texts/t.csv" in str(e.value)
+
+
+def test_a_stage_goes_on_without_an_input_it_does_not_read(mounted, tmp_path):
+    """predict on Kaggle with the test file attached and the source texts not:
+    the sources stay as configured, with a note of what is mounted."""
+    from pipeline.errors import InputError
+    from pipeline.run.config import load_config
+    from pipeline.run.storage import localized
+    from pipeline.text.sources import read_sources
+
+    root = mounted("llm-prompt-recovery/test.csv")
+    notes = []
+    cfg = localized(load_config("configs/kaggle_tpu_v5e_8.yaml"), notes.append)
+    assert cfg.predict.input == str(root / "llm-prompt-recovery" / "test.csv")
+    assert cfg.data.sources[0].path == "/kaggle/input/source-texts/texts.csv"
+    assert notes[-1].startswith("note: /kaggle/input/source-texts/texts.csv: not mounted")
+    assert "holds llm-prompt-recovery" in notes[-1]
+    with pytest.raises(InputError, match="source-texts/texts.csv"):
+        read_sources(cfg.data.sources)

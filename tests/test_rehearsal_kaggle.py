@@ -6,7 +6,8 @@ config's sizes, dtype, search settings and input paths stay); the inputs
 are mounted in Kaggle's current layout (`competitions/<slug>/`,
 `datasets/<owner>/<slug>/`) in a folder the run must not change, which
 `KAGGLE_INPUT_ROOT` puts where `/kaggle/input` would be; the test file has
-no true prompts, like the competition's.
+no true prompts, like the competition's. Then predict runs again with the
+test file in the old layout (`/kaggle/input/<slug>/`).
 """
 
 import hashlib
@@ -104,3 +105,23 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
     assert snapshot(kaggle_input) == before  # the input folder is read-only
     noisy = [line for line in output.splitlines() if any(word in line for word in NOISE)]
     assert not noisy, noisy
+    # Some notebooks still see the old layout (/kaggle/input/<slug>/): the same
+    # config's predict finds test.csv there and writes the same submission.
+    old_layout = tmp_path / "old-input"
+    (old_layout / "llm-prompt-recovery").mkdir(parents=True)
+    (old_layout / "llm-prompt-recovery" / "test.csv").write_bytes(
+        (kaggle_input / "competitions" / "llm-prompt-recovery" / "test.csv").read_bytes()
+    )
+    env["KAGGLE_INPUT_ROOT"] = str(old_layout)
+    result = subprocess.run(
+        ["make", "predict", "CONFIG=configs/kaggle_tpu_v5e_8.yaml", "ARGS=" + " ".join(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert f"found at {old_layout / 'llm-prompt-recovery' / 'test.csv'}" in result.stdout
+    again = pd.read_csv(run / "predict" / "submission.csv", dtype=str, keep_default_na=False)
+    assert again.equals(submission)

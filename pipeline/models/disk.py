@@ -12,8 +12,10 @@ transformers export (every weight in the model's dtype) and the Kaggle bundle
 predictions and logs are small beside these and not counted.
 
 finetune checks the plan before it trains: against `run.disk_limit_gib`
-(Kaggle's 20 GB working folder, say) and the free space under the run's
-root, so that a run that cannot finish is told before hours of training.
+(Kaggle's 20 GB working folder, say), with what `run.disk_limit_folder`
+already holds (there: the clone, its `.venv`, earlier runs), and against the
+free space under the run's root, so that a run that cannot finish is told
+before hours of training.
 
 Example:
 ```python
@@ -23,6 +25,7 @@ print(plan.report())
 """
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -127,9 +130,33 @@ def plan_disk(cfg, spec):
     )
 
 
-def check_disk(plan, run_root, log=print):
-    """Raises InputError when the run will not fit `run.disk_limit_gib` or
-    the free space under `run_root` leaves no room to train; warns when the
+def folder_usage(folder):
+    """Bytes of the files under `folder` (links not followed), per entry of
+    `folder`; {} when there is no such folder."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    usage = {}
+    for entry in Path(folder).iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            usage[entry.name] = entry.lstat().st_size
+            continue
+        usage[entry.name] = sum(
+            os.lstat(os.path.join(top, name)).st_size
+            for top, _, names in os.walk(entry)
+            for name in names
+        )
+    return usage
+
+
+def _described(usage):
+    largest = sorted(usage.items(), key=lambda item: -item[1])[:3]
+    return ", ".join(f"{name} {size / GIB:.1f}" for name, size in largest)
+
+
+def check_disk(plan, run_root, log=print, limit_folder=None):
+    """Raises InputError when the run, with what `limit_folder` (the folder
+    the limit caps) already holds, will not fit `run.disk_limit_gib`, or the
+    free space under `run_root` leaves no room to train; warns when the
     exports will not fit the free space."""
     limit = plan.limit_gib
     advice = (
@@ -137,13 +164,27 @@ def check_disk(plan, run_root, log=print):
         "Kaggle "
         "bundle needs only the PEFT adapter), or put run.root on a larger disk"
     )
-    if limit and plan.total > limit * GIB:
+    usage = folder_usage(limit_folder)
+    held = sum(usage.values())
+    if limit and held + plan.total > limit * GIB:
+        already = (
+            f"; {limit_folder} already holds {held / GIB:.1f} GiB ({_described(usage)}): move "
+            "what need not be there out of it, e.g. the virtual environment "
+            "(`make ... VENV=/tmp/prompt-recovery-venv`)"
+            if held
+            else ""
+        )
         raise InputError(
             f"this run writes about {plan.total / GIB:.1f} GiB under {run_root} (adapter "
             f"{plan.adapter / GIB:.1f}, checkpoints {plan.checkpoints / GIB:.1f}, exports and "
             "bundle "
-            f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}; "
-            f"{advice}"
+            f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}"
+            f"{already}; {advice}"
+        )
+    if held:
+        log(
+            f"disk: {limit_folder} holds {held / GIB:.1f} GiB already ({_described(usage)}); with "
+            f"the run's {plan.total / GIB:.1f} GiB that is within run.disk_limit_gib={limit:g}"
         )
     folder = Path(run_root)
     while not folder.exists():

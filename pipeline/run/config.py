@@ -49,6 +49,10 @@ class RunConfig:
     # 20 GB working folder), checked by finetune before it trains; unset: the
     # free space alone is checked.
     disk_limit_gib: float | None = None
+    # The folder that limit caps, when what is already there counts too
+    # (Kaggle's /kaggle/working: the clone, its .venv, earlier runs); unset:
+    # only what the run writes is counted.
+    disk_limit_folder: str | None = None
     # XLA's compiled programs, kept between runs (JAX's persistent compilation
     # cache), so that a rerun or a resumed stage does not compile again;
     # null turns it off. JAX_COMPILATION_CACHE_DIR in the environment wins.

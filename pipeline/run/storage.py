@@ -37,7 +37,7 @@ import secrets
 from pathlib import Path
 
 from pipeline.errors import InputError, MissingInputError
-from pipeline.text.kaggle_paths import found_on_kaggle
+from pipeline.text.kaggle_paths import KaggleInputError, found_on_kaggle
 
 SCHEME = "gs://"
 
@@ -189,16 +189,22 @@ def adapter_settings_path(path):
     return beside if is_bucket(path) else Path(beside)
 
 
-def localized(cfg):
+def localized(cfg, log=print):
     """`cfg` with each gs:// input replaced by its local copy (fetched into
     `run.mirrors` when missing or changed) and each /kaggle/input path by
     where Kaggle mounted it (`found_on_kaggle`): source texts, prompt pool,
     CSVs, adapters (with their settings file), the preset, the encoder and
-    its SentencePiece model."""
+    its SentencePiece model. A /kaggle/input path mounted nowhere stays as
+    it is, with a note of what is mounted: a stage that does not read it
+    (predict, without the source texts attached) goes on."""
     import dataclasses
 
     def local(path):
-        return localize(found_on_kaggle(path), cfg.run.mirrors) if path else path
+        try:
+            return localize(found_on_kaggle(path), cfg.run.mirrors) if path else path
+        except KaggleInputError as error:
+            log(f"note: {error}; a stage that reads it stops there")
+            return path
 
     def adapter(choice):
         if choice in ("run", "none") or not is_bucket(choice):

@@ -130,7 +130,7 @@ def run_finetune_stage(cfg, log=print):
         )
     # Before any weight is loaded: will what the run writes fit?
     plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
-    hosts.share_from_main(lambda: check_disk(plan, run.root, log))
+    hosts.share_from_main(lambda: check_disk(plan, run.root, log, cfg.run.disk_limit_folder))
     causal_lm, tokenizer = load_model(cfg, [tc.batch_size])
     set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)

@@ -20,12 +20,14 @@ found_on_kaggle("/kaggle/input/llm-prompt-recovery/test.csv")
 import os
 from pathlib import Path, PurePosixPath
 
+from pipeline.errors import MissingInputError
+
 KAGGLE_INPUT = PurePosixPath("/kaggle/input")
 # The new layout's first folder, and how many folders (owner) come before the slug.
 LAYOUTS = {"competitions": 0, "datasets": 1, "models": 1}
 
 
-class KaggleInputError(FileNotFoundError):
+class KaggleInputError(MissingInputError):
     """A /kaggle/input path found in neither layout; the message lists what is mounted."""
 
 
