@@ -299,8 +299,8 @@ def test_a_stage_failing_on_one_worker_is_named_its_logs_fetched_and_the_slice_d
     cloud, tmp_path
 ):
     env, data, folder = cloud
-    tpu_pod(env, "create", "--name=broken")
-    tpu_pod(env, "setup", "--name=broken", *data)
+    tpu_pod(env, "create", "--name=broken", *SIZES)
+    tpu_pod(env, "setup", "--name=broken", *data, *SIZES)  # worker 0's preflight passes
     shutil.rmtree(
         folder / "slices" / "broken" / "worker-1" / "prompt-recovery" / "data" / "gemma_tiny"
     )
