@@ -112,7 +112,18 @@ def test_peft_export_stores_the_block_diagonal_b_dense():
     assert plan.peft_export == (a + b) * layers * 4
 
 
-def test_finetune_refuses_a_run_that_will_not_fit_before_it_loads_the_model(tiny_cfg):
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        (("run", "disk_limit_gib", 1e-6), "more than run.disk_limit_gib=1e-06"),
+        (  # Mistral's name for a Gemma model
+            ("lora", "target_layers", ["query", "feedforward_gate_dense"]),
+            "feedforward_gate_dense: no such layer in a gemma model, whose projections are "
+            "query, key, value, attention_output, ffw_gating, ffw_gating_2, ffw_linear",
+        ),
+    ],
+)
+def test_finetune_refuses_a_run_it_cannot_do_before_it_loads_the_model(tiny_cfg, setting, said):
     import pandas as pd
 
     from pipeline.stages.finetune import run_finetune_stage
@@ -126,9 +137,11 @@ def test_finetune_refuses_a_run_that_will_not_fit_before_it_loads_the_model(tiny
             "rewritten_text": ["text"] * 40,
         }
     ).to_csv(train_csv, index=False)
-    tiny_cfg.train.data, tiny_cfg.run.disk_limit_gib = str(train_csv), 1e-6
+    tiny_cfg.train.data = str(train_csv)
+    section, key, value = setting
+    setattr(getattr(tiny_cfg, section), key, value)
     logs = []
-    with pytest.raises(InputError, match="more than run.disk_limit_gib=1e-06"):
+    with pytest.raises(InputError, match=said):
         run_finetune_stage(tiny_cfg, log=logs.append)
     assert not any("LoRA rank" in line for line in logs)  # stopped before the model was loaded
 

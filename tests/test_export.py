@@ -302,10 +302,12 @@ def test_exported_tokenizer_tokenises_as_keras_without_sentencepiece(demo_run):
         + list(data["rewrite_prompt"])
         + ["<start_of_turn>user\n  é 日本 🙂 42"]
     )
+    default_call = transformers.AutoTokenizer.from_pretrained(str(folder))
     for text in texts:
-        assert hf(text, add_special_tokens=False)["input_ids"] == list(
-            map(int, keras_tokenizer(text))
-        ), text
+        ids = list(map(int, keras_tokenizer(text)))
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
+        # As Gemma's published tokenizer: <bos> first in the default call.
+        assert default_call(text)["input_ids"] == [keras_tokenizer.start_token_id, *ids], text
 
 
 _EXPORTS = {}
@@ -339,7 +341,7 @@ def test_export_of_the_demo_adapter_predicts_the_pipelines_tokens(demo_run):
     paths = run_export(cfg)
     run = RunDir(cfg)
     causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
-    load_adapter(causal_lm, run.adapter)
+    load_adapter(causal_lm, run.adapter, cfg.model.preset)
     formatter = RecoveryFormatter(
         tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     )

@@ -28,6 +28,16 @@ from pipeline.parallel.runtime import set_seed
 from pipeline.run.config import DistributionConfig, LoraConfig, load_config
 
 OTHER_FAMILIES = [name for name in FAMILIES if name != "gemma"]
+# Whether the published tokenizer's default call adds the start token (Gemma's
+# <bos>, Mistral's <s>, Llama 3's <|begin_of_text|>; Qwen 3 has none).
+PUBLISHED_TOKENIZER_ADDS_START = {
+    "gemma": True,
+    "gemma3": True,
+    "gemma4": True,
+    "mistral": True,
+    "llama3": True,
+    "qwen3": False,
+}
 MESH = DistributionConfig(mesh_shape=[1, 8])
 
 
@@ -81,6 +91,34 @@ def test_weight_dims_layout_and_flops_cover_the_backbone(name):
     )
     matmuls = sum(int(np.prod(w.shape)) for w in matrices if w.path not in lookups)
     assert flops.matmul_parameter_count(spec) == matmuls
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_default_lora_adapts_the_seven_projections_of_every_block(name):
+    """lora.target_layers: null (the default config's) resolves to the
+    family's own names: the attention's four and the feed-forward's three
+    kernels of every block, each a layer of the built model; a name the
+    family does not have is refused with the family's names."""
+    family = FAMILIES[name]
+    causal_lm = random_causal_lm(family)
+    default = load_config(None).lora
+    assert default.target_layers is None
+    enabled = enable_lora(causal_lm, default)
+    # Every projection kernel of every block (Gemma 4's later blocks share
+    # their key and value with earlier ones, and have none of their own).
+    kernels = [
+        path
+        for path in ModelSpec(family, family.tiny_config).weight_dims()
+        if path.split("/")[-2] in family.lora_targets
+    ]
+    layers = ModelSpec(family, family.tiny_config).dims.num_layers
+    assert len(family.lora_targets) == 7 and len(enabled) == len(kernels) >= 5 * layers
+    assert {layer.name for layer in enabled} == set(family.lora_targets)
+    feed_forward = {"gemma": "ffw_linear", "gemma3": "ffw_linear", "gemma4": "ffw_linear"}
+    assert feed_forward.get(name, "feedforward_output_dense") in family.lora_targets
+    wrong = "feedforward_gate_dense" if "ffw_gating" in family.lora_targets else "ffw_gating"
+    with pytest.raises(InputError, match=rf"{wrong}: no such layer in a {name} model, whose "):
+        ModelSpec(family, family.tiny_config).lora_targets(["query", wrong])
 
 
 def test_llama_style_layout_is_kerashubs_llama_layout_map():
@@ -374,7 +412,7 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     from test_export import LOGIT_TOLERANCE, keras_logits, load_transformers, transformers_logits
 
     from pipeline.kaggle.transformers_predict import TransformersTokenizer, run_transformers_predict
-    from pipeline.models.model import load_adapter, load_model
+    from pipeline.models.model import family_of, load_adapter, load_model
     from pipeline.run.run_dir import RunDir
     from pipeline.stages.bundle import bundle_settings
     from pipeline.stages.export import run_export_stage
@@ -389,12 +427,17 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     base_model = run_export_stage(base_cfg, **quiet)["transformers"]
     run = RunDir(cfg)
     causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
-    load_adapter(causal_lm, run.adapter)
+    load_adapter(causal_lm, run.adapter, cfg.model.preset)
     hf_tokenizer = TransformersTokenizer(
         transformers.AutoTokenizer.from_pretrained(paths["transformers"])
     )
+    # transformers' default call starts with the start token where the
+    # family's published tokenizer adds one (as KerasHub's preprocessors do).
+    default_call = transformers.AutoTokenizer.from_pretrained(paths["transformers"])
+    start = [tokenizer.start_token_id] * PUBLISHED_TOKENIZER_ADDS_START[family_of(causal_lm).name]
     for text in list(rewrites["rewritten_text"][:8]) + ["  é 日本 🙂 42\n\nnew paragraph"]:
         assert hf_tokenizer([text]) == [list(map(int, tokenizer(text)))], text
+        assert default_call(text)["input_ids"] == start + list(map(int, tokenizer(text))), text
     formatter = RecoveryFormatter(
         tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
     )
@@ -419,7 +462,8 @@ def assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(paths["peft_adapter"], bundle / "peft_adapter")
     family = read_model_spec(cfg.model.preset).family
-    settings = bundle_settings(cfg, cfg, None, "peft_adapter", None, family.end_of_turn)
+    recovery = (cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens)
+    settings = bundle_settings(cfg, recovery, None, "peft_adapter", None, family.end_of_turn)
     settings.update(base_model=base_model, torch_dtype="float32")
     write_table(run.read_predict_rows(**quiet), tmp_path / "test.csv")
     run_transformers_predict(

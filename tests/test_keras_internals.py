@@ -144,7 +144,7 @@ def test_only_the_door_reads_the_internals_of_keras_hub_layers(tiny, tmp_path):
         decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
         decoder(ids, mask, max_new_tokens=4)
         step_bytes_accessed(decoder, 8, 24), step_floor_bytes(decoder, 8, 24)
-        save_adapter(causal_lm, cfg.lora, tmp_path / "adapter.lora.h5")
+        save_adapter(causal_lm, cfg, tmp_path / "adapter.lora.h5")
         write_transformers_model(causal_lm, tokenizer, tmp_path / "transformers", "float32")
         write_peft_adapter(backbone, tmp_path / "peft", "base")
     assert not sorted(set(reads))

@@ -116,7 +116,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
     lora = LoraConfig(
         rank=8,
         target_layers={
-            "all": LoraConfig().target_layers,
+            "all": None,  # the default: the family's seven projections
             "none": [],
             "attention": ["query", "key", "value", "attention_output"],
         }[targets],
@@ -126,7 +126,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
         causal_lm = keras_hub.models.GemmaCausalLM.from_preset(
             str(tiny.preset), preprocessor=None, dtype="float32"
         )
-        if lora.target_layers:
+        if targets != "none":
             enable_lora(causal_lm, lora)
         batch, length, new_tokens = 8, 320, 64
         ids, mask = (
@@ -143,10 +143,12 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
     data_axis, model_axis = mesh_shape
     layout, axis_size = gemma_layout_axes(), {"batch": data_axis, "model": model_axis}
     weights = frozen_weight_bytes(GEMMA_TINY, layout, axis_size, 4)
-    weights += lora_parameter_count(GEMMA_TINY, lora, layout, axis_size) * LORA_DTYPE_BYTES
+    if targets != "none":
+        weights += lora_parameter_count(GEMMA_TINY, lora, layout, axis_size) * LORA_DTYPE_BYTES
     prompts = (ids.nbytes + mask.nbytes) / data_axis
     assert weights + prompts == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
-    copies = decoder_kernel_copy_bytes(GEMMA_TINY, layout, axis_size, 4, lora.target_layers)
+    adapted = GEMMA_TINY.lora_targets(lora.target_layers) if targets != "none" else []
+    copies = decoder_kernel_copy_bytes(GEMMA_TINY, layout, axis_size, 4, adapted)
     cache = kv_cache_bytes(GEMMA_TINY, batch // data_axis, length, model_axis, 4)
     prompt_pass = prompt_pass_bytes(
         GEMMA_TINY, batch // data_axis, length - new_tokens, model_axis, 4

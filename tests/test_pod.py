@@ -285,7 +285,7 @@ from pipeline.parallel import hosts
 
 hosts.initialize(cfg.distribution)
 causal_lm, _ = load_model(cfg, [8])
-how = load_adapter(causal_lm, adapter)
+how, _ = load_adapter(causal_lm, adapter, cfg.model.preset)
 layers = keras_internals.lora_layers(causal_lm.backbone).values()
 total = sum(float(abs(hosts.to_numpy(layer.lora_kernel_b.value)).sum()) for layer in layers)
 print(f"adapter {how}: {total:.6f}")

@@ -64,6 +64,26 @@ def kaggle_input(tmp_path_factory):
     return folder
 
 
+def make_on_kaggle(target, input_root, args):
+    """`make TARGET CONFIG=configs/kaggle_tpu_v5e_8.yaml ARGS=...` with
+    `input_root` as /kaggle/input; returns stdout and stderr."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "VERBOSE", "MAKEFLAGS", "MAKELEVEL")
+    }
+    result = subprocess.run(
+        ["make", target, "CONFIG=configs/kaggle_tpu_v5e_8.yaml", "ARGS=" + " ".join(args)],
+        cwd=ROOT,
+        env=dict(env, KAGGLE_INPUT_ROOT=str(input_root)),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result.stdout + result.stderr
+
+
 def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_input, tmp_path):
     before = snapshot(kaggle_input)
     args = [
@@ -72,22 +92,7 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
         f"score.encoder={tiny.encoder}",
         "distribution.host_device_count=8",
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("XLA_FLAGS", "VERBOSE", "MAKEFLAGS", "MAKELEVEL")
-    }
-    env["KAGGLE_INPUT_ROOT"] = str(kaggle_input)
-    result = subprocess.run(
-        ["make", "all", "CONFIG=configs/kaggle_tpu_v5e_8.yaml", "ARGS=" + " ".join(args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+    output = make_on_kaggle("all", kaggle_input, args)
     run = tmp_path / "kaggle_tpu_v5e_8"
     submission = pd.read_csv(run / "predict" / "submission.csv", dtype=str, keep_default_na=False)
     assert list(submission["id"]) == [f"t{i}" for i in range(5)]
@@ -112,16 +117,7 @@ def test_kaggle_tpu_command_ends_in_a_submission_and_an_evaluation(tiny, kaggle_
     (old_layout / "llm-prompt-recovery" / "test.csv").write_bytes(
         (kaggle_input / "competitions" / "llm-prompt-recovery" / "test.csv").read_bytes()
     )
-    env["KAGGLE_INPUT_ROOT"] = str(old_layout)
-    result = subprocess.run(
-        ["make", "predict", "CONFIG=configs/kaggle_tpu_v5e_8.yaml", "ARGS=" + " ".join(args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert f"found at {old_layout / 'llm-prompt-recovery' / 'test.csv'}" in result.stdout
+    output = make_on_kaggle("predict", old_layout, args)
+    assert f"found at {old_layout / 'llm-prompt-recovery' / 'test.csv'}" in output
     again = pd.read_csv(run / "predict" / "submission.csv", dtype=str, keep_default_na=False)
     assert again.equals(submission)

@@ -48,9 +48,10 @@ def peft_parameter_count(spec, lora_cfg):
     """Weights of the PEFT export: KerasHub's A factors as they are, and
     on q, k and v a dense B of (heads x head_dim) x (heads x rank)."""
     count = 0
+    targets = spec.lora_targets(lora_cfg.target_layers)
     for path, dims in spec.weight_dims().items():
         name = path.split("/")[-2]
-        if name not in lora_cfg.target_layers:
+        if name not in targets:
             continue
         shape = [size for _, size in dims]
         count += int(np.prod(shape[:-1])) * lora_cfg.rank  # A

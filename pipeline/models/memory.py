@@ -56,10 +56,11 @@ def lora_parameter_count(spec, lora_cfg, layout=None, axis_size=None):
     With a layout (and the mesh's axis sizes): the count on one device, the
     factors sharded as `lora_layout_axes` shards them."""
     lora_layout = lora_layout_axes(layout or {})
+    targets = spec.lora_targets(lora_cfg.target_layers)
     count = 0
     for path, dims in spec.weight_dims().items():
         layer = path.rsplit("/", 1)[0]
-        if layer.split("/")[-1] not in lora_cfg.target_layers:
+        if layer.split("/")[-1] not in targets:
             continue
         shape = [size for _, size in dims]
         for factor, factor_shape in (
@@ -206,7 +207,11 @@ def plan_memory(cfg, spec, device_gib=None):
     per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
     adapted = cfg.predict.adapter != "none"
     copies = decoder_kernel_copy_bytes(
-        spec, layout, axis_size, dtype_bytes, cfg.lora.target_layers if adapted else []
+        spec,
+        layout,
+        axis_size,
+        dtype_bytes,
+        spec.lora_targets(cfg.lora.target_layers) if adapted else [],
     )
     predict_rows = max(1, cfg.predict.batch_size // mesh_shape[0])
     kv = kv_cache_bytes(

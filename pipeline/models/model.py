@@ -10,7 +10,7 @@ Example:
 ```python
 causal_lm, tokenizer = load_model(cfg, batch_sizes=[cfg.predict.batch_size])
 enable_lora(causal_lm, cfg.lora)
-save_adapter(causal_lm, cfg.lora, "runs/x/finetune/adapter.lora.h5")
+save_adapter(causal_lm, cfg, "runs/x/finetune/adapter.lora.h5")
 ```
 """
 
@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import InputError, MissingInputError
+from pipeline.models.families import gemma
 from pipeline.models.families.family import ModelSpec
 from pipeline.models.families.registry import by_backbone_class
 from pipeline.parallel.distribution import build_distribution
@@ -26,15 +27,7 @@ from pipeline.run.storage import adapter_settings_path
 
 # The projections of a Gemma decoder block, by their KerasHub layer names
 # (the names lora.target_layers matches); `GemmaDecoder` and the export read them.
-PROJECTIONS = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "ffw_gating",
-    "ffw_gating_2",
-    "ffw_linear",
-)
+PROJECTIONS = gemma.PROJECTIONS
 PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
 
 
@@ -102,6 +95,11 @@ def family_of(causal_lm):
     return by_backbone_class(type(causal_lm.backbone).__name__)
 
 
+def spec_of(causal_lm):
+    """The `ModelSpec` of a loaded model."""
+    return ModelSpec(family_of(causal_lm), causal_lm.backbone.get_config())
+
+
 def projections(backbone):
     """(decoder index, name in PROJECTIONS, layer) of every projection of a
     `GemmaBackbone`."""
@@ -113,27 +111,32 @@ def projections(backbone):
 
 
 def enable_lora(causal_lm, lora_cfg):
-    """LoRA on the configured layers, scaled by alpha / rank."""
+    """LoRA on the configured layers (null: the family's seven projections),
+    scaled by alpha / rank; a name no layer has is refused."""
     from pipeline import keras_internals
 
     backbone = causal_lm.backbone
-    backbone.enable_lora(lora_cfg.rank, target_layer_names=list(lora_cfg.target_layers))
+    targets = spec_of(causal_lm).lora_targets(lora_cfg.target_layers)
+    backbone.enable_lora(lora_cfg.rank, target_layer_names=targets)
     enabled = list(keras_internals.lora_layers(backbone).values())
-    if not enabled:
-        raise InputError(
-            f"lora.target_layers {lora_cfg.target_layers} matched no layer of the model"
-        )
     # Backbone.enable_lora takes no alpha; the layers read it at call time.
     for layer in enabled:
         layer.lora_alpha = lora_cfg.alpha
     return enabled
 
 
-def save_adapter(causal_lm, lora_cfg, path):
+# What an adapter's json records of the prompts it was trained on; predict and
+# the Kaggle bundle format prompts by it.
+RECOVERY_FORMAT = ("template", "sequence_length", "max_response_tokens")
+
+
+def save_adapter(causal_lm, cfg, path):
     """Writes the LoRA weights (`.lora.h5`, the file KerasHub's
-    `load_lora_weights` reads) and, beside them, the settings needed to load
-    them again. Every process calls it: LoRA factors sharded over several
-    hosts are gathered first; process 0 writes."""
+    `load_lora_weights` reads) and, beside them (`adapter.json`), what the
+    adapter is: its LoRA settings (the resolved target layers), the preset
+    and family it was trained on, the dtype, and the recovery prompt format
+    (`RECOVERY_FORMAT`). Every process calls it: LoRA factors sharded over
+    several hosts are gathered first; process 0 writes."""
     from pipeline import keras_internals
     from pipeline.parallel import hosts
 
@@ -151,23 +154,65 @@ def save_adapter(causal_lm, lora_cfg, path):
         return
     path = Path(path)
     keras_internals.write_lora_file(path, keras_internals.lora_rank(backbone), factors)
-    adapter_settings_path(path).write_text(
-        json.dumps(
-            {
-                "rank": lora_cfg.rank,
-                "alpha": lora_cfg.alpha,
-                "target_layers": list(lora_cfg.target_layers),
-            },
-            indent=2,
+    settings = {
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "target_layers": spec_of(causal_lm).lora_targets(cfg.lora.target_layers),
+        "preset": str(cfg.model.preset),
+        "family": family_of(causal_lm).name,
+        "dtype": cfg.model.dtype,
+        **{key: getattr(cfg.train, key) for key in RECOVERY_FORMAT},
+    }
+    adapter_settings_path(path).write_text(json.dumps(settings, indent=2))
+
+
+def preset_name(preset):
+    """A preset's name wherever it is: the last folder of a path or handle,
+    without a trailing version (`kaggle://google/gemma/keras/gemma_7b_en/3`,
+    `/kaggle/input/models/.../gemma_7b_en/3` and `gemma_7b_en` are one)."""
+    parts = [part for part in str(preset).rstrip("/").split("/") if part]
+    if len(parts) > 1 and parts[-1].isdigit():
+        parts = parts[:-1]
+    return parts[-1] if parts else str(preset)
+
+
+def check_adapter_model(settings, path, preset, family):
+    """Raises InputError, naming both, when the adapter at `path` was trained
+    on another preset or family than the model it is loaded into
+    (adapters written before the json recorded them pass)."""
+    trained = settings.get("preset")
+    if settings.get("family", family) != family or (
+        trained and preset_name(trained) != preset_name(preset)
+    ):
+        raise InputError(
+            f"adapter {path} was trained on {trained} ({settings.get('family')}), not on "
+            f"model.preset {preset} ({family}); set model.preset={trained} to use it, or give "
+            f"an adapter trained on {preset}"
         )
-    )
 
 
-def load_adapter(causal_lm, path):
-    """Enables LoRA as the adapter was trained and loads its weights; says
-    how the hosts got them. Every host reads its own copy (a run on a bucket
-    gives each one: see RunDir.predict_adapter) and keeps its shards; only
-    when some host of a pod lacks the file does process 0 send it to all."""
+def recovery_format(settings, train_cfg, log=print):
+    """(template, sequence_length, max_response_tokens) the adapter was
+    trained with (`train_cfg`'s where its json does not say), each one that
+    differs from `train_cfg` said in the log."""
+    chosen = []
+    for key in RECOVERY_FORMAT:
+        configured = getattr(train_cfg, key)
+        value = settings.get(key, configured)
+        if value != configured:
+            shown = "its own" if key == "template" else value
+            log(f"the adapter was trained with train.{key} {shown}, not the config's; using it")
+        chosen.append(value)
+    return tuple(chosen)
+
+
+def load_adapter(causal_lm, path, preset):
+    """Enables LoRA as the adapter was trained and loads its weights, once
+    `check_adapter_model` agrees that it was trained on `preset`; returns
+    how the hosts got it and its json (see `save_adapter`). Every host reads
+    its own copy (a run on a bucket gives each one: see
+    RunDir.predict_adapter) and keeps its shards; only when some host of a
+    pod lacks the file does process 0 send it to all."""
     import tempfile
 
     from pipeline.parallel import hosts
@@ -184,9 +229,11 @@ def load_adapter(causal_lm, path):
         (settings, weights), how = read(), "read by every host"
     else:
         (settings, weights), how = hosts.share_from_main(read), "sent by process 0"
-    enable_lora(causal_lm, LoraConfig(**settings))
+    check_adapter_model(settings, path, preset, family_of(causal_lm).name)
+    lora = {key: settings[key] for key in ("rank", "alpha", "target_layers")}
+    enable_lora(causal_lm, LoraConfig(**lora))
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / "adapter.lora.h5"
         copy.write_bytes(weights)
         causal_lm.backbone.load_lora_weights(str(copy))
-    return how
+    return how, settings

@@ -143,17 +143,12 @@ class DataConfig:
 class LoraConfig:
     rank: int = 64  # the LoRA rank (Keras' LoRA: per head on the attention kernels)
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    target_layers: list[str] = dataclasses.field(  # the layers LoRA adapts, by Keras layer name
-        default_factory=lambda: [
-            "query",
-            "key",
-            "value",
-            "attention_output",
-            "ffw_gating",
-            "ffw_gating_2",
-            "ffw_linear",
-        ]
-    )
+    # The layers LoRA adapts, by Keras layer name; null: the model family's
+    # seven projections (query, key, value, attention output, and the
+    # feed-forward's three: Gemma's ffw_gating, ffw_gating_2, ffw_linear;
+    # Mistral's, Llama 3's and Qwen 3's feedforward_gate_dense,
+    # feedforward_intermediate_dense, feedforward_output_dense).
+    target_layers: list[str] | None = None
 
 
 @dataclasses.dataclass

@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import InputError, MissingInputError
-from pipeline.models.model import read_model_spec
+from pipeline.models.model import read_model_spec, recovery_format
 from pipeline.run.config import load_config
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.run.storage import adapter_settings_path
 from pipeline.text.encoder import find_piece_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,20 +38,21 @@ NOTEBOOK_SCRIPT = REPO_ROOT / "scripts" / "kaggle_predict.py"
 COMBINABLE = ("model", "mean_prompt")
 
 
-def bundle_settings(cfg, trained, mean_prompt, adapter, piece_model, end_of_turn):
+def bundle_settings(cfg, recovery, mean_prompt, adapter, piece_model, end_of_turn):
     """What the notebook needs (settings.json): the prompt format the
-    adapter was trained with (`trained`, the finetune stage's config), the
-    token that ends the model family's turn, and generation and combination
-    as `cfg` says."""
+    adapter was trained with (`recovery`: template, sequence_length,
+    max_response_tokens), the token that ends the model family's turn, and
+    generation and combination as `cfg` says."""
+    template, sequence_length, max_response_tokens = recovery
     return {
         "base_model": cfg.kaggle.base_model,
         "adapter": adapter,
         "torch_dtype": cfg.kaggle.torch_dtype,
         "input": cfg.kaggle.input,
         "output": cfg.kaggle.output,
-        "template": trained.train.template,
-        "sequence_length": trained.train.sequence_length,
-        "max_response_tokens": trained.train.max_response_tokens,
+        "template": template,
+        "sequence_length": sequence_length,
+        "max_response_tokens": max_response_tokens,
         "batch_size": cfg.predict.batch_size,
         "max_new_tokens": cfg.predict.max_new_tokens,
         "end_of_turn": end_of_turn,
@@ -98,11 +100,16 @@ def run_kaggle_bundle_stage(cfg, log=print):
         shutil.copyfile(
             find_piece_model(cfg.score.encoder, cfg.mean_prompt.piece_model), bundle / piece_model
         )
+    # The prompt format the exported adapter was trained with: its json's,
+    # else the finetune stage's config (adapters from before the json said).
     trained_config = run.root / cfg.train.out / "config.yaml"
     trained = load_config(trained_config) if trained_config.exists() else cfg
+    adapter_json = adapter_settings_path(run.export_adapter) if run.export_adapter else None
+    adapter = json.loads(adapter_json.read_text()) if adapter_json and adapter_json.exists() else {}
+    recovery = recovery_format(adapter, trained.train, lambda line: log(f"kaggle-bundle: {line}"))
     end_of_turn = read_model_spec(trained.model.preset).family.end_of_turn
     settings = bundle_settings(
-        cfg, trained, mean_prompt, None if merged else source.name, piece_model, end_of_turn
+        cfg, recovery, mean_prompt, None if merged else source.name, piece_model, end_of_turn
     )
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2))
     shutil.copyfile(REQUIREMENTS, bundle / "requirements.txt")

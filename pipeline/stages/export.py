@@ -138,7 +138,7 @@ def run_export_stage(cfg, log=print):
     causal_lm, tokenizer = load_model(cfg, [cfg.distribution.mesh_shape[0]])
     adapter = run.export_adapter
     if adapter:
-        load_adapter(causal_lm, adapter)
+        load_adapter(causal_lm, adapter, cfg.model.preset)
     log(f"export: {cfg.model.preset} ({family.name}) + adapter {adapter or 'none (base model)'}")
     paths = {}
     if cfg.export.merged:
@@ -268,6 +268,15 @@ def write_byte_level_bpe_tokenizer(tokenizer, tokenizer_config, folder):
         ]
     )
     hf.decoder = tokenizers.decoders.ByteLevel()
+    if tokenizer_config.get("add_bos_token"):
+        # As the published tokenizer.json does (Llama 3): the start token
+        # first, by the post-processor that transformers' default call runs.
+        bos = tokenizer_config["bos_token"]
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B:1",
+            special_tokens=[(bos, hf.token_to_id(bos))],
+        )
     hf.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 

@@ -128,16 +128,20 @@ def run_finetune_stage(cfg, log=print):
             f"train.keep_checkpoints={tc.keep_checkpoints}: keep at least 1 checkpoint to resume "
             "from"
         )
-    # Before any weight is loaded: will what the run writes fit?
-    plan = plan_disk(cfg, read_model_spec(cfg.model.preset))
+    # Before any weight is loaded: which layers LoRA adapts (a name the model
+    # lacks stops here), and will what the run writes fit?
+    spec = read_model_spec(cfg.model.preset)
+    targets = spec.lora_targets(cfg.lora.target_layers)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_layers=targets))
+    plan = plan_disk(cfg, spec)
     hosts.share_from_main(lambda: check_disk(plan, run.root, log, cfg.run.disk_limit_folder))
     causal_lm, tokenizer = load_model(cfg, [tc.batch_size])
     set_seed(tc.seed)  # LoRA's initial factors depend on the seed alone
     enabled = enable_lora(causal_lm, cfg.lora)
     trainable = sum(int(np.prod(w.shape)) for w in causal_lm.trainable_weights)
     log(
-        f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers, {trainable:,} trainable "
-        "weights"
+        f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers ({', '.join(targets)}), "
+        f"{trainable:,} trainable weights"
     )
     train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
     batches = TrainingBatches(
@@ -171,7 +175,7 @@ def run_finetune_stage(cfg, log=print):
             )
     finally:
         store.close()  # waits for the last save
-    save_adapter(causal_lm, cfg.lora, run.adapter)
+    save_adapter(causal_lm, cfg, run.adapter)
     if hosts.is_main_process():
         write_history(stage_dir, progress, batches)
     log(f"finetune: adapter -> {run.adapter}")

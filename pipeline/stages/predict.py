@@ -19,7 +19,7 @@ import time
 import pandas as pd
 
 from pipeline.models.generation import BatchedGenerator
-from pipeline.models.model import load_adapter, load_model
+from pipeline.models.model import load_adapter, load_model, recovery_format
 from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.combine import combine_parts, load_parts
@@ -46,11 +46,10 @@ def run_predict_stage(cfg, log=print):
     log(f"predict: {len(df)} rows from {run.predict_input} (rows: {cfg.predict.rows})")
     causal_lm, tokenizer = load_model(cfg, [cfg.predict.batch_size])
     adapter = run.predict_adapter
-    how = load_adapter(causal_lm, adapter) if adapter else None
+    how, trained = load_adapter(causal_lm, adapter, cfg.model.preset) if adapter else (None, {})
     log(f"predict: adapter {adapter} ({how})" if adapter else "predict: adapter none (base model)")
-    formatter = RecoveryFormatter(
-        tokenizer, cfg.train.template, cfg.train.sequence_length, cfg.train.max_response_tokens
-    )
+    recovery = recovery_format(trained, cfg.train, lambda line: log(f"predict: {line}"))
+    formatter = RecoveryFormatter(tokenizer, *recovery)
     df, n_cut = formatter.fit_texts(df)
     generator = BatchedGenerator(
         causal_lm, tokenizer, cfg.predict.batch_size, cfg.predict.max_new_tokens, log=log

@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Optional
 
+from pipeline.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Dimensions:
@@ -104,6 +106,10 @@ class Family:
             not read); empty where the family's presets have text ones.
         position_ids: whether the backbone takes `position_ids` besides
             token ids and padding mask (`model.forward_inputs` adds them).
+        lora_targets: the Keras layer names of a block's seven projections
+            (query, key, value, attention output; the feed-forward's gate,
+            up and down), which LoRA adapts when `lora.target_layers` is
+            null, the default.
     """
 
     name: str
@@ -124,6 +130,7 @@ class Family:
     check_config: Callable = lambda config: None
     text_only_config: dict = dataclasses.field(default_factory=dict)
     position_ids: bool = False
+    lora_targets: tuple = ()
 
     def transformers_format(self, config):
         """The `TransformersFormat` of a backbone config of the family."""
@@ -144,3 +151,19 @@ class ModelSpec:
 
     def weight_dims(self):
         return self.family.weight_dims(self.config)
+
+    def lora_targets(self, configured=None):
+        """The layer names LoRA adapts: `configured` (`lora.target_layers`),
+        or the family's seven projections when it is None; raises InputError
+        for a name no layer of the model has, naming the family's."""
+        targets = list(self.family.lora_targets if configured is None else configured)
+        layers = {path.split("/")[-2] for path in self.weight_dims()}
+        unknown = [name for name in targets if name not in layers]
+        if unknown or not targets:
+            raise InputError(
+                f"lora.target_layers: {', '.join(unknown) or 'none given'}: no such layer in a "
+                f"{self.family.name} model, whose projections are "
+                f"{', '.join(self.family.lora_targets)} (lora.target_layers=null adapts all "
+                "seven)"
+            )
+        return targets

@@ -9,6 +9,16 @@ from pipeline.models.families.family import Dimensions, Family, TransformersForm
 
 CHAT_TURN = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
 END_OF_TURN = "<end_of_turn>"
+# A block's projections, by their KerasHub layer names (Gemma 3 and 4 name theirs the same).
+PROJECTIONS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "ffw_gating",
+    "ffw_gating_2",
+    "ffw_linear",
+)
 
 
 def gemma_dimensions(config, ffw_dim=None):
@@ -185,6 +195,7 @@ FAMILY = Family(
     backbone_class="GemmaBackbone",
     causal_lm_class="GemmaCausalLM",
     tokenizer_class="GemmaTokenizer",
+    lora_targets=PROJECTIONS,
     chat_turn=CHAT_TURN,
     end_of_turn=END_OF_TURN,
     dimensions=gemma_dimensions,

@@ -11,6 +11,7 @@ from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.gemma import (
     CHAT_TURN,
     END_OF_TURN,
+    PROJECTIONS,
     gemma_dimensions,
     gemma_layout_axes,
     gemma_transformers_weights,
@@ -84,6 +85,7 @@ FAMILY = Family(
     backbone_class="Gemma3Backbone",
     causal_lm_class="Gemma3CausalLM",
     tokenizer_class="Gemma3Tokenizer",
+    lora_targets=PROJECTIONS,
     chat_turn=CHAT_TURN,
     end_of_turn=END_OF_TURN,
     dimensions=gemma3_dimensions,

@@ -15,7 +15,7 @@ is refused: its expert bank has no layout here.
 
 from pipeline.errors import InputError
 from pipeline.models.families.family import Dimensions, Family, TransformersFormat
-from pipeline.models.families.gemma import gemma_layout_axes
+from pipeline.models.families.gemma import PROJECTIONS, gemma_layout_axes
 
 CHAT_TURN = "<|turn>user\n{content}<turn|>\n<|turn>model\n"
 END_OF_TURN = "<turn|>"
@@ -303,6 +303,7 @@ FAMILY = Family(
     backbone_class="Gemma4Backbone",
     causal_lm_class="Gemma4CausalLM",
     tokenizer_class="Gemma4Tokenizer",
+    lora_targets=PROJECTIONS,  # not the per-layer embedding's projections
     chat_turn=CHAT_TURN,
     end_of_turn=END_OF_TURN,
     dimensions=gemma4_dimensions,

@@ -4,6 +4,7 @@ block and `<|eot_id|>` ends the assistant's turn."""
 
 from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.llama_style import (
+    PROJECTIONS,
     llama_style_dimensions,
     llama_style_layout_axes,
     llama_style_transformers_weights,
@@ -21,7 +22,7 @@ TRANSFORMERS = TransformersFormat(
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|end_of_text|>",
         "pad_token": None,
-        "add_bos_token": False,
+        "add_bos_token": True,  # as published: <|begin_of_text|> starts every text
         "model_max_length": 131072,
     },
     base_models={
@@ -38,6 +39,7 @@ FAMILY = Family(
     backbone_class="Llama3Backbone",
     causal_lm_class="Llama3CausalLM",
     tokenizer_class="Llama3Tokenizer",
+    lora_targets=PROJECTIONS,
     chat_turn=(
         "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"

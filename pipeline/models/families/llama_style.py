@@ -5,6 +5,17 @@ plus the untied output embedding, sharded like the input one."""
 
 from pipeline.models.families.family import Dimensions
 
+# A block's projections, by their KerasHub layer names.
+PROJECTIONS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "feedforward_gate_dense",
+    "feedforward_intermediate_dense",
+    "feedforward_output_dense",
+)
+
 
 def llama_style_dimensions(config):
     head_dim = config.get("head_dim") or config["hidden_dim"] // config["num_query_heads"]

@@ -5,6 +5,7 @@ KerasHub has no layout map for it, so it takes Llama's. A request is one
 
 from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.llama_style import (
+    PROJECTIONS,
     llama_style_dimensions,
     llama_style_layout_axes,
     llama_style_transformers_weights,
@@ -36,6 +37,7 @@ FAMILY = Family(
     backbone_class="MistralBackbone",
     causal_lm_class="MistralCausalLM",
     tokenizer_class="MistralTokenizer",
+    lora_targets=PROJECTIONS,
     chat_turn="[INST] {content} [/INST]",
     end_of_turn=None,
     dimensions=llama_style_dimensions,

@@ -6,6 +6,7 @@ no start token; a request is a ChatML user turn with thinking switched off
 
 from pipeline.models.families.family import Family, TransformersFormat
 from pipeline.models.families.llama_style import (
+    PROJECTIONS,
     llama_style_dimensions,
     llama_style_layout_axes,
     llama_style_transformers_weights,
@@ -59,6 +60,7 @@ FAMILY = Family(
     backbone_class="Qwen3Backbone",
     causal_lm_class="Qwen3CausalLM",
     tokenizer_class="Qwen3Tokenizer",
+    lora_targets=PROJECTIONS,
     chat_turn="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
     end_of_turn=None,
     dimensions=llama_style_dimensions,
