@@ -174,7 +174,14 @@ class TrainConfig:
     length_step: int = 64
     batch_size: int = 2  # rows per step (global, all hosts)
     epochs: int = 1  # passes over the training rows
-    learning_rate: float = 2e-4  # AdamW's learning rate
+    learning_rate: float = 2e-4  # AdamW's learning rate (the peak, with a schedule)
+    # Over the optimizer updates: constant, or linear or cosine decay to 0 at
+    # the last update; after warmup_steps updates of linear warm-up from 0.
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0  # optimizer updates of linear warm-up (any schedule)
+    # Batches whose gradients are averaged into one optimizer update: the
+    # effective batch is batch_size x gradient_accumulation rows.
+    gradient_accumulation: int = 1
     weight_decay: float = 0.01  # AdamW's, not on biases and scales
     seed: int = 0  # the batch plan and the LoRA factors' initial values
     # Save a checkpoint every this many steps (and at every epoch end; 0:

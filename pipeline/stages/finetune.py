@@ -80,6 +80,9 @@ def checkpoint_settings(cfg, rows):
         "train.sequence_length": tc.sequence_length,
         "train.length_step": tc.length_step,
         "train.learning_rate": tc.learning_rate,
+        "train.schedule": tc.schedule,
+        "train.warmup_steps": tc.warmup_steps,
+        "train.gradient_accumulation": tc.gradient_accumulation,
         "train.weight_decay": tc.weight_decay,
         "train.seed": tc.seed,
     }
@@ -128,6 +131,12 @@ def run_finetune_stage(cfg, log=print):
             f"train.keep_checkpoints={tc.keep_checkpoints}: keep at least 1 checkpoint to resume "
             "from"
         )
+    if tc.gradient_accumulation < 1 or tc.warmup_steps < 0:
+        raise InputError(
+            f"train.gradient_accumulation={tc.gradient_accumulation}, "
+            f"train.warmup_steps={tc.warmup_steps}: give 1 or more batches per update, 0 or more "
+            "warm-up updates"
+        )
     # Before any weight is loaded: which layers LoRA adapts (a name the model
     # lacks stops here), and will what the run writes fit?
     spec = read_model_spec(cfg.model.preset)
@@ -153,7 +162,9 @@ def run_finetune_stage(cfg, log=print):
         f"({batches.real_tokens / batches.computed_tokens:.1%} "
         f"real, length_step={tc.length_step})"
     )
-    compile_lora_training(causal_lm, tc)
+    total_batches = batches.steps_per_epoch * tc.epochs
+    log_updates(tc, total_batches, log)
+    compile_lora_training(causal_lm, tc, total_batches)
     check_reachable(run.checkpoints)
     store = CheckpointStore(
         run.checkpoints, checkpoint_settings(cfg, train_rows), tc.keep_checkpoints
@@ -198,6 +209,24 @@ def encode_splits(tokenizer, train_cfg, train_df, val_df, log):
         f"{responses_cut} training response(s) cut to max_response_tokens={tc.max_response_tokens}"
     )
     return train_rows, val_rows
+
+
+def log_updates(tc, total_batches, log):
+    """Says how the batches make optimizer updates, and what is left over."""
+    accumulation = tc.gradient_accumulation
+    updates, left = divmod(total_batches, accumulation)
+    schedule = f"learning rate {tc.learning_rate:g}, {tc.schedule}" + (
+        f" after {tc.warmup_steps} warm-up updates" if tc.warmup_steps else ""
+    )
+    log(
+        f"finetune: {updates} optimizer updates of {accumulation} batch(es) "
+        f"({accumulation * tc.batch_size} rows each); {schedule}"
+    )
+    if left:
+        log(
+            f"finetune: the last {left} batch(es) complete no accumulation of "
+            f"train.gradient_accumulation={accumulation}: they update nothing"
+        )
 
 
 def resume(store, causal_lm, total_steps, log):
