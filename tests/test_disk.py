@@ -1,6 +1,7 @@
 """The disk plan: what a run writes, against the files the demo wrote, and
 the refusal before training when a run will not fit."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,8 @@ def test_what_the_working_folder_holds_already_counts_against_the_limit(tmp_path
     with pytest.raises(InputError, match=r"already holds .*VENV=/tmp/prompt-recovery-venv"):
         check_disk(plan, working / "prompt-recovery" / "runs", logs.append, working)
     check_disk(plan, tmp_path / "runs", logs.append, tmp_path / "no-such-folder")  # nothing held
+    unlimited = dataclasses.replace(plan, limit_gib=None)  # a folder, but no limit to count it for
+    check_disk(unlimited, working / "prompt-recovery" / "runs", logs.append, working)
 
 
 def test_in_a_kaggle_notebook_make_puts_the_venv_outside_the_working_folder():

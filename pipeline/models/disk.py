@@ -182,7 +182,7 @@ def check_disk(plan, run_root, log=print, limit_folder=None):
             f"{(plan.total - plan.training) / GIB:.1f}), more than run.disk_limit_gib={limit:g}"
             f"{already}; {advice}"
         )
-    if held:
+    if held and limit:
         log(
             f"disk: {limit_folder} holds {held / GIB:.1f} GiB already ({_described(usage)}); with "
             f"the run's {plan.total / GIB:.1f} GiB that is within run.disk_limit_gib={limit:g}"
