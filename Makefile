@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan preflight model-table docs-tables bench tiny tiny-default clean
+.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan plan-check preflight model-table docs-tables bench tiny tiny-default clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ model-table: $(STAMP)
 # The tables of docs/ that the code computes, written into their pages.
 docs-tables: $(STAMP)
 	$(PY) scripts/docs_tables.py
+
+# The memory plan against XLA for the model table's architectures, compiled
+# from shapes on virtual CPU devices (no weights); see bench/plan_check.py.
+plan-check: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) bench/plan_check.py $(ARGS)
 
 bench: $(STAMP) tiny-default
 	PYTHONUNBUFFERED=1 $(PY) bench/throughput.py

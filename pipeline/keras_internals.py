@@ -126,6 +126,13 @@ def write_lora_file(path, rank, factors):
     store.close()
 
 
+def build_metrics(model, x, y, sample_weight):
+    """Builds a compiled model's loss and metrics for batches like (x, y,
+    sample_weight) (numpy), as `fit` does before its first step, without
+    running the model: `train_step` then has every variable it updates."""
+    model._symbolic_build(data_batch=(x, y, sample_weight))
+
+
 def lora_rank(backbone):
     return backbone._lora_rank
 

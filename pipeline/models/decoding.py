@@ -78,24 +78,19 @@ class GemmaDecoder:
         )
         return hosts.to_numpy(out)
 
-    def lower(self, token_ids, padding_mask, max_new_tokens):
+    def lower(self, token_ids, padding_mask, max_new_tokens, state=None):
         """The decoding program of a call with these arguments, lowered and
-        not run (`.compile().as_text()` shows what a mesh makes it move)."""
+        not run (`.compile().as_text()` shows what a mesh makes it move).
+        With `state` (as `model_state` gives it), the arguments may all be
+        `jax.ShapeDtypeStruct`s: nothing is read (`compiled_memory`)."""
+        if state is None:
+            state, token_ids, padding_mask = self._arguments(token_ids, padding_mask)
         return self._compiled.lower(
-            *self._arguments(token_ids, padding_mask), max_new_tokens=int(max_new_tokens)
+            state, token_ids, padding_mask, max_new_tokens=int(max_new_tokens)
         )
 
     def _arguments(self, token_ids, padding_mask):
-        state = model_state(self.causal_lm)
-        token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
-        if keras.distribution.distribution() is not None:
-            # Rows over the data axis: each host feeds and decodes its own.
-            sharding = data_sharding(token_ids.shape)
-            token_ids, padding_mask = (
-                hosts.global_batch(token_ids, sharding),
-                hosts.global_batch(padding_mask, sharding),
-            )
-        return state, token_ids, padding_mask
+        return (model_state(self.causal_lm), *global_prompts(token_ids, padding_mask))
 
     def _stateless_decode(self, state, token_ids, padding_mask, max_new_tokens):
         with state_scope(self.causal_lm, state):
@@ -198,6 +193,16 @@ def _cache_layout(x, dtype):
     return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(
         dtype
     )
+
+
+def global_prompts(token_ids, padding_mask):
+    """Prompts as a decoding program takes them: under a distribution, rows
+    over the data axis, each host feeding its own (numpy in)."""
+    token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
+    if keras.distribution.distribution() is None:
+        return token_ids, padding_mask
+    sharding = data_sharding(token_ids.shape)
+    return hosts.global_batch(token_ids, sharding), hosts.global_batch(padding_mask, sharding)
 
 
 def model_state(causal_lm, read=lambda variable: variable.value):

@@ -16,12 +16,9 @@ token_ids = decode(token_ids, padding_mask, max_new_tokens=64)  # numpy in, nump
 """
 
 import jax
-import keras
-import numpy as np
 
-from pipeline.models.decoding import model_state, state_scope
+from pipeline.models.decoding import global_prompts, model_state, state_scope
 from pipeline.parallel import hosts
-from pipeline.parallel.distribution import data_sharding
 
 
 class KerasHubStepDecoder:
@@ -47,15 +44,19 @@ class KerasHubStepDecoder:
         """Prompts right-padded in (batch, length) `token_ids`; returns the
         same shape with each row's generated tokens after its prompt (up to
         the end of the bucket, whatever `max_new_tokens`)."""
-        token_ids, padding_mask = np.asarray(token_ids, "int32"), np.asarray(padding_mask, bool)
-        if keras.distribution.distribution() is not None:
-            sharding = data_sharding(token_ids.shape)
-            token_ids, padding_mask = (
-                hosts.global_batch(token_ids, sharding),
-                hosts.global_batch(padding_mask, sharding),
-            )
-        out = self._compiled(model_state(self.causal_lm), token_ids, padding_mask)
+        out = self._compiled(model_state(self.causal_lm), *global_prompts(token_ids, padding_mask))
         return hosts.to_numpy(out)
+
+    def lower(self, token_ids, padding_mask, max_new_tokens, state=None):
+        """The program of a call, lowered and not run; with `state` (as
+        `model_state` gives it) every argument may be a
+        `jax.ShapeDtypeStruct` (`compiled_memory`)."""
+        if state is None:
+            state, (token_ids, padding_mask) = (
+                model_state(self.causal_lm),
+                global_prompts(token_ids, padding_mask),
+            )
+        return self._compiled.lower(state, token_ids, padding_mask)
 
     def _stateless_decode(self, state, token_ids, padding_mask):
         # A greedy sampler has no variables of its own to map.

@@ -1,0 +1,180 @@
+"""Benchmark (not a test): the memory plan against XLA for the model table's
+real architectures, compiled from shapes on virtual CPU devices.
+
+For every row of the model table (docs/models.md) that a target machine
+holds ("yes, [data, model]"), the finetune stage's training step and the
+predict stage's decoding call of that architecture are lowered with
+`jax.ShapeDtypeStruct` arguments on that mesh and compiled
+(`pipeline.models.compiled_memory`). XLA's per-device bytes are printed
+beside the plan's (`make memory-plan`), with their ratio, and the
+collectives of each program. A model is compiled at 2 and 4 layers and
+drawn on to its depth (bytes and collectives grow by layer). Not compiled
+yet, and listed as such: rows on a data-parallel mesh (Keras initialises the
+cut model's weights, and there each device holds a copy) and Gemma 4 (its
+blocks follow a per-layer pattern that a cut would change).
+
+Targets: the plan within 15% of XLA on every row, and no row whose XLA
+figure exceeds what the plan allows of the device. Writes
+bench/results/plan_check.json.
+
+    make plan-check                                      # every target, every row
+    make plan-check ARGS="--target 'TPU v3-8' --family mistral"
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 0.15
+
+
+def rows_that_fit(target, families):
+    """(row, mesh) of each architecture the model table says `target` holds."""
+    from pipeline.models.model_table import TARGET_CONFIGS, model_table
+    from pipeline.run.config import load_config
+
+    cfg = load_config(ROOT / TARGET_CONFIGS[target])
+    for row in model_table({target: cfg}):
+        fits = row.fits[target]
+        if fits.startswith("yes") and (not families or row.family in families):
+            yield cfg, row, json.loads(fits.removeprefix("yes, "))
+
+
+def compiled_here(spec, mesh):
+    return mesh[1] > 1 and "layer_types" not in spec.config
+
+
+def check_target(target, families):
+    """Compiles and prints the target's rows; returns them as dicts."""
+    from pipeline.models.compiled_memory import GIB, figures_at_full_depth
+    from pipeline.models.families.family import ModelSpec
+    from pipeline.models.families.registry import FAMILIES
+    from pipeline.models.memory import plan_memory
+
+    results = []
+    print(f"\n{target}: plan / XLA per device (GiB), training step and decoding call")
+    for cfg, row, mesh in rows_that_fit(target, families):
+        cfg = on_mesh(cfg, mesh)
+        spec = ModelSpec(FAMILIES[row.family], FAMILIES[row.family].architectures[row.architecture])
+        if not compiled_here(spec, mesh):
+            print(f"  {row.architecture:<16} {mesh}  not compiled (see the module's docstring)")
+            continue
+        started = time.perf_counter()
+        xla = figures_at_full_depth(cfg, spec)
+        plan = plan_memory(cfg, spec)
+        result = dict(
+            target=target,
+            architecture=row.architecture,
+            mesh=mesh,
+            budget_gib=plan.budget / GIB,
+            plan_training_gib=plan.training / GIB,
+            xla_training_gib=xla.training_bytes / GIB,
+            plan_generation_gib=plan.generation / GIB,
+            xla_generation_gib=xla.generation_bytes / GIB,
+            training_collectives=xla.training_collectives,
+            generation_collectives=xla.generation_collectives,
+            compiled_depths=list(xla.depths),
+            seconds=round(time.perf_counter() - started),
+        )
+        result["ratios"] = [
+            result["plan_training_gib"] / result["xla_training_gib"],
+            result["plan_generation_gib"] / result["xla_generation_gib"],
+        ]
+        result["within"] = all(abs(r - 1) <= TOLERANCE for r in result["ratios"])
+        result["xla_fits"] = max(xla.training_bytes, xla.generation_bytes) <= plan.budget
+        print(line(result), flush=True)
+        results.append(result)
+    return results
+
+
+def on_mesh(cfg, mesh):
+    """`cfg` on `mesh`, each batch the rows per device the plan counts
+    (at least one) times the data axis: a batch must divide by it."""
+    rows = lambda stage: dataclasses.replace(  # noqa: E731
+        stage, batch_size=max(1, stage.batch_size // mesh[0]) * mesh[0]
+    )
+    return dataclasses.replace(
+        cfg,
+        distribution=dataclasses.replace(cfg.distribution, mesh_shape=mesh),
+        train=rows(cfg.train),
+        predict=rows(cfg.predict),
+    )
+
+
+def line(r):
+    def collectives(counts):
+        return " ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "none"
+
+    return (
+        f"  {r['architecture']:<16} [{r['mesh'][0]},{r['mesh'][1]}]  "
+        f"train {r['plan_training_gib']:6.2f} / {r['xla_training_gib']:6.2f} "
+        f"({r['ratios'][0]:.2f})  "
+        f"generate {r['plan_generation_gib']:6.2f} / {r['xla_generation_gib']:6.2f} "
+        f"({r['ratios'][1]:.2f})  budget {r['budget_gib']:.2f}"
+        f"{'' if r['within'] else '  PLAN OFF BY >15%'}"
+        f"{'' if r['xla_fits'] else '  XLA EXCEEDS THE DEVICE'}\n"
+        f"    collectives per training step: {collectives(r['training_collectives'])}; "
+        f"per decoding call: {collectives(r['generation_collectives'])}"
+        f"  [{r['seconds']} s]"
+    )
+
+
+def main():
+    from pipeline.models.model_table import TARGET_CONFIGS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=list(TARGET_CONFIGS), action="append")
+    parser.add_argument("--family", action="append", help="only these families")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_check.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # where one target's rows go
+    args = parser.parse_args()
+    targets = args.target or list(TARGET_CONFIGS)
+    if args.child:  # one target, on its own number of virtual devices
+        Path(args.child).write_text(json.dumps(check_target(targets[0], args.family or [])))
+        return
+    results = []
+    for target in targets:
+        results += run_child(target, args.family or [])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    off = [r["architecture"] for r in results if not r["within"]]
+    over = [r["architecture"] for r in results if not r["xla_fits"]]
+    print(
+        f"\n{len(results)} rows; plan off by more than 15%: {off or 'none'}; "
+        f"XLA over the device: {over or 'none'} -> {args.out}"
+    )
+
+
+def run_child(target, families):
+    """Runs `target` in a process with as many virtual devices as its
+    machine has (the mesh must use them all); its rows come back as JSON."""
+    from pipeline.models.model_table import TARGET_CONFIGS
+    from pipeline.run.config import load_config
+
+    mesh = load_config(ROOT / TARGET_CONFIGS[target]).distribution.mesh_shape
+    with tempfile.TemporaryDirectory() as folder:
+        rows = Path(folder) / "rows.json"
+        command = [sys.executable, __file__, "--child", str(rows), "--target", target]
+        for family in families:
+            command += ["--family", family]
+        env = dict(os.environ, PLAN_CHECK_DEVICES=str(mesh[0] * mesh[1]))
+        if subprocess.run(command, env=env, check=False).returncode:
+            sys.exit(f"plan-check: {target} failed (above)")
+        return json.loads(rows.read_text())
+
+
+if __name__ == "__main__":
+    from pipeline.parallel.runtime import setup_environment
+    from pipeline.run.config import DistributionConfig
+
+    setup_environment(
+        DistributionConfig(host_device_count=int(os.environ.get("PLAN_CHECK_DEVICES", 8)))
+    )
+    main()

@@ -1,0 +1,74 @@
+"""XLA's figures for a model compiled from shapes (`make plan-check`): what
+the arguments of its programs hold, the draw from a cut model to a deeper
+one, the collectives counted."""
+
+import pytest
+from specs import GEMMA_TINY
+
+from pipeline.models.compiled_memory import (
+    compile_programs,
+    count_collectives,
+    cut_layers,
+    figures_at_full_depth,
+)
+from pipeline.models.memory import LORA_DTYPE_BYTES, lora_parameter_count, plan_memory
+from pipeline.run.config import load_config
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    """The embedded default's run on the session's (1, 8) mesh, short rows."""
+    return load_config(
+        None,
+        [
+            "distribution.mesh_shape=[1,8]",
+            "train.sequence_length=64",
+            "predict.max_new_tokens=8",
+            "predict.batch_size=8",
+        ],
+    )
+
+
+def test_training_step_arguments_are_the_planned_weights_and_lora_state(cfg):
+    """The step's arguments on one device: the frozen weights, the LoRA
+    factors and their two AdamW moments (their gradients are temporaries),
+    and the batch."""
+    training = compile_programs(cfg, GEMMA_TINY).training
+    plan = plan_memory(cfg, GEMMA_TINY)
+    lora = lora_parameter_count(
+        GEMMA_TINY,
+        cfg.lora,
+        GEMMA_TINY.family.layout_axes("batch", "model"),
+        {"batch": 1, "model": 8},
+    )
+    # ids, padding mask, labels, sample weights (the data axis is 1: every row)
+    batch = cfg.train.batch_size * cfg.train.sequence_length * (4 + 1 + 4 + 4)
+    expected = plan.frozen + 3 * lora * LORA_DTYPE_BYTES + batch
+    assert training.argument_bytes == pytest.approx(expected, rel=0.001)  # + the step counters
+
+
+def test_a_deeper_model_is_drawn_from_two_cut_ones(cfg):
+    """Figures from 2 and 3 layers drawn on to 4: the training step is what
+    the 4-layer model compiles to (it grows by layer exactly), the decoding
+    call a bound a little above it (XLA reuses the prompt pass's buffers
+    from layer to layer; only the cache and the kernel copies grow)."""
+    four = cut_layers(GEMMA_TINY, 4)
+    drawn = figures_at_full_depth(cfg, four, depths=(2, 3))
+    compiled = compile_programs(cfg, four)
+    assert drawn.depths == (2, 3)
+    assert drawn.training_bytes == pytest.approx(compiled.training.bytes, rel=0.001)
+    assert compiled.generation.bytes <= drawn.generation_bytes < 1.05 * compiled.generation.bytes
+    assert drawn.training_collectives == compiled.training.collectives
+    shallow = figures_at_full_depth(cfg, cut_layers(GEMMA_TINY, 3), depths=(2, 3))
+    assert shallow.depths == (3,)  # no deeper than a cut: compiled as it is
+
+
+def test_collectives_are_counted_once_each():
+    hlo = """
+      %ag = f32[8] all-gather-start(f32[1] %p), replica_groups={}
+      %agd = f32[8] all-gather-done(%ag)
+      %r = f32[8] all-reduce(f32[8] %x), to_apply=%add
+      %r2 = f32[8] all-reduce(f32[8] %y), to_apply=%add
+      %dot = f32[8] dot(%a, %b)
+    """
+    assert count_collectives(hlo) == {"all-gather": 1, "all-reduce": 2}
