@@ -22,7 +22,8 @@ def test_gemma_7b_is_8_5_billion_parameters():
 
 def test_training_flops_and_mfu():
     n = flops.matmul_parameter_count(GEMMA_TINY)
-    attention = 12 * 2 * 512 * 8 * 16
+    d = GEMMA_TINY.dims
+    attention = 12 * d.num_layers * 512 * d.num_query_heads * d.head_dim
     assert flops.train_flops_per_token(GEMMA_TINY, 512) == 4 * n + attention
     assert flops.train_flops_per_token(GEMMA_TINY, 512, frozen=False) == 6 * n + attention
     assert flops.mfu(1000, 1e9, 1.0, 2) == pytest.approx(0.5)

@@ -143,13 +143,13 @@ FAMILY = Family(
     tiny_config=dict(
         GEMMA3_TEXT,
         vocabulary_size=1024,
-        num_layers=2,
-        num_query_heads=8,
+        num_layers=6,  # five local layers, then a global one, as in every Gemma 3
+        num_query_heads=16,  # 16 / 8 as the 12B's (the mesh shards the 8)
         num_key_value_heads=8,
         hidden_dim=128,
         intermediate_dim=256,
         head_dim=16,
-        sliding_window_size=512,
+        sliding_window_size=32,  # shorter than the stages' prompts
     ),
     presets=(
         "gemma3_instruct_270m",

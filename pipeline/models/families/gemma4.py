@@ -356,12 +356,13 @@ FAMILY = Family(
         GEMMA4_TEXT,
         vocabulary_size=1024,
         num_layers=4,
-        num_query_heads=8,
+        num_query_heads=16,  # grouped-query attention; the mesh shards the 8 key/value heads
         num_key_value_heads=8,
         hidden_dim=128,
         intermediate_dim=256,
         head_dim=16,
         global_head_dim=32,
+        sliding_window_size=32,  # shorter than the stages' prompts
         layer_types=["sliding_attention", "full_attention"] * 2,
         num_kv_shared_layers=2,
         num_global_key_value_heads=8,

@@ -79,11 +79,15 @@ FAMILY = Family(
     },
     tiny_config=dict(
         vocabulary_size=1024,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=8,
+        num_layers=3,
+        num_query_heads=8,  # 4 queries per key/value head, as Llama 3's 32 / 8
+        num_key_value_heads=2,
         hidden_dim=128,
         intermediate_dim=256,
+        # Untied as Llama 3 and 3.1 8B. (3.2 ties it; KerasHub 0.32's
+        # LlamaBackbone.get_config leaves the flag out, so a tied model saved
+        # with save_to_preset would load back untied.)
+        tie_word_embeddings=False,
     ),
     presets=(
         "llama3.2_instruct_1b",

@@ -50,12 +50,12 @@ FAMILY = Family(
     },
     tiny_config=dict(
         vocabulary_size=1024,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=8,
+        num_layers=3,
+        num_query_heads=8,  # 4 queries per key/value head, as Mistral 7B's 32 / 8
+        num_key_value_heads=2,
         hidden_dim=128,
         intermediate_dim=256,
-        sliding_window=512,
+        sliding_window=32,  # shorter than the stages' prompts, as v0.1's 4,096 is than long ones
     ),
     presets=("mistral_instruct_7b_en", "mistral_0.2_instruct_7b_en", "mistral_0.3_instruct_7b_en"),
     transformers=TRANSFORMERS,

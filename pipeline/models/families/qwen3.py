@@ -101,13 +101,13 @@ FAMILY = Family(
     },
     tiny_config=dict(
         vocabulary_size=1024,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=8,
+        num_layers=3,
+        num_query_heads=8,  # 4 queries per key/value head, as Qwen 3 8B's 32 / 8
+        num_key_value_heads=2,
         hidden_dim=128,
         intermediate_dim=256,
         head_dim=16,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True,  # as Qwen 3 0.6B to 4B (8B and larger untie it)
     ),
     presets=(
         "qwen3_0.6b_en",
