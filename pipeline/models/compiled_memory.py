@@ -70,14 +70,14 @@ def compile_programs(cfg, spec):
         cfg.distribution, spec, [cfg.train.batch_size, cfg.predict.batch_size]
     )
     with distribution.scope():
-        causal_lm = abstract_causal_lm(spec, cfg)
+        causal_lm = random_causal_lm(spec, cfg)
         return CompiledPrograms(
             compiled_program(training_step(causal_lm, cfg, spec.family)),
             compiled_program(decoding_call(causal_lm, cfg)),
         )
 
 
-def abstract_causal_lm(spec, cfg):
+def random_causal_lm(spec, cfg):
     """The family's CausalLM of `spec`'s config (random weights), LoRA and
     optimizer on, metrics built; build it in the distribution's scope."""
     import keras_hub
