@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
 RUN = $(PY) scripts/$(1).py $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle memory-plan plan-check preflight model-table docs-tables bench tiny tiny-default clean
+.PHONY: install tpu-pod demo test test-fast lint pod-test kill-test all data finetune predict evaluate score mean-prompt compare export kaggle-bundle sweep memory-plan plan-check preflight model-table docs-tables bench tiny tiny-default clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,10 @@ compare: $(STAMP) $(if $(CONFIG),,tiny-default)
 
 export: $(STAMP) $(if $(CONFIG),,tiny-default)
 	PYTHONUNBUFFERED=1 $(call RUN,export)
+
+# One finetune per setting of a grid: make sweep ARGS="lora.rank=[2,4,16,64] train.learning_rate=[1e-4,2e-4]"
+sweep: $(STAMP) $(if $(CONFIG),,tiny-default)
+	PYTHONUNBUFFERED=1 $(call RUN,sweep)
 
 # Needs the package index (it downloads the notebook's wheels); the notebook does not.
 kaggle-bundle: $(STAMP) $(if $(CONFIG),,tiny-default)

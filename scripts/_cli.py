@@ -19,11 +19,14 @@ import traceback
 
 from pipeline.errors import InputError
 from pipeline.parallel.runtime import setup_environment, verbose
-from pipeline.run.config import ConfigError, load_config
+from pipeline.run.config import ConfigError, load_config, split_grid
 from pipeline.run.storage import localized
 
 
-def parse(description):
+def parse(description, grid=False):
+    """The config (localized); with `grid`, (config, grid axes): overrides
+    whose value lists values of their key (`lora.rank=[2,4]`) are the axes
+    of a sweep's grid (`split_grid`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--config",
@@ -35,14 +38,16 @@ def parse(description):
     )
     args = parser.parse_args()
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides, axes = split_grid(args.overrides) if grid else (args.overrides, None)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     setup_environment(cfg.distribution, cfg.hardware.memory_fraction, cfg.run.compilation_cache)
     try:
-        return localized(cfg)  # gs:// inputs, fetched
+        cfg = localized(cfg)  # gs:// inputs, fetched
     except InputError as e:
         sys.exit(f"error: {e}")
+    return (cfg, axes) if grid else cfg
 
 
 def main(description, module, function):

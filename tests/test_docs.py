@@ -13,7 +13,7 @@ import sys
 import pytest
 from processes import ROOT
 
-from pipeline.run.config import load_config
+from pipeline.run.config import load_config, split_grid
 from pipeline.workflows.docs_tables import computed_tables, table_in_page
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -80,7 +80,10 @@ def test_documented_command_runs(page, command):
     if words[0] == "make":
         settings = dict(w.split("=", 1) for w in words[1:] if "=" in w)
         config = settings.get("CONFIG")
-        load_config(ROOT / config if config else None, settings.get("ARGS", "").split())
+        overrides = settings.get("ARGS", "").split()
+        if words[1] == "sweep":  # its overrides listing values are the grid
+            overrides, _ = split_grid(overrides)
+        load_config(ROOT / config if config else None, overrides)
         run = ["make", "-n", *words[1:]]
     elif "--dry-run" in words:
         run = [sys.executable, *words[1:]]

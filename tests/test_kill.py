@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.kill]
 # the data stage after batch 1 and after batch 4 of 6.
 FINETUNE_TRIALS = [0, 2]
 DATA_TRIALS = [0, 1]
-FINETUNE = ["data.max_rows=72", "train.epochs=2", "train.checkpoint_every=2"]
+FINETUNE = ["data.max_rows=72", "train.epochs=2", "train.checkpoint_every=2", "train.eval_every=4"]
 DATA = [
     "data.rewriter=model",
     "data.prompts=prompts/rewrite_prompts.txt",
@@ -109,6 +109,19 @@ def test_killed_finetune_resumes_to_the_uninterrupted_adapter(finetune_reference
     resumed_history = json.loads((run / "finetune" / "history.json").read_text())
     assert len(resumed_history["step_loss"]) == total  # the same number of steps, none twice
     np.testing.assert_allclose(resumed_history["step_loss"], history["step_loss"], rtol=1e-5)
+    # The validation scores: each step's once, as the uninterrupted run's.
+    evaluations, resumed_evaluations = (
+        history["validation_score"],
+        resumed_history["validation_score"],
+    )
+    assert [e["step"] for e in resumed_evaluations] == [e["step"] for e in evaluations]
+    np.testing.assert_allclose(
+        [e["score"] for e in resumed_evaluations], [e["score"] for e in evaluations], atol=1e-5
+    )
+    assert resumed_history["best"]["step"] == history["best"]["step"]
+    assert (
+        json.loads((run / "finetune" / "best.json").read_text())["step"] == history["best"]["step"]
+    )
 
 
 @pytest.fixture(scope="module")

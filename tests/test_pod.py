@@ -31,6 +31,7 @@ SETTINGS = [
     "distribution.mesh_shape=[2,4]",
     "train.epochs=2",
     "train.checkpoint_every=3",
+    "train.eval_every=2",
     "predict.max_new_tokens=8",
     "mean_prompt.steps=3",
     "mean_prompt.beam_width=5",
@@ -106,6 +107,17 @@ def test_finetune_gives_the_same_adapter(runs):
     one_history = json.loads((one / "finetune" / "history.json").read_text())
     pod_history = json.loads((pod / "finetune" / "history.json").read_text())
     np.testing.assert_allclose(pod_history["step_loss"], one_history["step_loss"], rtol=1e-5)
+    # Every host generated the validation rows; the scores are the one process's.
+    assert len(one_history["validation_score"]) > 2
+    assert [e["step"] for e in pod_history["validation_score"]] == [
+        e["step"] for e in one_history["validation_score"]
+    ]
+    np.testing.assert_allclose(
+        [e["score"] for e in pod_history["validation_score"]],
+        [e["score"] for e in one_history["validation_score"]],
+        atol=1e-4,
+    )
+    assert (pod / "finetune" / "best.lora.h5").exists()
     assert all("finetune: epoch 2/2 done" in output for output in logs["finetune"])
     # Each host feeds only the rows its devices hold: half of every global batch.
     for process, output in enumerate(logs["finetune"]):

@@ -130,12 +130,13 @@ def enable_lora(causal_lm, lora_cfg):
 RECOVERY_FORMAT = ("template", "sequence_length", "max_response_tokens")
 
 
-def save_adapter(causal_lm, cfg, path):
+def save_adapter(causal_lm, cfg, path, **facts):
     """Writes the LoRA weights (`.lora.h5`, the file KerasHub's
     `load_lora_weights` reads) and, beside them (`adapter.json`), what the
     adapter is: its LoRA settings (the resolved target layers), the preset
     and family it was trained on, the dtype, and the recovery prompt format
-    (`RECOVERY_FORMAT`). Every process calls it: LoRA factors sharded over
+    (`RECOVERY_FORMAT`), and any other `facts` (e.g. its step). Every
+    process calls it: LoRA factors sharded over
     several hosts are gathered first; process 0 writes."""
     from pipeline import keras_internals
     from pipeline.parallel import hosts
@@ -162,6 +163,7 @@ def save_adapter(causal_lm, cfg, path):
         "family": family_of(causal_lm).name,
         "dtype": cfg.model.dtype,
         **{key: getattr(cfg.train, key) for key in RECOVERY_FORMAT},
+        **facts,
     }
     adapter_settings_path(path).write_text(json.dumps(settings, indent=2))
 
@@ -221,7 +223,9 @@ def load_adapter(causal_lm, path, preset):
     def read():
         if not Path(path).exists():
             raise MissingInputError(
-                f"adapter {path} not found; run the finetune stage first or set predict.adapter"
+                f"adapter {path} not found; run the finetune stage first (it writes best.lora.h5 "
+                "when it evaluates: train.eval_rows > 0 and validation rows) or set "
+                "predict.adapter"
             )
         return json.loads(adapter_settings_path(Path(path)).read_text()), Path(path).read_bytes()
 

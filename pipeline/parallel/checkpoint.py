@@ -51,6 +51,8 @@ class Progress:
     step_losses: list = dataclasses.field(default_factory=list)
     epochs: dict = dataclasses.field(default_factory=dict)  # Keras epoch logs, name -> list
     epoch_throughput: list = dataclasses.field(default_factory=list)
+    # Validation scores by the metric: {"step": ..., "score": ...} each.
+    evaluations: list = dataclasses.field(default_factory=list)
 
 
 def _variables(causal_lm):

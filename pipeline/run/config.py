@@ -18,6 +18,7 @@ the environment (device count, backend) is set up.
 """
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -183,6 +184,14 @@ class TrainConfig:
     # effective batch is batch_size x gradient_accumulation rows.
     gradient_accumulation: int = 1
     weight_decay: float = 0.01  # AdamW's, not on biases and scales
+    # Validation by the competition's metric: the first eval_rows validation
+    # rows are generated (greedy, predict.max_new_tokens at most) and scored
+    # with score.encoder at every epoch's end and every eval_every steps (0:
+    # epoch ends only); the best-scoring adapter is kept as best.lora.h5
+    # (predict.adapter: best). 0 rows: no evaluation.
+    eval_rows: int = 64
+    eval_every: int = 0  # see eval_rows
+    early_stop: int = 0  # stop after this many evaluations without a gain (0: never)
     seed: int = 0  # the batch plan and the LoRA factors' initial values
     # Save a checkpoint every this many steps (and at every epoch end; 0:
     # epoch ends only). A rerun resumes from the last one.
@@ -221,8 +230,9 @@ class MeanPromptConfig:
 class PredictConfig:
     input: str | None = None  # defaults to this run's data stage output
     rows: Literal["all", "holdout"] = "all"  # all, or holdout: the split's last part
-    # "run": this run's fine-tuned adapter; "none": the base model; or a
-    # path to a .lora.h5 file.
+    # "run": this run's fine-tuned adapter (the last step's); "best": its
+    # best by the validation score (train.eval_rows); "none": the base
+    # model; or a path to a .lora.h5 file.
     adapter: str = "run"
     batch_size: int = 8  # rows generated together (global, all hosts)
     max_new_tokens: int = 35  # the most tokens of a recovered prompt
@@ -253,8 +263,9 @@ class CompareConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-    # "run": this run's fine-tuned adapter; "none": the base model alone; or
-    # a path to a .lora.h5 file. The adapter is merged into the weights.
+    # "run": this run's fine-tuned adapter; "best": its best by the
+    # validation score; "none": the base model alone; or a path to a
+    # .lora.h5 file. The adapter is merged into the weights.
     adapter: str = "run"
     # Also write the adapter alone in PEFT's format (peft_adapter/).
     peft: bool = True
@@ -338,6 +349,53 @@ def save_config(cfg, path):
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
+def with_overrides(cfg, overrides):
+    """`cfg` with `key=value` overrides applied, validated as a file's."""
+    raw = dataclasses.asdict(cfg)
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "", "override")
+
+
+def split_grid(overrides):
+    """(plain overrides, grid axes {key: [values]}). An override is an axis
+    when its value is a list of what the key takes: `lora.rank=[2,4]`, or
+    `lora.target_layers=[[query,value],[query,key,value]]` for a key that
+    takes a list itself."""
+    plain, axes = [], {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        values = yaml.safe_load(value) if value else None
+        takes_list = typing.get_origin(_hint_of(key)) is list
+        if isinstance(values, list) and (
+            not takes_list or (values and all(isinstance(v, list) for v in values))
+        ):
+            if not values:
+                raise ConfigError(f"override {item!r}: give the grid's values, e.g. {key}=[2,4]")
+            axes[key] = values
+        else:
+            plain.append(item)
+    return plain, axes
+
+
+def override_text(key, value):
+    """`key=value` for a value loaded from YAML (JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _hint_of(key):
+    """The type a dotted key takes, None allowed or not (None for a key the
+    config lacks)."""
+    hint = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
 def _apply_override(raw, item):
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -398,6 +456,8 @@ def _convert(hint, value, where, source):
         return [_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _is_number(value):
+        return float(value)  # YAML reads 1e-4 (no dot) as a string
     if hint in (int, float, str, bool) and (
         type(value) is hint or (hint is float and isinstance(value, float))
     ):
@@ -405,6 +465,14 @@ def _convert(hint, value, where, source):
     raise ConfigError(
         f"{source}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}"
     )
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _join(where, name):

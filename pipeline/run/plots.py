@@ -6,20 +6,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def loss_curve(step_losses, epoch_val_losses, steps_per_epoch, path):
+def loss_curve(step_losses, epoch_val_losses, steps_per_epoch, path, evaluations=(), best=None):
+    """The losses by step; beside them, on an axis of its own, the
+    validation score by the metric ({"step", "score"} each), `best` (one of
+    them) marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(
-        range(1, len(step_losses) + 1),
-        step_losses,
-        label="train loss (running mean over the epoch)",
-    )
+    lines = ax.plot(range(1, len(step_losses) + 1), step_losses, label="train loss (per step)")
     if epoch_val_losses:
         val_steps = [steps_per_epoch * (e + 1) for e in range(len(epoch_val_losses))]
-        ax.plot(val_steps, epoch_val_losses, "o-", label="validation loss (per epoch)")
+        lines += ax.plot(val_steps, epoch_val_losses, "o-", label="validation loss (per epoch)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title("LoRA fine-tuning")
-    ax.legend()
+    if evaluations:
+        score_ax = ax.twinx()
+        steps, scores = [e["step"] for e in evaluations], [e["score"] for e in evaluations]
+        lines += score_ax.plot(steps, scores, "s-", color="tab:green", label="validation score")
+        lines += score_ax.plot(
+            best["step"], best["score"], "*", color="tab:red", markersize=14, label="best adapter"
+        )
+        score_ax.set_ylabel("mean sharpened cosine similarity")
+    # Below the axes: the curves fill the corners a legend would cover.
+    ax.legend(
+        lines,
+        [line.get_label() for line in lines],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        ncol=2,
+    )
     _save(fig, path)
 
 
@@ -43,6 +57,22 @@ def search_curve(history, path):
     ax.set_ylabel("mean sharpened cosine similarity")
     ax.set_title("Mean prompt search")
     ax.legend()
+    _save(fig, path)
+
+
+def sweep_curves(curves, path):
+    """The validation score by step of each setting ({setting: [{"step",
+    "score"}, ...]}), each setting's best marked."""
+    fig, ax = plt.subplots(figsize=(8, 4.5 + 0.25 * len(curves)))
+    for setting, evaluations in curves.items():
+        steps, scores = [e["step"] for e in evaluations], [e["score"] for e in evaluations]
+        (line,) = ax.plot(steps, scores, "o-", label=setting)
+        best = scores.index(max(scores))
+        ax.plot(steps[best], scores[best], "*", color=line.get_color(), markersize=14)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation score (mean sharpened cosine similarity)")
+    ax.set_title("Sweep: validation score by setting (* its best)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
     _save(fig, path)
 
 

@@ -115,6 +115,11 @@ class RunDir:
         return self.root / self.cfg.train.out / "adapter.lora.h5"
 
     @property
+    def best_adapter(self):
+        """The adapter of the best validation score (train.eval_rows)."""
+        return self.root / self.cfg.train.out / "best.lora.h5"
+
+    @property
     def predict_input(self):
         return Path(self.cfg.predict.input) if self.cfg.predict.input else self.data_csv
 
@@ -154,13 +159,14 @@ class RunDir:
     def _chosen_adapter(self, choice):
         if choice == "none":
             return None
-        if choice != "run":
+        if choice not in ("run", "best"):
             return Path(choice)
+        chosen = self.adapter if choice == "run" else self.best_adapter
         if self.mirror and not hosts.is_main_process():
             # Process 0 pulled the run folder; each other host fetches the adapter itself.
-            for path in (self.adapter, adapter_settings_path(self.adapter)):
+            for path in (chosen, adapter_settings_path(chosen)):
                 self.mirror.fetch(path)
-        return self.adapter
+        return chosen
 
     @property
     def transformers_model(self):

@@ -1,9 +1,12 @@
 """The finetune stage: LoRA on the model (any family) for prompt recovery.
 
 Reads the data CSV, splits it (train / validation / holdout, contiguous),
-trains LoRA weights with the loss on response tokens only, and writes into
-the run's finetune folder: `adapter.lora.h5` (+ `adapter.json`),
-`history.json`, `loss_curve.png` and TensorBoard logs (`tensorboard/`).
+trains LoRA weights with the loss on response tokens only, scores the model
+on validation rows by the competition's metric as it trains
+(`validation_score.py`), and writes into the run's finetune folder:
+`adapter.lora.h5` (+ `adapter.json`), `best.lora.h5` (+ `best.json`: the
+best-scoring step), `history.json`, `loss_curve.png` and TensorBoard logs
+(`tensorboard/`).
 Checkpoints (`checkpoints/`, or `train.checkpoint_dir`) let a rerun resume,
 also after a preemption notice (SIGTERM), at which the stage saves the step
 every host has reached and exits with `PREEMPTED_EXIT_CODE`.
@@ -41,6 +44,12 @@ from pipeline.parallel.distribution import data_sharding
 from pipeline.parallel.runtime import set_seed
 from pipeline.run import plots
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.run.storage import adapter_settings_path
+from pipeline.stages.validation_score import (
+    ValidationScorer,
+    ValidationTracking,
+    best_evaluation,
+)
 from pipeline.text.batching import TrainingBatches, evaluation_batches
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
@@ -137,6 +146,11 @@ def run_finetune_stage(cfg, log=print):
             f"train.warmup_steps={tc.warmup_steps}: give 1 or more batches per update, 0 or more "
             "warm-up updates"
         )
+    if min(tc.eval_rows, tc.eval_every, tc.early_stop) < 0:
+        raise InputError(
+            f"train.eval_rows={tc.eval_rows}, train.eval_every={tc.eval_every}, "
+            f"train.early_stop={tc.early_stop}: give 0 or more (0 turns each off)"
+        )
     # Before any weight is loaded: which layers LoRA adapts (a name the model
     # lacks stops here), and will what the run writes fit?
     spec = read_model_spec(cfg.model.preset)
@@ -153,6 +167,7 @@ def run_finetune_stage(cfg, log=print):
         f"{trainable:,} trainable weights"
     )
     train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
+    scorer = validation_scorer(causal_lm, tokenizer, cfg, val_df, log)
     batches = TrainingBatches(
         train_rows, tc.batch_size, tc.sequence_length, tc.length_step, tc.seed
     )
@@ -171,6 +186,20 @@ def run_finetune_stage(cfg, log=print):
     )
     try:
         progress = resume(store, causal_lm, batches.steps_per_epoch * tc.epochs, log)
+        if not progress.step and hosts.is_main_process():  # a fresh start: no best yet
+            for path in (run.best_adapter, adapter_settings_path(run.best_adapter)):
+                path.unlink(missing_ok=True)
+        tracking = scorer and ValidationTracking(
+            scorer,
+            progress,
+            tc,
+            batches.steps_per_epoch,
+            lambda step, score: save_adapter(
+                causal_lm, cfg, run.best_adapter, step=step, validation_score=score
+            ),
+            stage_dir / "tensorboard" / "validation" if hosts.is_main_process() else None,
+            log,
+        )
         with preemption.watching() as notice:
             train(
                 cfg,
@@ -182,6 +211,7 @@ def run_finetune_stage(cfg, log=print):
                 progress,
                 stage_dir,
                 notice,
+                tracking,
                 log,
             )
     finally:
@@ -191,6 +221,17 @@ def run_finetune_stage(cfg, log=print):
         write_history(stage_dir, progress, batches)
     log(f"finetune: adapter -> {run.adapter}")
     return run.adapter
+
+
+def validation_scorer(causal_lm, tokenizer, cfg, val_df, log):
+    """The scorer of the validation rows by the metric, or None (with the
+    reason said) when there is nothing to evaluate."""
+    if not cfg.train.eval_rows:
+        return None
+    if val_df.empty:
+        log("finetune: no validation rows (split.validation): no validation score")
+        return None
+    return ValidationScorer(causal_lm, tokenizer, cfg, val_df, log)
 
 
 def encode_splits(tokenizer, train_cfg, train_df, val_df, log):
@@ -243,10 +284,23 @@ def resume(store, causal_lm, total_steps, log):
     return progress
 
 
-def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_dir, notice, log):
+def train(
+    cfg,
+    causal_lm,
+    batches,
+    train_rows,
+    val_rows,
+    store,
+    progress,
+    stage_dir,
+    notice,
+    tracking,
+    log,
+):
     """Trains from `progress.step` to the last epoch's end: one `fit` per
     epoch (the first one from where the checkpoint left off), validation and
-    a checkpoint after each. Raises `Preempted` once `notice` has come and
+    a checkpoint after each; `tracking` (or None) scores by the metric and
+    may end training early. Raises `Preempted` once `notice` has come and
     the step every host reached is saved."""
     tc = cfg.train
     per_epoch = batches.steps_per_epoch
@@ -258,11 +312,17 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
     )
     step_log = StepLog(progress, per_epoch * tc.epochs, log)
     checkpointing = Checkpointing(store, progress, tc.checkpoint_every, per_epoch, notice)
-    callbacks = [step_log, checkpointing]
+    callbacks = [step_log, *([tracking] if tracking else []), checkpointing]
     if hosts.is_main_process():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(stage_dir / "tensorboard")))
     family = family_of(causal_lm)
     for epoch in range(progress.step // per_epoch, tc.epochs):
+        if tracking and tracking.stale:
+            log(
+                f"finetune: stopped early at step {progress.step}: "
+                f"train.early_stop={tc.early_stop} evaluations without a better validation score"
+            )
+            break
         todo = batches.epoch(epoch)[progress.step - epoch * per_epoch :]
         feed = local_batches(train_rows, todo, tc.batch_size, family)
         if hosts.process_count() > 1 and epoch == progress.step // per_epoch:
@@ -293,6 +353,8 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
         )
         for key, value in logs.items():
             progress.epochs.setdefault(key, []).append(value)
+        if tracking:
+            tracking.evaluate()
         store.save(causal_lm, progress)
         _log_epoch(log, epoch, tc.epochs, logs, measured)
         if checkpointing.preempted:  # noticed at this epoch's last step
@@ -300,6 +362,7 @@ def train(cfg, causal_lm, batches, train_rows, val_rows, store, progress, stage_
 
 
 def write_history(stage_dir, progress, batches):
+    best = best_evaluation(progress.evaluations) if progress.evaluations else None
     (stage_dir / "history.json").write_text(
         json.dumps(
             {
@@ -307,6 +370,8 @@ def write_history(stage_dir, progress, batches):
                 "epochs": progress.epochs,
                 "real_token_fraction": batches.real_tokens / batches.computed_tokens,
                 "epoch_throughput": progress.epoch_throughput,
+                "validation_score": progress.evaluations,
+                "best": best,
             },
             indent=2,
         )
@@ -316,6 +381,8 @@ def write_history(stage_dir, progress, batches):
         progress.epochs.get("val_loss", []),
         batches.steps_per_epoch,
         stage_dir / "loss_curve.png",
+        progress.evaluations,
+        best,
     )
 
 
