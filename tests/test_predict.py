@@ -41,7 +41,7 @@ def test_submission_in_input_order_one_row_per_id(tiny_cfg, tmp_path):
 def test_empty_outputs_replaced_by_fallback_and_counted(tiny_cfg, tmp_path, monkeypatch):
     _test_csv(tmp_path, n=3)
 
-    def empty_outputs(self, prompts):
+    def empty_outputs(self, prompts, **_):
         yield list(range(len(prompts))), ["", "  Add a title.", "\n"]
 
     monkeypatch.setattr(generation.BatchedGenerator, "generate", empty_outputs)
@@ -66,7 +66,7 @@ def test_empty_outputs_replaced_by_fallback_and_counted(tiny_cfg, tmp_path, monk
 def test_combine_with_mean_prompt_and_another_submission(tiny_cfg, tmp_path, monkeypatch):
     df = _test_csv(tmp_path, n=2)
 
-    def outputs(self, prompts):
+    def outputs(self, prompts, **_):
         yield [1, 0], ["second", ""]
 
     monkeypatch.setattr(generation.BatchedGenerator, "generate", outputs)
@@ -129,7 +129,7 @@ def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, m
 
     _test_csv(tmp_path, n=2)
 
-    def outputs(self, prompts):
+    def outputs(self, prompts, **_):
         yield [0, 1], ["Make it rhyme.", "Shorter."]
 
     monkeypatch.setattr(generation.BatchedGenerator, "generate", outputs)
@@ -152,3 +152,41 @@ def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, m
     ):
         assert limit(prompt) and prompt.startswith(model_output + " Rewrite this text")
         assert not limit(prompt + " pirate")  # cut at the limit, not before
+
+
+def test_each_opening_prefills_its_generation_and_the_answers_join_in_order(tiny_cfg, tmp_path):
+    from pipeline.text.openings import model_outputs
+    from pipeline.text.tokens import tokenize_batch
+
+    _test_csv(tmp_path, n=3)
+    tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
+        str(tmp_path / "test.csv"),
+        "all",
+        "none",
+    )
+    tiny_cfg.predict.max_new_tokens = 3
+    tiny_cfg.predict.openings = ["Rewrite this", "Make the text"]
+    logs = []
+    path = run_predict_stage(tiny_cfg, log=logs.append)
+    raw = pd.read_csv(path.parent / "model_outputs.csv", dtype=str, keep_default_na=False)
+    for text in raw["rewrite_prompt"]:
+        # Each answer begins with its opening; the second follows the first.
+        assert text.startswith("Rewrite this") and " Make the text" in text, text
+    summary = json.loads((path.parent / "predict_log.json").read_text())
+    assert summary["openings"] == tiny_cfg.predict.openings
+    assert summary["outputs_cut_at_max_new_tokens"] <= 2 * 3
+
+    class Tokenizer:  # words as ids, enough for the prefill
+        def __call__(self, texts):
+            return [[len(word) for word in text.split()] for text in texts]
+
+    calls = []
+
+    def generate(prompts, kept):
+        calls.append((prompts, kept))
+        return [f" {kept} tokens kept " if row[0] else "" for row in prompts]
+
+    joined = model_outputs([[1, 2], [0]], ["ab c", "d"], Tokenizer(), generate, " | ")
+    assert calls == [([[1, 2, 2, 1], [0, 2, 1]], 2), ([[1, 2, 1], [0, 1]], 1)]
+    assert joined == ["2 tokens kept | 1 tokens kept", ""]  # an empty answer is skipped
+    assert tokenize_batch(Tokenizer(), ["ab c"]) == [[2, 1]]

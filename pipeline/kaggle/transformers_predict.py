@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline.text.combine import combine_parts
 from pipeline.text.kaggle_paths import found_on_kaggle
+from pipeline.text.openings import model_outputs
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import TEST_COLUMNS, read_table, write_table
 from pipeline.text.tokens import stop_token_ids, strip_generated
@@ -81,10 +82,11 @@ def load_model(model_dir, adapter_dir, torch_dtype):
     return model, TransformersTokenizer(transformers.AutoTokenizer.from_pretrained(str(model_dir)))
 
 
-def generate(model, tokenizer, prompts, batch_size, max_new_tokens, end_of_turn, log=print):
+def generate(model, tokenizer, prompts, batch_size, max_new_tokens, end_of_turn, log=print, kept=0):
     """Greedy outputs (token ids, stop excluded) of every prompt, in input
-    order. Batches hold prompts of similar length, left-padded; a row ends
-    at the end token or `end_of_turn`."""
+    order, each beginning with the last `kept` tokens of its prompt (a
+    forced opening). Batches hold prompts of similar length, left-padded; a
+    row ends at the end token or `end_of_turn`."""
     import torch
 
     stops = stop_token_ids(tokenizer, end_of_turn)
@@ -110,7 +112,9 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, end_of_turn,
                 pad_token_id=tokenizer.pad_token_id,
             )
         for row, i in enumerate(indices):
-            outputs[i] = strip_generated(generated[row].tolist(), width, stops)[:max_new_tokens]
+            outputs[i] = strip_generated(generated[row].tolist(), width - kept, stops)[
+                : kept + max_new_tokens
+            ]
         done = first + len(indices)
         log(
             f"generate: {done}/{len(prompts)} rows, {done / (time.perf_counter() - start):.2f} "
@@ -144,17 +148,30 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
     )
     df, n_cut = formatter.fit_texts(df)
     start = time.perf_counter()
-    output_ids = generate(
-        model,
-        tokenizer,
+    at_limit = []
+
+    def generate_texts(prompts, kept):
+        output_ids = generate(
+            model,
+            tokenizer,
+            prompts,
+            settings["batch_size"],
+            settings["max_new_tokens"],
+            settings["end_of_turn"],
+            log,
+            kept,
+        )
+        at_limit.extend(len(o) - kept == settings["max_new_tokens"] for o in output_ids)
+        return tokenizer.detokenize(output_ids)
+
+    outputs = model_outputs(
         formatter.prompt_ids(df),
-        settings["batch_size"],
-        settings["max_new_tokens"],
-        settings["end_of_turn"],
-        log,
+        settings.get("openings", []),
+        tokenizer,
+        generate_texts,
+        settings["separator"],
     )
     elapsed = time.perf_counter() - start
-    outputs = [text.strip() for text in tokenizer.detokenize(output_ids)]
     parts = [
         outputs if name == "model" else [settings["mean_prompt"]] * len(df)
         for name in settings["combine"]
@@ -172,9 +189,7 @@ def run_transformers_predict(settings, bundle_dir, input_csv, output_csv, log=pr
         "seconds": round(elapsed, 2),
         "rows_per_second": round(len(df) / elapsed, 3) if elapsed else None,
         "empty_predictions_replaced_by_fallback": fallbacks,
-        "outputs_cut_at_max_new_tokens": sum(
-            len(o) == settings["max_new_tokens"] for o in output_ids
-        ),
+        "outputs_cut_at_max_new_tokens": sum(at_limit),
     }
     log(f"predict: {json.dumps(summary)} -> {output_csv}")
     return summary

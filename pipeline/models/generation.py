@@ -85,13 +85,15 @@ class BatchedGenerator:
         self.decode = decode or make_decoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
-        self.rows_at_limit = 0  # rows of the latest `generate` cut at max_new_tokens
+        self.rows_at_limit = 0  # rows cut at max_new_tokens, over every `generate`
 
-    def generate(self, prompts, skip=None):
+    def generate(self, prompts, skip=None, kept=0):
         """Yields (indices, texts) batch by batch, shortest prompts first.
         `skip(indices)`: True for a batch not to generate (already done). The
         batches depend on `prompts` alone, so a resumed run decodes each row
-        in the batch, and so with the tokens, of an uninterrupted one."""
+        in the batch, and so with the tokens, of an uninterrupted one. Each
+        text begins with the last `kept` tokens of its prompt (a forced
+        opening), then `max_new_tokens` at most."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         batches = [
             order[start : start + self.batch_size]
@@ -99,12 +101,12 @@ class BatchedGenerator:
         ]
         batches = [indices for indices in batches if not (skip and skip(indices))]
         total = sum(map(len, batches))
-        start_time, rows_done, self.new_tokens, self.rows_at_limit = time.perf_counter(), 0, 0, 0
+        start_time, rows_done, self.new_tokens = time.perf_counter(), 0, 0
         for indices in batches:
             batch = [prompts[i] for i in indices]
-            outputs = self._generate_batch(batch)
-            self.new_tokens += sum(len(o) for o in outputs)
-            self.rows_at_limit += sum(len(o) == self.max_new_tokens for o in outputs)
+            outputs = self._generate_batch(batch, kept)
+            self.new_tokens += sum(len(o) - kept for o in outputs)
+            self.rows_at_limit += sum(len(o) - kept == self.max_new_tokens for o in outputs)
             rows_done += len(indices)
             elapsed = time.perf_counter() - start_time
             self.log(
@@ -115,7 +117,15 @@ class BatchedGenerator:
             texts = self.tokenizer.detokenize(outputs) if outputs else []
             yield indices, [_to_str(t) for t in texts]
 
-    def _generate_batch(self, batch):
+    def texts(self, prompts, kept=0):
+        """The text of every prompt's output, in the prompts' order."""
+        texts = [""] * len(prompts)
+        for indices, batch_texts in self.generate(prompts, kept=kept):
+            for i, text in zip(indices, batch_texts, strict=True):
+                texts[i] = text
+        return texts
+
+    def _generate_batch(self, batch, kept):
         length = bucket_length(max(map(len, batch)), self.max_new_tokens, self.length_step)
         # Fill the batch to its fixed size so every batch has one shape.
         rows = batch + [batch[-1]] * (self.batch_size - len(batch))
@@ -127,7 +137,7 @@ class BatchedGenerator:
         self.programs.add((self.batch_size, length))
         out_ids = np.asarray(self.decode(token_ids, padding_mask, self.max_new_tokens))
         return [
-            strip_generated(out_ids[r], len(ids), self.stops)[: self.max_new_tokens]
+            strip_generated(out_ids[r], len(ids) - kept, self.stops)[: kept + self.max_new_tokens]
             for r, ids in enumerate(batch)
         ]
 

@@ -243,6 +243,10 @@ class PredictConfig:
     # skipped; the result is cut to the encoder's token limit.
     combine: list[str] = dataclasses.field(default_factory=lambda: ["model"])
     separator: str = " "  # joins the parts of combine
+    # Forced openings (1st place: "Rewrite", "Make this text", ...): one
+    # generation per opening, each answer made to begin with it, joined by
+    # the separator in this order as the "model" part. Empty: one free one.
+    openings: list[str] = dataclasses.field(default_factory=list)
     out: str = "predict"  # the stage's folder in the run
 
 

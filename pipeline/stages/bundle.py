@@ -58,6 +58,7 @@ def bundle_settings(cfg, recovery, mean_prompt, adapter, piece_model, end_of_tur
         "end_of_turn": end_of_turn,
         "combine": cfg.predict.combine,
         "separator": cfg.predict.separator,
+        "openings": cfg.predict.openings,
         "fallback": cfg.predict.fallback,
         "mean_prompt": mean_prompt,
         "piece_model": piece_model,

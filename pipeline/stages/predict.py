@@ -24,6 +24,7 @@ from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit
+from pipeline.text.openings import model_outputs
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import write_table
 
@@ -54,16 +55,17 @@ def run_predict_stage(cfg, log=print):
     generator = BatchedGenerator(
         causal_lm, tokenizer, cfg.predict.batch_size, cfg.predict.max_new_tokens, log=log
     )
-    outputs = [""] * len(df)
+    openings = cfg.predict.openings
+    if openings:
+        log(f"predict: one generation per opening: {' | '.join(openings)}")
     start = time.perf_counter()
-    for indices, texts in generator.generate(formatter.prompt_ids(df)):
-        for i, text in zip(indices, texts, strict=True):
-            outputs[i] = text
+    outputs = model_outputs(
+        formatter.prompt_ids(df), openings, tokenizer, generator.texts, cfg.predict.separator
+    )
     elapsed = time.perf_counter() - start
     if not hosts.is_main_process():
         return run.submission
     cut = encoder_token_limit(cfg) if combined else None
-    outputs = [t.strip() for t in outputs]
     parts = [outputs if part is None else part for part in parts]
     prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
     submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
@@ -73,6 +75,7 @@ def run_predict_stage(cfg, log=print):
         "rows": len(df),
         "texts_cut_to_fit": n_cut,
         "combine": cfg.predict.combine,
+        "openings": openings,
         "empty_predictions_replaced_by_fallback": fallbacks,
         "outputs_cut_at_max_new_tokens": generator.rows_at_limit,
         "seconds": round(elapsed, 2),

@@ -59,11 +59,7 @@ class ValidationScorer:
         hosts.share_from_main(load_encoder)  # a bad handle fails on every host
 
     def __call__(self):
-        outputs = [""] * self.rows
-        for indices, texts in self.generator.generate(self.prompts):
-            for i, text in zip(indices, texts, strict=True):
-                outputs[i] = text
-        prompts, _ = combine_parts([outputs], " ", self.fallback)
+        prompts, _ = combine_parts([self.generator.texts(self.prompts)], " ", self.fallback)
         return hosts.share_from_main(
             lambda: float(score_prompts(self.encoder, prompts, self.truth, self.batch_size).mean())
         )
