@@ -166,6 +166,10 @@ class TrainConfig:
     template: str = (
         templates.RECOVERY_TEMPLATE
     )  # the recovery prompt, with {original_text} and {rewritten_text}
+    # Few-shot: this many training rows (drawn with seed, left out of
+    # training) as worked examples before every prompt; the adapter keeps
+    # the resulting template, so predict and the bundle show the same.
+    shots: int = 0
     sequence_length: int = 512  # tokens per example, prompt and answer
     # Room kept for the answer (prompt tokens + <eos>); the texts are cut to
     # fit the rest. Predict builds its prompts with the same budget.

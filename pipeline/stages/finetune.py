@@ -51,8 +51,9 @@ from pipeline.stages.validation_score import (
     best_evaluation,
 )
 from pipeline.text.batching import TrainingBatches, evaluation_batches
-from pipeline.text.recovery import RecoveryFormatter
+from pipeline.text.recovery import SHOT_COLUMNS, RecoveryFormatter, draw_shots
 from pipeline.text.tables import TRAIN_COLUMNS, read_table, split_rows
+from pipeline.text.templates import few_shot_template
 
 TEXT_COLUMNS = ["original_text", "rewrite_prompt", "rewritten_text"]
 
@@ -146,10 +147,11 @@ def run_finetune_stage(cfg, log=print):
             f"train.warmup_steps={tc.warmup_steps}: give 1 or more batches per update, 0 or more "
             "warm-up updates"
         )
-    if min(tc.eval_rows, tc.eval_every, tc.early_stop) < 0:
+    if min(tc.eval_rows, tc.eval_every, tc.early_stop, tc.shots) < 0:
         raise InputError(
             f"train.eval_rows={tc.eval_rows}, train.eval_every={tc.eval_every}, "
-            f"train.early_stop={tc.early_stop}: give 0 or more (0 turns each off)"
+            f"train.early_stop={tc.early_stop}, train.shots={tc.shots}: give 0 or more (0 turns "
+            "each off)"
         )
     # Before any weight is loaded: which layers LoRA adapts (a name the model
     # lacks stops here), and will what the run writes fit?
@@ -166,6 +168,9 @@ def run_finetune_stage(cfg, log=print):
         f"finetune: LoRA rank {cfg.lora.rank} on {len(enabled)} layers ({', '.join(targets)}), "
         f"{trainable:,} trainable weights"
     )
+    if tc.shots:
+        cfg, train_df = with_shots(cfg, tokenizer, train_df, log)
+        tc = cfg.train
     train_rows, val_rows = encode_splits(tokenizer, tc, train_df, val_df, log)
     scorer = validation_scorer(causal_lm, tokenizer, cfg, val_df, log)
     batches = TrainingBatches(
@@ -221,6 +226,29 @@ def run_finetune_stage(cfg, log=print):
         write_history(stage_dir, progress, batches)
     log(f"finetune: adapter -> {run.adapter}")
     return run.adapter
+
+
+def with_shots(cfg, tokenizer, train_df, log):
+    """(`cfg` whose template begins with `train.shots` worked examples, the
+    training rows without them)."""
+    tc = cfg.train
+    drawn = draw_shots(
+        tokenizer,
+        train_df,
+        tc.template,
+        tc.shots,
+        tc.seed,
+        tc.sequence_length - tc.max_response_tokens,
+    )
+    shots = train_df.iloc[drawn][SHOT_COLUMNS].itertuples(index=False)
+    template = few_shot_template(tc.template, shots)
+    log(
+        f"finetune: {tc.shots} worked example(s) before every prompt, training rows "
+        f"{', '.join(map(str, drawn))} (drawn with train.seed, left out of training); the "
+        "adapter keeps the template they make"
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, template=template))
+    return cfg, train_df.drop(train_df.index[drawn]).reset_index(drop=True)
 
 
 def validation_scorer(causal_lm, tokenizer, cfg, val_df, log):

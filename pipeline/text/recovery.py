@@ -21,10 +21,11 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.text.batching import EncodedRows
-from pipeline.text.templates import format_recovery
+from pipeline.text.templates import format_recovery, worked_example
 from pipeline.text.tokens import start_ids, tokenize_batch
 
 _MARGIN = 4  # re-tokenising cut text can add a token or two
+SHOT_COLUMNS = ["original_text", "rewritten_text", "rewrite_prompt"]  # a worked example's parts
 
 
 class RecoveryFormatter:
@@ -107,6 +108,23 @@ class RecoveryFormatter:
             ids.append(np.asarray(prompt + response, np.int32))
             prompt_lengths.append(len(prompt))
         return EncodedRows(ids, prompt_lengths, tok.pad_token_id), cut
+
+
+def draw_shots(tokenizer, df, template, shots, seed, prompt_budget):
+    """Indices of `shots` rows of `df` drawn with `seed` among those whose
+    worked example (the template's prompt, the answer, a blank line) takes
+    at most an equal share of half of `prompt_budget` tokens, so the row to
+    answer keeps the other half. Raises InputError when too few fit."""
+    examples = [worked_example(template, *row) for row in df[SHOT_COLUMNS].itertuples(index=False)]
+    share = prompt_budget // 2 // shots
+    fitting = [i for i, ids in enumerate(tokenize_batch(tokenizer, examples)) if len(ids) <= share]
+    if len(fitting) < shots:
+        raise InputError(
+            f"train.shots={shots}: {len(fitting)} training row(s) fit a worked example in "
+            f"{share} tokens (half of the prompt's {prompt_budget}, shared); raise "
+            "train.sequence_length or lower train.shots"
+        )
+    return [int(i) for i in np.random.default_rng(seed).choice(fitting, shots, replace=False)]
 
 
 def share_budget(n_original, n_rewritten, budget):

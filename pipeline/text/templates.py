@@ -41,3 +41,18 @@ def format_rewrite_request(template, rewrite_prompt, original_text, chat_turn=No
 def format_recovery(template, original_text, rewritten_text):
     """The recovery prompt; the model's answer follows it directly."""
     return template.format(original_text=original_text, rewritten_text=rewritten_text)
+
+
+def few_shot_template(template, shots):
+    """`template` after worked examples (2nd and 3rd place prompted with a
+    few): each shot, an (original, rewritten, prompt) row, formatted by the
+    template and followed by its prompt and a blank line. Braces in the
+    shots are escaped, so the result is a template again."""
+    examples = "".join(worked_example(template, *shot) for shot in shots)
+    return examples.replace("{", "{{").replace("}", "}}") + template
+
+
+def worked_example(template, original_text, rewritten_text, rewrite_prompt):
+    """One row as a few-shot example: its recovery prompt, the answer, a
+    blank line."""
+    return format_recovery(template, original_text, rewritten_text) + rewrite_prompt + "\n\n"
