@@ -40,6 +40,10 @@ def test_bundle_refuses_parts_the_notebook_cannot_have(tiny_cfg):
         ValueError, match="combines only model and mean_prompt; 'other_submission.csv'"
     ):
         run_kaggle_bundle_stage(cfg, log=lambda *_: None)
+    # Each row's cluster is picked by the sentence encoder, which the notebook lacks.
+    clustered = with_changes(tiny_cfg, predict={"combine": ["model", "clustered_mean_prompt"]})
+    with pytest.raises(ValueError, match="combines only model and mean_prompt; 'clustered_mean"):
+        run_kaggle_bundle_stage(clustered, log=lambda *_: None)
 
 
 def test_bundle_asks_for_the_export_first(tiny_cfg):

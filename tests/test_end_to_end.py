@@ -42,6 +42,8 @@ def test_demo_adapter_beats_base_model(demo_run):
         "model",
         "model + mean prompt",
         "mean prompt + model",
+        "clustered mean prompt",
+        "model + clustered mean prompt",
     }
     assert compare["model"] == pytest.approx(scores["fine-tuned"])
     assert (root / "compare" / "compare.png").exists()

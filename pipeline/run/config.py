@@ -227,6 +227,13 @@ class MeanPromptConfig:
     piece_model: str | None = None
     max_tokens: int = 128  # sentence-t5 sees no more
     batch_size: int = 512  # strings embedded together
+    # Clustered mean prompts (3rd place: 12): k-means of the training
+    # targets' embeddings, one search per cluster (clusters.json), beside
+    # the global one; predict's "clustered_mean_prompt" part (and compare)
+    # give each row the mean prompt of the cluster nearest its model output.
+    # 0: the global mean prompt only.
+    clusters: int = 0
+    seed: int = 0  # the k-means starts
     out: str = "mean_prompt"  # the stage's folder in the run
 
 
@@ -242,8 +249,10 @@ class PredictConfig:
     max_new_tokens: int = 35  # the most tokens of a recovered prompt
     fallback: str = "Improve the text to this."  # written where the model gives nothing
     # The final prompt, joined from parts in this order: "model" (this
-    # model's output), "mean_prompt" (the run's mean prompt) or the path of
-    # another submission CSV (e.g. another adapter's). Empty parts are
+    # model's output), "mean_prompt" (the run's mean prompt),
+    # "clustered_mean_prompt" (its cluster's, by the model output; see
+    # mean_prompt.clusters) or the path of another submission CSV (e.g.
+    # another adapter's). Empty parts are
     # skipped; the result is cut to the encoder's token limit.
     combine: list[str] = dataclasses.field(default_factory=lambda: ["model"])
     separator: str = " "  # joins the parts of combine

@@ -188,6 +188,11 @@ class RunDir:
         return Path(targets) if targets else self.data_csv
 
     @property
+    def mean_prompt_clusters(self):
+        """Each cluster's centroid and mean prompt (`mean_prompt.clusters`)."""
+        return self.root / self.cfg.mean_prompt.out / "clusters.json"
+
+    @property
     def mean_prompt(self):
         return self.root / self.cfg.mean_prompt.out / "mean_prompt.txt"
 

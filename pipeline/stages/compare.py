@@ -2,7 +2,9 @@
 
 Scores on the same rows (the predict stage's rows and ids): a constant
 baseline, the mean prompt, the model's own output, and the model output
-joined with the mean prompt in both orders. Prints a table, writes
+joined with the mean prompt in both orders; with the mean-prompt stage's
+clusters, each row's cluster's mean prompt (by its model output) alone and
+after the model output. Prints a table, writes
 `compare.json` and a bar chart `compare.png`, so a user can pick what to
 submit.
 
@@ -17,6 +19,7 @@ import json
 from pipeline.parallel import hosts
 from pipeline.run import plots
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.clusters import MeanPromptClusters
 from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit, load_sentence_encoder, score_prompts
 from pipeline.text.tables import SUBMISSION_COLUMNS, read_table
@@ -29,6 +32,9 @@ VARIANTS = {
     "model": ["model"],
     "model + mean prompt": ["model", "mean_prompt"],
     "mean prompt + model": ["mean_prompt", "model"],
+    # Each row's cluster's mean prompt, by its model output (mean_prompt.clusters).
+    "clustered mean prompt": ["clustered_mean_prompt"],
+    "model + clustered mean prompt": ["model", "clustered_mean_prompt"],
 }
 
 
@@ -55,6 +61,10 @@ def compare_variants(cfg, run, stage_dir, log):
     else:
         log(f"compare: {run.mean_prompt} not found; mean-prompt variants left out")
     encoder = load_sentence_encoder(cfg.score.encoder)
+    if run.mean_prompt_clusters.exists():
+        available["clustered_mean_prompt"] = MeanPromptClusters.load(
+            run.mean_prompt_clusters
+        ).for_outputs(encoder, model_outputs, cfg.score.batch_size)
     cut = encoder_token_limit(cfg)
     true_prompts = list(truth["rewrite_prompt"].loc[ids])
     scores = {}

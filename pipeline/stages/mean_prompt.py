@@ -11,7 +11,9 @@ token limit (sentence-t5 sees 128 tokens: nothing past that is scored).
 Every candidate string is embedded once (`EmbeddingCache`), in large batches.
 
 Writes `mean_prompt.txt`, `search.json` (score per step) and
-`search.png` into the run's mean_prompt folder.
+`search.png` into the run's mean_prompt folder. With `mean_prompt.clusters:
+k` it also clusters the training targets (`pipeline/text/clusters.py`) and
+searches each cluster's own mean prompt, into `clusters.json`.
 
 Example:
 ```python
@@ -31,6 +33,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.clusters import MeanPromptClusters, kmeans
 from pipeline.text.encoder import embed, find_piece_model, load_sentence_encoder
 from pipeline.text.tables import read_table, split_rows
 from pipeline.text.token_limit import TokenLimit
@@ -138,6 +141,50 @@ def best_constant(cache, candidates, train_targets, holdout_targets):
     return best, float(MeanScore(cache, holdout_targets)([best])[0])
 
 
+def search_clusters(cfg, cache, targets, limit, global_prompt, path, log):
+    """One mean prompt per k-means cluster of the training targets, saved to
+    `path`; returns the summary. The holdout score gives each holdout row
+    its cluster by its true prompt: an upper bound, since predict picks by
+    the model's output."""
+    mc = cfg.mean_prompt
+    train, holdout = targets
+    labels, centroids = kmeans(cache(train), mc.clusters, mc.seed)
+    prompts, details = [], []
+    for c in range(mc.clusters):
+        members = [t for t, label in zip(train, labels, strict=True) if label == c]
+        objective = MeanScore(cache, members)
+        vocabulary = build_vocabulary(
+            mc.vocabulary,
+            members,
+            limit.pieces() if mc.vocabulary == "pieces" else [],
+            mc.letters_only,
+            mc.top_fraction,
+            objective,
+        )
+        best, history = beam_search(
+            objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, log=lambda _: None
+        )
+        best = best if history else global_prompt
+        prompts.append(best)
+        details.append({"targets": len(members), "train": float(objective([best])[0])})
+        log(
+            f"mean-prompt: cluster {c + 1}/{mc.clusters}: {len(members)} targets, train "
+            f"{details[-1]['train']:.4f}: {best!r}"
+        )
+    clusters = MeanPromptClusters(centroids, prompts, global_prompt)
+    clusters.save(path, details)
+    summary = {"k": mc.clusters, "prompts": prompts}
+    if holdout:
+        truth = cache(holdout)
+        chosen = cache(clusters.nearest(truth))
+        summary["holdout_by_true_prompt"] = float(np.mean(np.sum(truth * chosen, axis=1) ** 3))
+        log(
+            f"mean-prompt: clusters' holdout {summary['holdout_by_true_prompt']:.4f} with each row "
+            "in its true prompt's cluster (an upper bound: predict picks by the model output)"
+        )
+    return summary
+
+
 @pushes_run
 def run_mean_prompt_stage(cfg, log=print):
     run = RunDir(cfg)
@@ -201,6 +248,12 @@ def search_mean_prompt(cfg, run, stage_dir, log):
             f"mean-prompt: holdout {history[-1]['holdout']:.4f} vs best single target prompt "
             f"{constant_score:.4f} ({constant!r})"
         )
+    if mc.clusters:
+        summary["clusters"] = search_clusters(
+            cfg, cache, (train, holdout), limit, best, run.mean_prompt_clusters, log
+        )
+    else:
+        run.mean_prompt_clusters.unlink(missing_ok=True)  # a former run's, not this one's
     (stage_dir / "search.json").write_text(json.dumps(summary, indent=2))
     plots.search_curve(history, stage_dir / "search.png")
     log(f"mean-prompt: {best!r} -> {run.mean_prompt}")

@@ -22,8 +22,9 @@ from pipeline.models.generation import BatchedGenerator
 from pipeline.models.model import load_adapter, load_model, recovery_format
 from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
+from pipeline.text.clusters import MeanPromptClusters
 from pipeline.text.combine import combine_parts, load_parts
-from pipeline.text.encoder import encoder_token_limit
+from pipeline.text.encoder import encoder_token_limit, load_sentence_encoder
 from pipeline.text.openings import model_outputs
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import write_table
@@ -37,7 +38,7 @@ def run_predict_stage(cfg, log=print):
 
     def read_inputs():
         df = run.read_predict_rows(log)
-        parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt)
+        parts = load_parts(cfg.predict.combine, df["id"], run.mean_prompt, run.mean_prompt_clusters)
         if combined:
             encoder_token_limit(cfg)  # a missing piece model fails now, before any generation
         return df, parts
@@ -66,7 +67,15 @@ def run_predict_stage(cfg, log=print):
     if not hosts.is_main_process():
         return run.submission
     cut = encoder_token_limit(cfg) if combined else None
-    parts = [outputs if part is None else part for part in parts]
+    filled = {"model": outputs}
+    if "clustered_mean_prompt" in cfg.predict.combine:  # by each row's model output
+        filled["clustered_mean_prompt"] = MeanPromptClusters.load(
+            run.mean_prompt_clusters
+        ).for_outputs(load_sentence_encoder(cfg.score.encoder), outputs, cfg.score.batch_size)
+    parts = [
+        filled[name] if part is None else part
+        for name, part in zip(cfg.predict.combine, parts, strict=True)
+    ]
     prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
     submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
     write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": outputs}), run.raw_outputs)

@@ -58,14 +58,23 @@ def combine_parts(parts, separator, fallback, cut=None):
     return combined, fallbacks
 
 
-def load_parts(names, ids, mean_prompt_path):
+def load_parts(names, ids, mean_prompt_path, clusters_path=None):
     """Each part as a list aligned with `ids`: "mean_prompt", or a
     submission CSV path (another adapter's or preset's output); None stands
-    for "model", whose outputs the caller fills in. Called before generating,
-    so that a missing file costs no generation work."""
+    for "model" and "clustered_mean_prompt" (each row's cluster's, by its
+    model output), which the caller fills in once it has the outputs.
+    Called before generating, so that a missing file costs no generation
+    work."""
     parts = []
     for name in names:
         if name == "model":
+            parts.append(None)
+        elif name == "clustered_mean_prompt":
+            if not clusters_path or not clusters_path.exists():
+                raise MissingInputError(
+                    f"{clusters_path} not found; run the mean-prompt stage with "
+                    "mean_prompt.clusters=k (3rd place: 12)"
+                )
             parts.append(None)
         elif name == "mean_prompt":
             if not mean_prompt_path.exists():

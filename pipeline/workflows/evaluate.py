@@ -25,7 +25,8 @@ from pipeline.stages.predict import run_predict_stage
 from pipeline.stages.score import run_score_stage
 
 HOLDOUT_SUFFIX = "_holdout"
-PARTS_OF_EVERY_ROW = ("model", "mean_prompt")  # a submission CSV part covers the test ids only
+# A submission CSV part covers the test ids only.
+PARTS_OF_EVERY_ROW = ("model", "mean_prompt", "clustered_mean_prompt")
 
 
 def holdout_config(cfg):
