@@ -133,3 +133,41 @@ def test_stage_refuses_to_write_an_empty_mean_prompt(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="no candidate could be scored"):
         run_mean_prompt_stage(tiny_cfg, log=lambda *_: None)
     assert not (tmp_path / "cpu_tiny" / "mean_prompt" / "mean_prompt.txt").exists()
+
+
+@pytest.mark.slow
+def test_the_combined_objective_scores_what_predict_writes(tiny_cfg):
+    import json
+
+    import pandas as pd
+
+    from pipeline.run.run_dir import RunDir
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.mean_prompt import run_mean_prompt_stage
+    from pipeline.stages.predict import run_predict_stage
+    from pipeline.stages.score import run_score_stage
+
+    cfg = tiny_cfg
+    cfg.data.max_rows, cfg.predict.adapter, cfg.predict.max_new_tokens = 64, "none", 4
+    quiet = dict(log=lambda *_: None)
+    run_data_stage(cfg, **quiet)
+    with pytest.raises(ValueError, match="objective=combined needs mean_prompt.outputs"):
+        cfg.mean_prompt.objective = "combined"
+        run_mean_prompt_stage(cfg, **quiet)
+    cfg.predict.rows, cfg.predict.out = "all", "predict_all"
+    outputs = RunDir(cfg).raw_outputs
+    run_predict_stage(cfg, **quiet)  # the model's outputs for every row, training rows too
+    cfg.mean_prompt.outputs, cfg.mean_prompt.combined_rows = str(outputs), 16
+    cfg.mean_prompt.steps, cfg.mean_prompt.beam_width, cfg.mean_prompt.clusters = 3, 4, 0
+    run_mean_prompt_stage(cfg, **quiet)
+    search = json.loads((RunDir(cfg).mean_prompt.parent / "search.json").read_text())
+    assert search["objective"] == "combined"
+    # predict on the holdout rows, its outputs those the search saw, joined with the mean prompt.
+    cfg.predict.rows, cfg.predict.out = "holdout", "predict_check"
+    cfg.predict.combine = [str(outputs), "mean_prompt"]
+    submission = run_predict_stage(cfg, **quiet)
+    written = pd.read_csv(submission, keep_default_na=False)["rewrite_prompt"]
+    assert all(text.endswith(search["mean_prompt"]) for text in written)
+    cfg.score.out = "score_check"
+    assert run_score_stage(cfg, **quiet) == pytest.approx(search["steps"][-1]["holdout"], abs=1e-6)
+    assert search["steps"][-1]["holdout"] > search["model_outputs_alone"]["holdout"]

@@ -227,6 +227,17 @@ class MeanPromptConfig:
     piece_model: str | None = None
     max_tokens: int = 128  # sentence-t5 sees no more
     batch_size: int = 512  # strings embedded together
+    # What the search scores: "standalone", the string alone against the
+    # targets; "combined" (2nd place), the string appended to the model's
+    # outputs (predict.separator, cut as predict cuts), the score of what
+    # predict writes with combine [model, mean_prompt].
+    objective: Literal["standalone", "combined"] = "standalone"
+    # combined: the model's outputs for rows of the targets CSV (a predict
+    # stage's model_outputs.csv, e.g. predict.rows=all); the first
+    # combined_rows training rows among them are searched on, the holdout
+    # rows among them reported.
+    outputs: str | None = None
+    combined_rows: int = 256  # see outputs
     # Clustered mean prompts (3rd place: 12): k-means of the training
     # targets' embeddings, one search per cluster (clusters.json), beside
     # the global one; predict's "clustered_mean_prompt" part (and compare)

@@ -34,8 +34,9 @@ from pipeline.errors import InputError
 from pipeline.parallel import hosts
 from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.clusters import MeanPromptClusters, kmeans
+from pipeline.text.combine import combine_parts
 from pipeline.text.encoder import embed, find_piece_model, load_sentence_encoder
-from pipeline.text.tables import read_table, split_rows
+from pipeline.text.tables import SUBMISSION_COLUMNS, read_table, split_rows
 from pipeline.text.token_limit import TokenLimit
 
 
@@ -75,6 +76,31 @@ class MeanScore:
 
     def __call__(self, candidates):
         return ((self.cache(list(candidates)) @ self.targets.T) ** 3).mean(axis=1)
+
+
+class CombinedScore:
+    """Per candidate, mean over rows of cos(output + candidate, target)**3:
+    the score of what predict writes with combine [model, mean_prompt]
+    (its join, fallback and cut). The joined strings are embedded without
+    the cache: each is seen once."""
+
+    def __init__(self, cache, outputs, targets, predict_cfg, cut):
+        self.cache, self.outputs, self.cut = cache, list(outputs), cut
+        self.separator, self.fallback = predict_cfg.separator, predict_cfg.fallback
+        self.targets = cache(list(targets))
+
+    def __call__(self, candidates):
+        n = len(self.outputs)
+        joined = []
+        for candidate in candidates:
+            prompts, _ = combine_parts(
+                [self.outputs, [candidate] * n], self.separator, self.fallback, self.cut
+            )
+            joined.extend(prompts)
+        vectors = embed(self.cache.encoder, joined, self.cache.batch_size).reshape(
+            len(candidates), n, -1
+        )
+        return ((vectors * self.targets).sum(axis=-1) ** 3).mean(axis=1)
 
 
 def candidate_moves(text, vocabulary, moves):
@@ -141,6 +167,40 @@ def best_constant(cache, candidates, train_targets, holdout_targets):
     return best, float(MeanScore(cache, holdout_targets)([best])[0])
 
 
+def combined_objectives(cfg, cache, train_df, holdout_df, cut, log):
+    """(the combined score on the first `combined_rows` training rows that
+    have a model output, the same on the holdout rows that have one, or
+    None)."""
+    mc = cfg.mean_prompt
+    if not mc.outputs:
+        raise InputError(
+            "mean_prompt.objective=combined needs mean_prompt.outputs: the model's outputs for "
+            "training rows, e.g. make predict ARGS='predict.rows=all predict.out=predict_all', "
+            "then mean_prompt.outputs=runs/<run.name>/predict_all/model_outputs.csv"
+        )
+    outputs = read_table(mc.outputs, SUBMISSION_COLUMNS, empty="keep", log=log).set_index("id")[
+        "rewrite_prompt"
+    ]
+    train_df = train_df[train_df["id"].isin(outputs.index)].iloc[: mc.combined_rows]
+    holdout_df = holdout_df[holdout_df["id"].isin(outputs.index)]
+    if train_df.empty:
+        raise InputError(
+            f"mean_prompt.outputs {mc.outputs}: no output for any training row of "
+            f"{RunDir(cfg).mean_prompt_targets}; predict the training rows (predict.rows=all)"
+        )
+    log(
+        f"mean-prompt: combined objective: the string after the model's outputs, on "
+        f"{len(train_df)} training / {len(holdout_df)} holdout rows of {mc.outputs}"
+    )
+
+    def score(part):
+        return CombinedScore(
+            cache, outputs.loc[part["id"]], part["rewrite_prompt"], cfg.predict, cut
+        )
+
+    return score(train_df), score(holdout_df) if len(holdout_df) else None
+
+
 def search_clusters(cfg, cache, targets, limit, global_prompt, path, log):
     """One mean prompt per k-means cluster of the training targets, saved to
     `path`; returns the summary. The holdout score gives each holdout row
@@ -197,19 +257,24 @@ def search_mean_prompt(cfg, run, stage_dir, log):
     from pipeline.run import plots
 
     mc = cfg.mean_prompt
-    df = read_table(
-        run.mean_prompt_targets, ["rewrite_prompt"], ["rewrite_prompt"], empty="keep", log=log
-    )
+    columns = ["id", "rewrite_prompt"] if mc.objective == "combined" else ["rewrite_prompt"]
+    df = read_table(run.mean_prompt_targets, columns, ["rewrite_prompt"], empty="keep", log=log)
     train_rows, _, holdout_rows = split_rows(len(df), cfg.split)
-    prompts = df["rewrite_prompt"].str.strip()
-    train = [p for p in prompts.iloc[list(train_rows)] if p]
-    holdout = [p for p in prompts.iloc[list(holdout_rows)] if p]
+    df["rewrite_prompt"] = df["rewrite_prompt"].str.strip()
+    train_df, holdout_df = (df.iloc[list(rows)] for rows in (train_rows, holdout_rows))
+    train_df, holdout_df = (part[part["rewrite_prompt"] != ""] for part in (train_df, holdout_df))
+    train, holdout = list(train_df["rewrite_prompt"]), list(holdout_df["rewrite_prompt"])
     limit = TokenLimit(find_piece_model(cfg.score.encoder, mc.piece_model), mc.max_tokens)
     cache = EmbeddingCache(load_sentence_encoder(cfg.score.encoder), mc.batch_size)
-    objective, holdout_score = (
-        MeanScore(cache, train),
-        MeanScore(cache, holdout) if holdout else None,
-    )
+    if mc.objective == "combined":
+        objective, holdout_score = combined_objectives(
+            cfg, cache, train_df, holdout_df, limit.cut, log
+        )
+    else:
+        objective, holdout_score = (
+            MeanScore(cache, train),
+            MeanScore(cache, holdout) if holdout else None,
+        )
     vocabulary = build_vocabulary(
         mc.vocabulary,
         train,
@@ -236,12 +301,20 @@ def search_mean_prompt(cfg, run, stage_dir, log):
     (stage_dir / "mean_prompt.txt").write_text(best + "\n")
     summary = {
         "mean_prompt": best,
+        "objective": mc.objective,
         "steps": history,
         "seconds": round(elapsed, 2),
         "strings_embedded": cache.misses,
         "cache_hit_rate": round(cache.hit_rate, 4),
     }
-    if holdout:
+    if holdout_score and mc.objective == "combined":
+        alone = float(holdout_score([""])[0])  # an empty part is skipped: the output alone
+        summary["model_outputs_alone"] = {"holdout": alone}
+        log(
+            f"mean-prompt: holdout {history[-1]['holdout']:.4f} vs the model outputs alone "
+            f"{alone:.4f}"
+        )
+    elif holdout:
         constant, constant_score = best_constant(cache, train, train, holdout)
         summary["best_single_target_prompt"] = {"prompt": constant, "holdout": constant_score}
         log(
