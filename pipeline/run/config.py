@@ -286,6 +286,11 @@ class ScoreConfig:
 
 @dataclasses.dataclass
 class CompareConfig:
+    # Other model outputs to score beside this run's, each alone and with
+    # the mean prompt: model_outputs.csv (or submission) files of other
+    # predict runs on the same rows (another adapter: predict.adapter=best,
+    # predict.out=predict_best), named by their folder.
+    outputs: list[str] = dataclasses.field(default_factory=list)
     out: str = "compare"  # the stage's folder in the run
 
 

@@ -202,6 +202,11 @@ class RunDir:
         return self.root / self.cfg.predict.out / "model_outputs.csv"
 
     @property
+    def outputs_by_opening(self):
+        """Each forced opening's answers (predict.openings), a column each."""
+        return self.root / self.cfg.predict.out / "model_outputs_by_opening.csv"
+
+    @property
     def submission(self):
         return self.root / self.cfg.predict.out / "submission.csv"
 

@@ -4,7 +4,11 @@ Scores on the same rows (the predict stage's rows and ids): a constant
 baseline, the mean prompt, the model's own output, and the model output
 joined with the mean prompt in both orders; with the mean-prompt stage's
 clusters, each row's cluster's mean prompt (by its model output) alone and
-after the model output. Prints a table, writes
+after the model output; with forced openings, each opening's answers alone
+(the model variant being their concatenation); and each of
+`compare.outputs` (another predict run's outputs, e.g. the best adapter's)
+alone and with the mean prompt. It names the best, and leaves the choice
+to the user. Prints a table, writes
 `compare.json` and a bar chart `compare.png`, so a user can pick what to
 submit.
 
@@ -15,6 +19,9 @@ scores = run_compare_stage(cfg)  # after predict and mean-prompt
 """
 
 import json
+from pathlib import Path
+
+import pandas as pd
 
 from pipeline.parallel import hosts
 from pipeline.run import plots
@@ -56,6 +63,18 @@ def compare_variants(cfg, run, stage_dir, log):
     model = read_table(run.raw_outputs, SUBMISSION_COLUMNS, empty="keep", log=log).set_index("id")
     model_outputs = list(model["rewrite_prompt"].reindex(ids, fill_value=""))
     available = {"constant": [CONSTANT_BASELINE] * len(ids), "model": model_outputs}
+    variants = dict(VARIANTS)
+    if run.outputs_by_opening.exists():  # each forced opening's answers alone
+        by_opening = pd.read_csv(run.outputs_by_opening, dtype=str, keep_default_na=False)
+        by_opening = by_opening.set_index("id")
+        for opening in by_opening.columns:
+            available[f"opening {opening}"] = list(by_opening[opening].reindex(ids, fill_value=""))
+            variants[f"model, opening {opening!r} only"] = [f"opening {opening}"]
+    for path in cfg.compare.outputs:  # another predict run's outputs
+        name = Path(path).parent.name
+        available[name] = load_parts([path], ids, run.mean_prompt)[0]
+        variants[name] = [name]
+        variants[f"{name} + mean prompt"] = [name, "mean_prompt"]
     if run.mean_prompt.exists():
         available["mean_prompt"] = load_parts(["mean_prompt"], ids, run.mean_prompt)[0]
     else:
@@ -68,7 +87,7 @@ def compare_variants(cfg, run, stage_dir, log):
     cut = encoder_token_limit(cfg)
     true_prompts = list(truth["rewrite_prompt"].loc[ids])
     scores = {}
-    for name, part_names in VARIANTS.items():
+    for name, part_names in variants.items():
         if all(p in available for p in part_names):
             prompts, _ = combine_parts(
                 [available[p] for p in part_names], cfg.predict.separator, cfg.predict.fallback, cut
@@ -80,6 +99,12 @@ def compare_variants(cfg, run, stage_dir, log):
     log(f"compare: {len(ids)} rows ({cfg.predict.rows})")
     for name, score in sorted(scores.items(), key=lambda kv: -kv[1]):
         log(f"  {name:<{width}}  {score:.4f}")
+    best = max(scores, key=scores.get)
+    log(
+        f"compare: best on these {cfg.predict.rows} rows: {best}. The choice is yours: "
+        "a choice made on these rows makes their score of it optimistic; choose on "
+        "validation rows (make sweep) where that matters"
+    )
     (stage_dir / "compare.json").write_text(
         json.dumps({"rows": len(ids), "scores": scores}, indent=2)
     )

@@ -25,7 +25,7 @@ from pipeline.run.run_dir import RunDir, pushes_run
 from pipeline.text.clusters import MeanPromptClusters
 from pipeline.text.combine import combine_parts, load_parts
 from pipeline.text.encoder import encoder_token_limit, load_sentence_encoder
-from pipeline.text.openings import model_outputs
+from pipeline.text.openings import join_answers, opening_answers
 from pipeline.text.recovery import RecoveryFormatter
 from pipeline.text.tables import write_table
 
@@ -60,9 +60,8 @@ def run_predict_stage(cfg, log=print):
     if openings:
         log(f"predict: one generation per opening: {' | '.join(openings)}")
     start = time.perf_counter()
-    outputs = model_outputs(
-        formatter.prompt_ids(df), openings, tokenizer, generator.texts, cfg.predict.separator
-    )
+    answers = opening_answers(formatter.prompt_ids(df), openings, tokenizer, generator.texts)
+    outputs = join_answers(answers, cfg.predict.separator)
     elapsed = time.perf_counter() - start
     if not hosts.is_main_process():
         return run.submission
@@ -79,6 +78,11 @@ def run_predict_stage(cfg, log=print):
     prompts, fallbacks = combine_parts(parts, cfg.predict.separator, cfg.predict.fallback, cut)
     submission = pd.DataFrame({"id": df["id"], "rewrite_prompt": prompts})
     write_table(pd.DataFrame({"id": df["id"], "rewrite_prompt": outputs}), run.raw_outputs)
+    if openings:  # each opening's answers, for compare
+        by_opening = pd.DataFrame({"id": df["id"], **dict(zip(openings, answers, strict=True))})
+        write_table(by_opening, run.outputs_by_opening)
+    else:
+        run.outputs_by_opening.unlink(missing_ok=True)  # a former run's
     write_table(submission, run.submission)
     summary = {
         "rows": len(df),

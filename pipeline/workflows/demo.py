@@ -43,8 +43,9 @@ def run_demo(cfg, log=print):
         stage(cfg, log=log)
     variants = [("base model", variant(cfg, "none", "_base"))]
     best = best_before_the_end(cfg, log)
+    best_cfg = best and variant(cfg, "best", "_best")
     if best:
-        variants.append((f"best adapter (step {best['step']})", variant(cfg, "best", "_best")))
+        variants.append((f"best adapter (step {best['step']})", best_cfg))
     variants.append(("fine-tuned", cfg))
     scores = {}
     for label, run_cfg in variants:
@@ -52,6 +53,11 @@ def run_demo(cfg, log=print):
         run_predict_stage(run_cfg, log=log)
         scores[label] = run_score_stage(run_cfg, log=log)
     log("=== compare ===")
+    if best:  # the best adapter's outputs beside the last one's
+        best_outputs = str(RunDir(best_cfg).raw_outputs)
+        cfg = dataclasses.replace(
+            cfg, compare=dataclasses.replace(cfg.compare, outputs=[best_outputs])
+        )
     run_compare_stage(cfg, log=log)
     log("=== result (holdout rows, same encoder) ===")
     for label, score in scores.items():
