@@ -25,7 +25,10 @@ def test_compare_scores_each_opening_and_other_outputs_and_names_the_best(tiny_c
     plain = RunDir(cfg).raw_outputs
     cfg.predict.out, cfg.predict.openings = "predict", ["Rewrite", "Make this text"]
     run_predict_stage(cfg, **quiet)
-    cfg.compare.outputs = [str(plain)]
+    other_mean = RunDir(cfg).root / "mean_prompt_other" / "mean_prompt.txt"
+    other_mean.parent.mkdir()
+    other_mean.write_text("Rewrite this text.\n")
+    cfg.compare.alternatives = [str(plain), str(other_mean)]
     logs = []
     scores = run_compare_stage(cfg, log=logs.append)
     assert {
@@ -33,6 +36,8 @@ def test_compare_scores_each_opening_and_other_outputs_and_names_the_best(tiny_c
         "model, opening 'Make this text' only",
         "predict_plain",
         "predict_plain + mean prompt",
+        "mean_prompt_other",
+        "model + mean_prompt_other",
         "model",
     } <= set(scores)
     run = RunDir(cfg)

@@ -286,11 +286,13 @@ class ScoreConfig:
 
 @dataclasses.dataclass
 class CompareConfig:
-    # Other model outputs to score beside this run's, each alone and with
-    # the mean prompt: model_outputs.csv (or submission) files of other
-    # predict runs on the same rows (another adapter: predict.adapter=best,
-    # predict.out=predict_best), named by their folder.
-    outputs: list[str] = dataclasses.field(default_factory=list)
+    # Alternatives scored beside this run's on the same rows, each named by
+    # its folder: a .csv of another predict run's outputs (model_outputs.csv,
+    # e.g. predict.adapter=best predict.out=predict_best), alone and with
+    # the mean prompt; a .txt mean prompt of another mean-prompt run (e.g.
+    # mean_prompt.objective=combined mean_prompt.out=mean_prompt_combined),
+    # alone and after the model.
+    alternatives: list[str] = dataclasses.field(default_factory=list)
     out: str = "compare"  # the stage's folder in the run
 
 

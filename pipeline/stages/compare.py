@@ -6,11 +6,11 @@ joined with the mean prompt in both orders; with the mean-prompt stage's
 clusters, each row's cluster's mean prompt (by its model output) alone and
 after the model output; with forced openings, each opening's answers alone
 (the model variant being their concatenation); and each of
-`compare.outputs` (another predict run's outputs, e.g. the best adapter's)
-alone and with the mean prompt. It names the best, and leaves the choice
-to the user. Prints a table, writes
-`compare.json` and a bar chart `compare.png`, so a user can pick what to
-submit.
+`compare.alternatives`: another predict run's outputs (e.g. the best
+adapter's) alone and with the mean prompt, or another mean prompt (e.g. the
+combined objective's) alone and after the model. Prints a table (naming
+the best, and leaving the choice to the user), writes `compare.json` and a
+bar chart `compare.png`, so a user can pick what to submit.
 
 Example:
 ```python
@@ -70,11 +70,14 @@ def compare_variants(cfg, run, stage_dir, log):
         for opening in by_opening.columns:
             available[f"opening {opening}"] = list(by_opening[opening].reindex(ids, fill_value=""))
             variants[f"model, opening {opening!r} only"] = [f"opening {opening}"]
-    for path in cfg.compare.outputs:  # another predict run's outputs
-        name = Path(path).parent.name
-        available[name] = load_parts([path], ids, run.mean_prompt)[0]
-        variants[name] = [name]
-        variants[f"{name} + mean prompt"] = [name, "mean_prompt"]
+    for path in map(Path, cfg.compare.alternatives):
+        name = path.parent.name
+        if path.suffix == ".txt":  # another mean prompt
+            available[name] = load_parts(["mean_prompt"], ids, path)[0]
+            variants[name], variants[f"model + {name}"] = [name], ["model", name]
+        else:  # another predict run's outputs
+            available[name] = load_parts([str(path)], ids, run.mean_prompt)[0]
+            variants[name], variants[f"{name} + mean prompt"] = [name], [name, "mean_prompt"]
     if run.mean_prompt.exists():
         available["mean_prompt"] = load_parts(["mean_prompt"], ids, run.mean_prompt)[0]
     else:

@@ -56,7 +56,7 @@ def run_demo(cfg, log=print):
     if best:  # the best adapter's outputs beside the last one's
         best_outputs = str(RunDir(best_cfg).raw_outputs)
         cfg = dataclasses.replace(
-            cfg, compare=dataclasses.replace(cfg.compare, outputs=[best_outputs])
+            cfg, compare=dataclasses.replace(cfg.compare, alternatives=[best_outputs])
         )
     run_compare_stage(cfg, log=log)
     log("=== result (holdout rows, same encoder) ===")
