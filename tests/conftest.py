@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from processes import tiny_config
+
 from pipeline.models.tiny import stand_in_store
 from pipeline.parallel.runtime import setup_environment
 from pipeline.run.config import DistributionConfig
@@ -51,13 +53,7 @@ def tiny():
 @pytest.fixture
 def tiny_cfg(tiny, tmp_path):
     """The embedded default, writing into a temporary run root."""
-    from pipeline.run.config import load_config
-
-    os.chdir(ROOT)  # config paths are relative to the repository root
-    return load_config(
-        None,
-        [f"run.root={tmp_path}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"],
-    )
+    return tiny_config(tiny, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -74,14 +70,9 @@ def tiny_model(tiny):
 def demo_run(tiny, tmp_path_factory):
     """The demo (every stage, base and fine-tuned) run once per session:
     (config, scores). Tests of what comes after training share it."""
-    from pipeline.run.config import load_config
     from pipeline.workflows.demo import run_demo
 
-    os.chdir(ROOT)
-    root = tmp_path_factory.mktemp("demo")
-    cfg = load_config(
-        None, [f"run.root={root}", f"model.preset={tiny.preset}", f"score.encoder={tiny.encoder}"]
-    )
+    cfg = tiny_config(tiny, tmp_path_factory.mktemp("demo"))
     logs = []
     scores = run_demo(cfg, log=logs.append)
     return cfg, scores, logs

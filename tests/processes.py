@@ -18,6 +18,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tiny_config(tiny, root, overrides=()):
+    """The embedded default on the tiny stand-ins, writing under `root`."""
+    from pipeline.run.config import load_config
+
+    os.chdir(ROOT)  # config paths are relative to the repository root
+    return load_config(
+        None,
+        [
+            f"run.root={root}",
+            f"model.preset={tiny.preset}",
+            f"score.encoder={tiny.encoder}",
+            *overrides,
+        ],
+    )
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -2,11 +2,10 @@
 run's data, the table and plot of validation scores, nothing trained twice."""
 
 import json
-import os
 
 import pandas as pd
 import pytest
-from processes import ROOT
+from processes import tiny_config
 
 from pipeline.errors import InputError
 from pipeline.run.config import ConfigError, load_config, split_grid
@@ -40,17 +39,7 @@ def test_overrides_listing_values_of_their_key_are_the_grid():
 
 
 def config(tiny, root, *overrides):
-    os.chdir(ROOT)  # config paths are relative to the repository root
-    return load_config(
-        None,
-        [
-            *SETTINGS,
-            f"run.root={root}",
-            f"model.preset={tiny.preset}",
-            f"score.encoder={tiny.encoder}",
-            *overrides,
-        ],
-    )
+    return tiny_config(tiny, root, [*SETTINGS, *overrides])
 
 
 def test_a_bad_value_in_the_grid_stops_the_sweep_before_any_work(tiny, tmp_path):

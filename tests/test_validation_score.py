@@ -3,15 +3,14 @@ of the logged scores and scores what was logged, evaluating leaves training
 alone, early stopping stops where it says and stays stopped."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from processes import ROOT
+from processes import tiny_config
 from test_pod import lora_weights
 
 from pipeline.parallel.checkpoint import Progress
-from pipeline.run.config import TrainConfig, load_config
+from pipeline.run.config import TrainConfig
 from pipeline.run.run_dir import RunDir
 from pipeline.stages.data import run_data_stage
 from pipeline.stages.finetune import run_finetune_stage
@@ -55,17 +54,7 @@ def test_tracking_keeps_the_first_best_and_goes_stale_after_early_stop_evaluatio
 
 
 def config(tiny, root, *overrides):
-    os.chdir(ROOT)  # config paths are relative to the repository root
-    return load_config(
-        None,
-        [
-            *SETTINGS,
-            f"run.root={root}",
-            f"model.preset={tiny.preset}",
-            f"score.encoder={tiny.encoder}",
-            *overrides,
-        ],
-    )
+    return tiny_config(tiny, root, [*SETTINGS, *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -205,20 +205,11 @@ def run_finetune_stage(cfg, log=print):
             stage_dir / "tensorboard" / "validation" if hosts.is_main_process() else None,
             log,
         )
+        training = Training(
+            cfg, causal_lm, batches, (train_rows, val_rows), store, progress, stage_dir, tracking
+        )
         with preemption.watching() as notice:
-            train(
-                cfg,
-                causal_lm,
-                batches,
-                train_rows,
-                val_rows,
-                store,
-                progress,
-                stage_dir,
-                notice,
-                tracking,
-                log,
-            )
+            train(training, notice, log)
     finally:
         store.close()  # waits for the last save
     save_adapter(causal_lm, cfg, run.adapter)
@@ -312,24 +303,36 @@ def resume(store, causal_lm, total_steps, log):
     return progress
 
 
-def train(
-    cfg,
-    causal_lm,
-    batches,
-    train_rows,
-    val_rows,
-    store,
-    progress,
-    stage_dir,
-    notice,
-    tracking,
-    log,
-):
+@dataclasses.dataclass
+class Training:
+    """What `train` trains and where it records: the model, its batch plan,
+    the encoded (training, validation) rows, the checkpoints and progress,
+    the stage folder, and the validation by the metric (or None)."""
+
+    cfg: object
+    causal_lm: object
+    batches: TrainingBatches
+    rows: tuple
+    store: CheckpointStore
+    progress: Progress
+    stage_dir: object
+    tracking: ValidationTracking | None
+
+
+def train(training, notice, log):
     """Trains from `progress.step` to the last epoch's end: one `fit` per
     epoch (the first one from where the checkpoint left off), validation and
-    a checkpoint after each; `tracking` (or None) scores by the metric and
-    may end training early. Raises `Preempted` once `notice` has come and
-    the step every host reached is saved."""
+    a checkpoint after each; `tracking` scores by the metric and may end
+    training early. Raises `Preempted` once `notice` has come and the step
+    every host reached is saved."""
+    cfg, causal_lm, batches, progress = (
+        training.cfg,
+        training.causal_lm,
+        training.batches,
+        training.progress,
+    )
+    (train_rows, val_rows), store, tracking = training.rows, training.store, training.tracking
+    stage_dir = training.stage_dir
     tc = cfg.train
     per_epoch = batches.steps_per_epoch
     val_batches = evaluation_batches(val_rows, tc.batch_size, tc.sequence_length, tc.length_step)

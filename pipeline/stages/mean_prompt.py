@@ -159,6 +159,15 @@ def build_vocabulary(kind, targets, pieces, letters_only, top_fraction, objectiv
     return [items[i] for i in np.argsort(-scores, kind="stable")[:keep]]
 
 
+def configured_vocabulary(mean_prompt_cfg, targets, limit, objective):
+    """`build_vocabulary` as `mean_prompt_cfg` says, for `targets`."""
+    mc = mean_prompt_cfg
+    pieces = limit.pieces() if mc.vocabulary == "pieces" else []
+    return build_vocabulary(
+        mc.vocabulary, targets, pieces, mc.letters_only, mc.top_fraction, objective
+    )
+
+
 def best_constant(cache, candidates, train_targets, holdout_targets):
     """The single candidate that scores best on the training targets, used
     for every row (picked like the mean prompt), and its holdout score."""
@@ -213,14 +222,7 @@ def search_clusters(cfg, cache, targets, limit, global_prompt, path, log):
     for c in range(mc.clusters):
         members = [t for t, label in zip(train, labels, strict=True) if label == c]
         objective = MeanScore(cache, members)
-        vocabulary = build_vocabulary(
-            mc.vocabulary,
-            members,
-            limit.pieces() if mc.vocabulary == "pieces" else [],
-            mc.letters_only,
-            mc.top_fraction,
-            objective,
-        )
+        vocabulary = configured_vocabulary(mc, members, limit, objective)
         best, history = beam_search(
             objective, vocabulary, mc.beam_width, mc.steps, limit, mc.moves, log=lambda _: None
         )
@@ -275,14 +277,7 @@ def search_mean_prompt(cfg, run, stage_dir, log):
             MeanScore(cache, train),
             MeanScore(cache, holdout) if holdout else None,
         )
-    vocabulary = build_vocabulary(
-        mc.vocabulary,
-        train,
-        limit.pieces() if mc.vocabulary == "pieces" else [],
-        mc.letters_only,
-        mc.top_fraction,
-        objective,
-    )
+    vocabulary = configured_vocabulary(mc, train, limit, objective)
     log(
         f"mean-prompt: {len(train)} train / {len(holdout)} holdout targets, {len(vocabulary)} "
         f"{mc.vocabulary} in the vocabulary"
