@@ -106,6 +106,10 @@ def test_the_best_adapter_scores_what_was_logged(trained_runs, tiny):
     scorer = ValidationScorer(causal_lm, tokenizer, cfg, validation)
     assert scorer.rows == min(cfg.train.eval_rows, len(validation)) > 4
     assert scorer() == pytest.approx(best["validation_score"], abs=1e-5)
+    # With forced openings it scores what predict writes: each opening's answer, joined.
+    opened = config(tiny, run.parent, "predict.openings=[Rewrite,Make this]")
+    predicted = ValidationScorer(causal_lm, tokenizer, opened, validation).predicted()
+    assert all(p.startswith("Rewrite") and " Make this" in p for p in predicted), predicted
 
 
 @pytest.mark.slow

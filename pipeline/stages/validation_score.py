@@ -25,14 +25,16 @@ from pipeline.models.generation import BatchedGenerator
 from pipeline.parallel import hosts
 from pipeline.text.combine import combine_parts
 from pipeline.text.encoder import load_sentence_encoder, score_prompts
+from pipeline.text.openings import model_outputs
 from pipeline.text.recovery import RecoveryFormatter
 
 
 class ValidationScorer:
     """The mean score of the model's prompts for the first
     `cfg.train.eval_rows` rows of `rows` (original_text, rewritten_text,
-    rewrite_prompt), as predict would write them (an empty output replaced
-    by `predict.fallback`). Batches of `train.batch_size` rows: their
+    rewrite_prompt), as predict's model part would be (its forced
+    openings, `predict.openings`; an empty output replaced by
+    `predict.fallback`). Batches of `train.batch_size` rows: their
     training step's activations outweigh their cache, so what trains also
     evaluates. The encoder is loaded now, so that a bad `score.encoder`
     stops the stage before it trains."""
@@ -46,7 +48,7 @@ class ValidationScorer:
         self.rows = len(rows)
         self.prompts = formatter.prompt_ids(rows)
         self.truth = list(rows["rewrite_prompt"])
-        self.fallback = cfg.predict.fallback
+        self.tokenizer, self.predict_cfg = tokenizer, cfg.predict
         self.batch_size = cfg.score.batch_size
         self.generator = BatchedGenerator(
             causal_lm, tokenizer, tc.batch_size, cfg.predict.max_new_tokens, log=lambda line: None
@@ -59,10 +61,18 @@ class ValidationScorer:
         hosts.share_from_main(load_encoder)  # a bad handle fails on every host
 
     def __call__(self):
-        prompts, _ = combine_parts([self.generator.texts(self.prompts)], " ", self.fallback)
+        prompts = self.predicted()
         return hosts.share_from_main(
             lambda: float(score_prompts(self.encoder, prompts, self.truth, self.batch_size).mean())
         )
+
+    def predicted(self):
+        """The prompts the model gives the rows now, as predict writes them."""
+        pc = self.predict_cfg
+        outputs = model_outputs(
+            self.prompts, pc.openings, self.tokenizer, self.generator.texts, pc.separator
+        )
+        return combine_parts([outputs], pc.separator, pc.fallback)[0]
 
 
 class ValidationTracking(keras.callbacks.Callback):
