@@ -156,7 +156,6 @@ def test_combined_prompts_are_cut_to_what_the_encoder_sees(tiny_cfg, tmp_path, m
 
 def test_each_opening_prefills_its_generation_and_the_answers_join_in_order(tiny_cfg, tmp_path):
     from pipeline.text.openings import model_outputs
-    from pipeline.text.tokens import tokenize_batch
 
     _test_csv(tmp_path, n=3)
     tiny_cfg.predict.input, tiny_cfg.predict.rows, tiny_cfg.predict.adapter = (
@@ -189,4 +188,3 @@ def test_each_opening_prefills_its_generation_and_the_answers_join_in_order(tiny
     joined = model_outputs([[1, 2], [0]], ["ab c", "d"], Tokenizer(), generate, " | ")
     assert calls == [([[1, 2, 2, 1], [0, 2, 1]], 2), ([[1, 2, 1], [0, 1]], 1)]
     assert joined == ["2 tokens kept | 1 tokens kept", ""]  # an empty answer is skipped
-    assert tokenize_batch(Tokenizer(), ["ab c"]) == [[2, 1]]

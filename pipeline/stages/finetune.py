@@ -250,7 +250,7 @@ def validation_scorer(causal_lm, tokenizer, cfg, val_df, log):
     if val_df.empty:
         log("finetune: no validation rows (split.validation): no validation score")
         return None
-    return ValidationScorer(causal_lm, tokenizer, cfg, val_df, log)
+    return ValidationScorer(causal_lm, tokenizer, cfg, val_df)
 
 
 def encode_splits(tokenizer, train_cfg, train_df, val_df, log):

@@ -39,7 +39,7 @@ class ValidationScorer:
     evaluates. The encoder is loaded now, so that a bad `score.encoder`
     stops the stage before it trains."""
 
-    def __init__(self, causal_lm, tokenizer, cfg, rows, log=print):
+    def __init__(self, causal_lm, tokenizer, cfg, rows):
         tc = cfg.train
         formatter = RecoveryFormatter(
             tokenizer, tc.template, tc.sequence_length, tc.max_response_tokens
