@@ -10,11 +10,11 @@ allocator) slows the next:
 
 - `pipeline`: training as the stage trains (`fit` with its optimizer, loss
   and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the family's
-  decoder (`generation.make_decoder`: `GemmaDecoder` for Gemma, KerasHub's
-  step on the buckets otherwise) over a batch sweep (256-token prompts + 64
+  decoder (`generation.make_decoder`: `CachedDecoder`, or KerasHub's step
+  on the buckets for Gemma 4) over a batch sweep (256-token prompts + 64
   new tokens): new tokens/s, ms per step, and the step's bandwidth floor
   (the bytes it must read, `decoding_cost.step_floor_bytes`, over the memory
-  bandwidth) as a fraction of the measured step; for `GemmaDecoder`, also
+  bandwidth) as a fraction of the measured step; for `CachedDecoder`, also
   XLA's count of the bytes its step moves over that floor;
 - `keras_hub`: stock KerasHub on the same shapes: `fit` for training,
   `generate` over the same sweep;
@@ -146,7 +146,7 @@ def timed(run, repeats):
 
 def pipeline_case(name, args):
     from pipeline.models import flops
-    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding import CachedDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
     from pipeline.models.generation import make_decoder
     from pipeline.models.lora_training import compile_lora_training
@@ -183,7 +183,7 @@ def pipeline_case(name, args):
             "floor_ms_per_step": 1e3 * floor,
             "fraction_of_bandwidth_floor": floor / step,
         }
-        if isinstance(decoder, GemmaDecoder):  # XLA's count needs the decoder's own step
+        if isinstance(decoder, CachedDecoder):  # XLA's count needs the decoder's own step
             result["decoding"][rows]["bytes_accessed_ratio"] = step_bytes_accessed(
                 decoder, rows, PROMPT + NEW_TOKENS
             ) / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS)

@@ -14,8 +14,9 @@ virtual devices). For accelerators, see bench/gpu_throughput.py.
 - decoding bytes: one decoding step's bytes read and written, by XLA's cost
   analysis of the compiled step, over what it must read (every weight once
   and the KV cache): `decode_bytes_accessed_ratio`, at 32 rows, for the tiny
-  model and 2-layer slices at Gemma-7B and Gemma-2B width (compiled, not
-  run; 2B has one key/value head).
+  model and 2-layer slices at the width of each family's 7B-class model
+  `CachedDecoder` runs (`DECODE_WIDTHS`: Gemma 7B and 2B, Gemma 3 12B,
+  Mistral 7B, Llama 3 8B, Qwen 3 8B; compiled, not run).
 
 Steady state is timed: every shape is compiled in a warm-up pass first.
 Writes bench/results/throughput.json.
@@ -224,10 +225,10 @@ def cpu_benchmark(args):
 
 def decode_bytes(causal_lm, rows, length):
     """One decoding step's bytes (XLA's cost analysis) against the floor."""
-    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding import CachedDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
 
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
     accessed, floor = (
         step_bytes_accessed(decoder, rows, length),
         step_floor_bytes(decoder, rows, length),
@@ -241,32 +242,55 @@ def decode_bytes(causal_lm, rows, length):
     }
 
 
+# Each family's 7B-class architecture (Gemma 3's 12B, the one whose key/value
+# heads the (1, 8) mesh shards), and Gemma 2B's one key/value head.
+DECODE_WIDTHS = (
+    ("gemma", "gemma_7b"),
+    ("gemma", "gemma_2b"),
+    ("gemma3", "gemma3_12b"),
+    ("mistral", "mistral_7b"),
+    ("llama3", "llama3_8b"),
+    ("qwen3", "qwen3_8b"),
+)
+
+
 def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     """At the data stage's 7B shapes (a 384-token prompt bucket + 256 new
-    tokens): the tiny model, and 2-layer slices at Gemma-7B and Gemma-2B
-    width. Float32: XLA on the CPU widens bfloat16 products to float32,
-    which a GPU does not, so bfloat16 here would measure the CPU, not the
-    decoder."""
-    import keras
-    import keras_hub
-
-    from pipeline.models.families import gemma
+    tokens): the tiny model, and a 2-layer slice of each architecture of
+    `DECODE_WIDTHS`, each in its own process (a slice of Gemma 3 12B
+    takes 17 GB to build and compile in float32). Float32: XLA on the CPU
+    widens bfloat16 products to float32, which a GPU does not, so bfloat16
+    here would measure the CPU, not the decoder."""
+    import subprocess
+    import sys
 
     figures = {"tiny": decode_bytes(tiny_lm, rows, length)}
-    # The figures need shapes only; no mesh, which 2B's one key/value head
-    # could not be sharded over.
-    mesh_distribution = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        for name in ("gemma_7b", "gemma_2b"):
-            config = dict(gemma.FAMILY.architectures[name], num_layers=2)
-            backbone = keras_hub.models.GemmaBackbone(**config, dtype="float32")
-            sliced = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-            figures[f"{name}_width_2_layers"] = decode_bytes(sliced, rows, length)
-            del backbone, sliced  # one slice in memory at a time
-    finally:
-        keras.distribution.set_distribution(mesh_distribution)
+    for family, architecture in DECODE_WIDTHS:
+        out = subprocess.run(
+            [sys.executable, __file__, "--decode-bytes-of", f"{family}:{architecture}"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        figures[f"{architecture}_width_2_layers"] = json.loads(out.splitlines()[-1])
     return figures
+
+
+def sliced_decode_bytes(name, rows=32, length=640):
+    """`decode_bytes` of a 2-layer slice of `family:architecture`, random
+    weights, no mesh (the figures need shapes only, and 2B's one key/value
+    head could not be sharded over it)."""
+    import keras_hub
+
+    from pipeline.models.families.registry import FAMILIES
+
+    family_name, architecture = name.split(":")
+    family = FAMILIES[family_name]
+    config = dict(family.architectures[architecture], num_layers=2)
+    backbone = getattr(keras_hub.models, family.backbone_class)(**config, dtype="float32")
+    sliced = getattr(keras_hub.models, family.causal_lm_class)(backbone=backbone, preprocessor=None)
+    return decode_bytes(sliced, rows, length)
 
 
 def main():
@@ -284,7 +308,12 @@ def main():
     parser.add_argument("--training-rows", type=int, default=96)
     parser.add_argument("--sequence-length", type=int, default=1792)
     parser.add_argument("--length-step", type=int, default=128)
+    parser.add_argument("--decode-bytes-of", help=argparse.SUPPRESS)  # family:architecture
     args = parser.parse_args()
+    if args.decode_bytes_of:  # a child of `decode_bytes_benchmark`
+        setup_environment(load_config(None, ["distribution.host_device_count=0"]).distribution)
+        print(json.dumps(sliced_decode_bytes(args.decode_bytes_of)))
+        return
     setup_environment(load_config(None).distribution)
     result = cpu_benchmark(args)
     result["date"] = time.strftime("%Y-%m-%d")
@@ -305,13 +334,10 @@ def main():
         f"training_speedup: {result['training_speedup']:.2f}x (real tokens/s, length buckets vs "
         "fixed padding)"
     )
-    ratio = result["decode_bytes_accessed_ratio"]
-    print(
-        "decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): tiny "
-        f"{ratio['tiny']:.2f}, "
-        f"2-layer slices at Gemma-7B width {ratio['gemma_7b_width_2_layers']:.2f}, "
-        f"at Gemma-2B width {ratio['gemma_2b_width_2_layers']:.2f}"
+    ratios = ", ".join(
+        f"{name} {r:.3f}" for name, r in result["decode_bytes_accessed_ratio"].items()
     )
+    print(f"decode_bytes_accessed_ratio (step bytes / weights + KV cache, 32 rows): {ratios}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ the installed versions when it is imported and refuses others with a
 message naming the supported ones (the pins in requirements-*.txt). Nothing
 else in `pipeline/` touches a `_private` Keras name or a `keras.src` /
 `keras_hub.src` module, or reads an attribute of a layer that KerasHub does
-not export (its decoder blocks and attention layers: `gemma_blocks` reads
+not export (its decoder blocks and attention layers: `decoder_model` reads
 them here). Import it after `runtime.setup_environment`.
 
 Example:
@@ -13,7 +13,7 @@ Example:
 from pipeline import keras_internals
 keras_internals.reset_seed(0)
 config = keras_internals.read_preset_json("gemma_instruct_7b_en")
-for block in keras_internals.gemma_blocks(causal_lm.backbone):
+for block in keras_internals.decoder_model(causal_lm.backbone).blocks:
     block.query, block.logit_soft_cap  # the query projection, the attention's soft cap
 ```
 """
@@ -22,6 +22,7 @@ import dataclasses
 
 import keras
 import keras_hub
+import numpy as np
 
 SUPPORTED_VERSIONS = {"keras": "3.15.", "keras-hub": "0.32."}
 
@@ -138,75 +139,126 @@ def lora_rank(backbone):
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaBlock:
-    """The parts of a KerasHub `GemmaDecoderBlock` that a decoder runs, and
-    the settings of its attention: its layers' attributes are KerasHub's
+class DecoderBlock:
+    """The parts of a KerasHub decoder block that a decoder runs, and the
+    settings of its attention: its layers' attributes are KerasHub's
     internals, read here only. The projections carry the names of
-    `model.PROJECTIONS` (the names `lora.target_layers` matches)."""
+    `model.PROJECTIONS` (the names `lora.target_layers` matches in Gemma),
+    whatever the family calls them: `ffw_gating` is the activated gate,
+    `ffw_gating_2` the one it multiplies, `ffw_linear` the way down."""
 
-    attention: object  # the attention layer, for `apply_rope` and `sliding_window_mask`
     pre_attention_norm: object
     query: object
     key: object
     value: object
     attention_output: object
-    post_attention_norm: object  # None where the block has none (Gemma 1)
+    post_attention_norm: object  # None where the block has none (Gemma 1, Llama)
     pre_ffw_norm: object
     ffw_gating: object
     ffw_gating_2: object
     ffw_linear: object
-    post_ffw_norm: object  # None where the block has none (Gemma 1)
-    query_scale_dim: int  # queries are scaled by 1 / sqrt(query_scale_dim)
+    post_ffw_norm: object  # None where the block has none
+    query_norm: object  # per-head norms after the projections (Gemma 3, Qwen 3), else None
+    key_norm: object
+    rope: object  # (x, start index) -> x rotated as the block's attention rotates it
+    query_scale: float  # queries are multiplied by it before the product with the keys
     logit_soft_cap: object  # float, or None for no cap
-    sliding_window: bool
+    sliding_window: object  # keys at most this many positions back (int), or None
+    gate_activation: object  # applied to `ffw_gating`'s output
 
 
-def gemma_blocks(backbone):
-    """The `GemmaBlock` of every decoder block of a `GemmaBackbone`, in order."""
-    blocks = []
-    for block in backbone.transformer_layers:
-        attention = block.attention
-        blocks.append(
-            GemmaBlock(
-                attention=attention,
-                pre_attention_norm=block.pre_attention_norm,
-                query=attention.query_dense,
-                key=attention.key_dense,
-                value=attention.value_dense,
-                attention_output=attention.output_dense,
-                post_attention_norm=block.post_attention_norm
-                if block.use_post_attention_norm
-                else None,
-                pre_ffw_norm=block.pre_ffw_norm,
-                ffw_gating=block.gating_ffw,
-                ffw_gating_2=block.gating_ffw_2,
-                ffw_linear=block.ffw_linear,
-                post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
-                query_scale_dim=(
-                    attention.head_dim
-                    if attention.query_head_dim_normalize
-                    else attention.hidden_dim // attention.num_query_heads
-                ),
-                logit_soft_cap=attention.logit_soft_cap,
-                sliding_window=attention.use_sliding_window_attention,
-            )
-        )
-    return blocks
+@dataclasses.dataclass(frozen=True)
+class DecoderModel:
+    """A backbone as a decoder runs it: its blocks in order, the norm after
+    them, and the factor the token embeddings are multiplied by."""
+
+    blocks: list
+    final_norm: object
+    embedding_scale: float
 
 
-def gemma_final_norm(backbone):
-    """The `GemmaBackbone`'s norm after its last block."""
-    return backbone.layer_norm
+def decoder_model(backbone):
+    """The `DecoderModel` of a Gemma, Gemma 3, Mistral, Llama or Qwen 3
+    backbone; another family's raises `NotImplementedError`."""
+    readers = {
+        "GemmaDecoderBlock": _gemma_block,
+        "Gemma3DecoderBlock": _gemma_block,
+        "MistralTransformerDecoder": _llama_block,
+        "LlamaTransformerDecoder": _llama_block,
+        "Qwen3TransformerDecoder": _llama_block,
+    }
+    kind = type(backbone.transformer_layers[0]).__name__
+    if kind not in readers:
+        raise NotImplementedError(f"no decoder reads KerasHub's {kind} blocks")
+    scaled = kind.startswith("Gemma")  # Gemma multiplies embeddings by sqrt(hidden_dim)
+    return DecoderModel(
+        blocks=[readers[kind](block) for block in backbone.transformer_layers],
+        final_norm=backbone.layer_norm,
+        embedding_scale=float(np.sqrt(np.float32(backbone.hidden_dim))) if scaled else 1.0,
+    )
 
 
-def apply_rope(attention, x, start_index):
-    """`GemmaAttention`'s rotary embedding of `x` at positions from `start_index`."""
-    return attention._apply_rope(x, start_index)
+def _gemma_block(block):
+    attention = block.attention
+    query_key_norm = getattr(attention, "use_query_key_norm", False)
+    scale_dim = (
+        attention.head_dim
+        if attention.query_head_dim_normalize
+        else attention.hidden_dim // attention.num_query_heads
+    )
+    return DecoderBlock(
+        pre_attention_norm=block.pre_attention_norm,
+        query=attention.query_dense,
+        key=attention.key_dense,
+        value=attention.value_dense,
+        attention_output=attention.output_dense,
+        post_attention_norm=block.post_attention_norm if block.use_post_attention_norm else None,
+        pre_ffw_norm=block.pre_ffw_norm,
+        ffw_gating=block.gating_ffw,
+        ffw_gating_2=block.gating_ffw_2,
+        ffw_linear=block.ffw_linear,
+        post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
+        query_norm=attention.query_norm if query_key_norm else None,
+        key_norm=attention.key_norm if query_key_norm else None,
+        rope=attention._apply_rope,
+        query_scale=1 / np.sqrt(scale_dim),
+        logit_soft_cap=attention.logit_soft_cap,
+        sliding_window=(
+            attention.sliding_window_size if attention.use_sliding_window_attention else None
+        ),
+        gate_activation=lambda x: keras.activations.gelu(x, approximate=True),
+    )
 
 
-def sliding_window_mask(attention, mask, start_index):
-    """`GemmaAttention`'s attention mask limited to its sliding window."""
-    return attention._mask_sliding_window(mask, cache_update_index=start_index)
+def _llama_block(block):
+    """Mistral's, Llama's and Qwen 3's blocks: the same parts under other
+    names; the gate's activation runs in float32, as KerasHub runs it."""
+    attention = block._self_attention_layer
+    rotary = attention.rotary_embedding_layer
+    window = getattr(block, "sliding_window", None) or getattr(
+        attention, "sliding_window_size", None
+    )
+    activation = block.activation
+    return DecoderBlock(
+        pre_attention_norm=block._self_attention_layernorm,
+        query=attention._query_dense,
+        key=attention._key_dense,
+        value=attention._value_dense,
+        attention_output=attention._output_dense,
+        post_attention_norm=None,
+        pre_ffw_norm=block._feedforward_layernorm,
+        ffw_gating=block._feedforward_gate_dense,
+        ffw_gating_2=block._feedforward_intermediate_dense,
+        ffw_linear=block._feedforward_output_dense,
+        post_ffw_norm=None,
+        query_norm=getattr(attention, "_query_dense_layer_norm", None),
+        key_norm=getattr(attention, "_key_dense_layer_norm", None),
+        rope=lambda x, start: rotary(x, start_index=start),
+        query_scale=attention._inv_norm_factor,
+        logit_soft_cap=None,
+        sliding_window=window,
+        gate_activation=lambda x: keras.ops.cast(activation(keras.ops.cast(x, "float32")), x.dtype),
+    )
 
 
 def keras_hub_transformers_config(backbone):

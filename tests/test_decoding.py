@@ -3,7 +3,7 @@ import keras_hub
 import numpy as np
 import pytest
 
-from pipeline.models.decoding import GemmaDecoder
+from pipeline.models.decoding import CachedDecoder
 from pipeline.models.tiny import BACKBONE_CONFIG
 from pipeline.parallel.runtime import set_seed
 
@@ -44,7 +44,7 @@ def assert_decoder_matches_keras_hub(causal_lm, lengths, seed, max_new_tokens, *
     ones up to each row's bound. Returns the decoded tokens."""
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(seed), lengths)
     expected = keras_hub_tokens(causal_lm, token_ids, padding_mask)
-    decoded = GemmaDecoder(causal_lm, stop_token_ids=[1], **decoder_args)(
+    decoded = CachedDecoder(causal_lm, stop_token_ids=[1], **decoder_args)(
         token_ids, padding_mask, max_new_tokens
     )
     for row, n in enumerate(lengths):
@@ -111,7 +111,7 @@ def test_on_the_model_parallel_mesh_decoding_gathers_only_the_argmax_candidates(
 
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [5, 9, 30, 12, 7, 3, 22, 16])
     text = (
-        GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])
+        CachedDecoder(sharded_lora_lm, stop_token_ids=[1])
         .lower(token_ids, padding_mask, 16)
         .compile()
         .as_text()
@@ -132,7 +132,7 @@ def test_the_batch_ends_once_every_row_has_stopped(sharded_lora_lm):
     expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
     # Stop on whatever each row writes first: every row ends after one token.
     first_tokens = [int(expected[row, n]) for row, n in enumerate(lengths)]
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=first_tokens)(
+    decoded = CachedDecoder(sharded_lora_lm, stop_token_ids=first_tokens)(
         token_ids, padding_mask, max_new_tokens=60
     )
     for row, n in enumerate(lengths):
@@ -164,7 +164,7 @@ def test_bfloat16_rows_end_at_a_stop_token_as_in_keras_hub():
             {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=[stop]
         )["token_ids"]
     )
-    decoded = GemmaDecoder(causal_lm, stop_token_ids=[stop])(
+    decoded = CachedDecoder(causal_lm, stop_token_ids=[stop])(
         token_ids, padding_mask, max_new_tokens=40
     )
     for row, n in enumerate(lengths):
@@ -180,7 +180,7 @@ def test_a_stop_token_inside_a_prompt_does_not_end_the_row(sharded_lora_lm):
     expected = keras_hub_tokens(sharded_lora_lm, token_ids, padding_mask)
     generated = set(expected[1, 30:50].tolist())
     stop = next(int(t) for t in token_ids[1, 6:30] if t not in generated)  # in the prompt only
-    decoded = GemmaDecoder(sharded_lora_lm, stop_token_ids=[stop])(
+    decoded = CachedDecoder(sharded_lora_lm, stop_token_ids=[stop])(
         token_ids, padding_mask, max_new_tokens=20
     )
     np.testing.assert_array_equal(decoded[1, :50], expected[1, :50])
@@ -199,6 +199,6 @@ def test_lora_is_merged_into_each_kernel_once_per_call_not_per_step(sharded_lora
         property(lambda layer: reads.append(layer) or kernel.fget(layer)),
     )
     token_ids, padding_mask = ragged_prompts(np.random.default_rng(0), [5, 9])
-    GemmaDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, 8)
+    CachedDecoder(sharded_lora_lm, stop_token_ids=[1])(token_ids, padding_mask, 8)
     backbone = sharded_lora_lm.backbone
     assert len(reads) == 7 * backbone.num_layers and len(set(map(id, reads))) == len(reads)

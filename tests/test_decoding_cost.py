@@ -1,11 +1,15 @@
 """The bytes a decoding step moves (XLA's count) against the floor any
 decoder must read: the figures `make bench` reports."""
 
+import keras_hub
 import pytest
 from test_decoding import data_parallel, random_lm
 
-from pipeline.models.decoding import GemmaDecoder
+from pipeline.models.decoding import CachedDecoder
 from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
+from pipeline.models.families.registry import FAMILIES
+
+FAST_FAMILIES = [name for name, family in FAMILIES.items() if family.fast_decoder]
 
 
 @pytest.mark.parametrize("kv_heads, head_dim", [(8, 64), (1, 256)])
@@ -15,7 +19,7 @@ def test_a_decoding_step_reads_the_cache_once(kv_heads, head_dim):
     With one key/value head (Gemma 2B's shape, head_dim as 2B's) a cache
     axis of one entry once made XLA copy the whole cache at every step."""
     with data_parallel():
-        decoder = GemmaDecoder(
+        decoder = CachedDecoder(
             random_lm(0, head_dim=head_dim, num_key_value_heads=kv_heads), stop_token_ids=[1]
         )
     growth = step_bytes_accessed(decoder, 32, 1280) - step_bytes_accessed(decoder, 32, 640)
@@ -32,7 +36,7 @@ def test_a_decoding_step_at_one_row_reads_the_weights_once(tiny_model):
     for the lookup (XLA may count a gather as its whole table, so
     `step_bytes_accessed` counts the rows itself)."""
     causal_lm, _ = tiny_model
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
     assert 0.99 < step_bytes_accessed(decoder, 1, 16) / step_floor_bytes(decoder, 1, 16) < 1.05
 
 
@@ -42,5 +46,22 @@ def test_a_decoding_step_of_the_tiny_model_stays_within_1_3_of_the_floor(tiny_mo
     from, so each pass over the scores counts; the softmax's division after
     the value product saves one."""
     causal_lm, _ = tiny_model
-    decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+    decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
     assert step_bytes_accessed(decoder, 32, 640) / step_floor_bytes(decoder, 32, 640) < 1.3
+
+
+@pytest.mark.parametrize("name", FAST_FAMILIES)
+def test_every_familys_step_reads_its_weights_once(name):
+    """Each family `CachedDecoder` runs, at one row and a short cache: the
+    kernels in the layouts the products want (Llama's are hidden first
+    already, Gemma's are laid out so once per call), the logits' table once
+    (an untied model's input table only by the rows it looks up), the
+    query/key norms and the gate's activation adding no pass over a weight."""
+    family = FAMILIES[name]
+    with data_parallel():
+        backbone = getattr(keras_hub.models, family.backbone_class)(**family.tiny_config)
+        causal_lm = getattr(keras_hub.models, family.causal_lm_class)(
+            backbone=backbone, preprocessor=None
+        )
+        decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
+    assert 0.99 < step_bytes_accessed(decoder, 1, 16) / step_floor_bytes(decoder, 1, 16) < 1.05

@@ -115,7 +115,7 @@ def test_only_the_door_reads_the_internals_of_keras_hub_layers(tiny, tmp_path):
     attribute of a layer class KerasHub does not export (decoder blocks,
     attention, norms), and of the backbone and the task only their class's
     API and their config's keys."""
-    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding import CachedDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
     from pipeline.models.lora_training import compile_lora_training
     from pipeline.models.model import enable_lora, load_model, save_adapter
@@ -141,7 +141,7 @@ def test_only_the_door_reads_the_internals_of_keras_hub_layers(tiny, tmp_path):
         compile_lora_training(causal_lm, cfg.train)
         x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
         causal_lm.train_on_batch(x, ids[:, 1:], sample_weight=mask[:, 1:].astype("float32"))
-        decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+        decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
         decoder(ids, mask, max_new_tokens=4)
         step_bytes_accessed(decoder, 8, 24), step_floor_bytes(decoder, 8, 24)
         save_adapter(causal_lm, cfg, tmp_path / "adapter.lora.h5")

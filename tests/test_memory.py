@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from specs import GEMMA_7B, GEMMA_TINY
 
+from pipeline.models.families.family import ModelSpec
 from pipeline.models.families.gemma import gemma_layout_axes
+from pipeline.models.families.registry import FAMILIES
 from pipeline.models.memory import (
     DTYPE_BYTES,
     LORA_DTYPE_BYTES,
@@ -111,7 +113,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
     decoder's kernel copies and the KV cache."""
     import keras_hub
 
-    from pipeline.models.decoding import GemmaDecoder
+    from pipeline.models.decoding import CachedDecoder
 
     lora = LoraConfig(
         rank=8,
@@ -134,7 +136,7 @@ def test_generation_plan_agrees_with_xlas_memory_analysis_of_the_decoder(tiny, m
             np.ones((batch, length), bool),
         )  # rows over the data axis
         stats = (
-            GemmaDecoder(causal_lm, stop_token_ids=[1])
+            CachedDecoder(causal_lm, stop_token_ids=[1])
             .lower(ids, mask, new_tokens)
             .compile()
             .memory_analysis()
@@ -235,3 +237,28 @@ def test_two_gpu_mesh_refused_where_it_cannot_work():
         match=r"vocabulary_size=256000 of the model does not divide by the 'model' mesh axis \(3\)",
     ):
         check_shardable(gemma_layout_axes(), GEMMA_7B.weight_dims(), [1, 3], ["batch", "model"])
+
+
+def test_the_decoder_copies_only_the_kernels_it_lays_out_or_merges_into():
+    """Gemma's query, key and value kernels are stored heads first, so
+    `CachedDecoder` holds them again hidden first; Mistral's are hidden first
+    already, and only an adapted kernel is copied (merged)."""
+    mistral = ModelSpec(FAMILIES["mistral"], FAMILIES["mistral"].tiny_config)
+    one_device = {"batch": 1, "model": 1}
+
+    def kernel_bytes(spec, *names):
+        return 4 * sum(
+            np.prod([size for _, size in dims])
+            for path, dims in spec.weight_dims().items()
+            if path.split("/")[-2] in names
+        )
+
+    def copies(spec, targets):
+        layout = spec.family.layout_axes("batch", "model")
+        return decoder_kernel_copy_bytes(spec, layout, one_device, 4, targets)
+
+    assert copies(GEMMA_TINY, []) == kernel_bytes(GEMMA_TINY, "query", "key", "value") > 0
+    assert copies(mistral, []) == 0
+    assert copies(mistral, ["query", "feedforward_gate_dense"]) == kernel_bytes(
+        mistral, "query", "feedforward_gate_dense"
+    )

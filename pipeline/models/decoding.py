@@ -1,10 +1,12 @@
-"""Greedy cached decoding for a KerasHub `GemmaCausalLM`, built for speed.
+"""Greedy cached decoding for KerasHub's Gemma, Gemma 3, Mistral, Llama and
+Qwen 3 causal LMs, built for speed.
 
-`GemmaCausalLM.generate` keeps the key/value cache of every layer in one
-(batch, layers, 2, length, heads, head_dim) tensor that each decoding step
-slices apart and stacks together again, and every step attends over the
-whole padded length. This decoder runs the same layers with the same
-weights (LoRA included) but:
+KerasHub's `generate` keeps the key/value cache of every layer in one
+tensor (Gemma 3: one pair per layer) that each decoding step slices apart
+and stacks together again, and every step attends over the whole padded
+length: at 7B-class width a step moves 2 to 3 times what it must read. This
+decoder runs the same layers with the same weights (LoRA included, read
+through `keras_internals.decoder_model`) but:
 
 - keeps one key and one value cache per layer, which XLA updates in place,
   laid out as the attention products read them (no copy per step);
@@ -17,15 +19,17 @@ weights (LoRA included) but:
   the batch once every row has ended.
 
 Its tokens are KerasHub's greedy `generate` tokens in every test of
-tests/test_decoding.py (float32 and bfloat16, grouped-query, Gemma 2 blocks),
-so the pipeline's outputs do not depend on which one runs. Its attention
+tests/test_decoding.py (float32 and bfloat16, grouped-query, Gemma 2 blocks)
+and, for every family it runs, of tests/test_families.py (grouped-query,
+sliding windows, query/key norms), so the pipeline's outputs do not depend
+on which one runs. Its attention
 differs from KerasHub's only in rounding: it divides by the softmax's sum
 after the product with the values, as flash attention does. Greedy only:
 every stage of the pipeline decodes greedily.
 
 Example:
 ```python
-decode = GemmaDecoder(causal_lm, stop_token_ids=[1, 107])
+decode = CachedDecoder(causal_lm, stop_token_ids=[1, 107])
 token_ids = decode(token_ids, padding_mask, max_new_tokens=64)  # numpy in, numpy out
 ```
 """
@@ -36,16 +40,18 @@ import keras
 import numpy as np
 
 from pipeline import keras_internals
-from pipeline.models.model import PER_HEAD_INPUT, projections
+from pipeline.models.families.family import ModelSpec
+from pipeline.models.model import PER_HEAD_INPUT, family_of, projections
 from pipeline.parallel import hosts
 from pipeline.parallel.distribution import data_sharding
 
 
-class GemmaDecoder:
+class CachedDecoder:
     """Greedy decoding with a per-layer KV cache, compiled once per shape.
 
     Args:
-        causal_lm: a KerasHub `GemmaCausalLM` (LoRA enabled or not); its
+        causal_lm: a KerasHub causal LM of a family whose `fast_decoder` is
+            set (LoRA enabled or not); its
             current weights are read at every call.
         stop_token_ids: ids that end a row (`<eos>`, `<end_of_turn>`).
         max_spans: how many spans the positions after the prompts are
@@ -54,7 +60,7 @@ class GemmaDecoder:
 
     Example:
     ```python
-    decode = GemmaDecoder(causal_lm, stop_token_ids=[1, 107])
+    decode = CachedDecoder(causal_lm, stop_token_ids=[1, 107])
     out = decode(token_ids, padding_mask, max_new_tokens=64)
     ```
     """
@@ -64,8 +70,7 @@ class GemmaDecoder:
         self.backbone = causal_lm.backbone
         self.stop_token_ids = jnp.asarray(stop_token_ids, "int32")
         self.max_spans = max_spans
-        self.blocks = keras_internals.gemma_blocks(self.backbone)
-        self.final_norm = keras_internals.gemma_final_norm(self.backbone)
+        self.model = keras_internals.decoder_model(self.backbone)
         # max_new_tokens is fixed per stage, so making it static adds no programs.
         self._compiled = jax.jit(self._stateless_decode, static_argnames="max_new_tokens")
 
@@ -155,11 +160,9 @@ class GemmaDecoder:
         """The (key, value) cache of every layer, zeros, for `batch` rows of
         `length` positions."""
         dtype = self.causal_lm.compute_dtype
-        shape = (self.backbone.num_key_value_heads * batch, length, self.backbone.head_dim)
-        return [
-            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(self.backbone.num_layers)
-        ]
+        dims = ModelSpec(family_of(self.causal_lm), self.backbone.get_config()).dims
+        shape = (dims.num_key_value_heads * batch, length, dims.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.model.blocks]
 
     def _embed(self, token_ids):
         return self.backbone.token_embedding(token_ids)
@@ -170,17 +173,17 @@ class GemmaDecoder:
         positions [0, span_end). `kernels` is `merged_kernels(backbone)`; run
         it in `state_scope`."""
         backbone = self.backbone
-        x = embedded * keras.ops.cast(keras.ops.sqrt(backbone.hidden_dim), embedded.dtype)
+        x = embedded * keras.ops.cast(self.model.embedding_scale, embedded.dtype)
         positions = start + jnp.arange(embedded.shape[1])
         mask = jnp.arange(span_end)[None, :] <= positions[:, None]
         mask = jnp.broadcast_to(mask[None], (embedded.shape[0], *mask.shape))
         new_caches = []
-        for block, (key_cache, value_cache) in zip(self.blocks, caches, strict=True):
+        for block, (key_cache, value_cache) in zip(self.model.blocks, caches, strict=True):
             x, key_cache, value_cache = _decoder_block(
                 block, kernels, x, key_cache, value_cache, start, span_end, mask
             )
             new_caches.append((key_cache, value_cache))
-        logits = backbone.token_embedding(self.final_norm(x), reverse=True)
+        logits = backbone.token_embedding(self.model.final_norm(x), reverse=True)
         return logits, new_caches
 
 
@@ -241,13 +244,14 @@ def _attention(block, query, key, value, mask, start):
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[0] // batch
     groups = heads // kv_heads
-    query = query * keras.ops.cast(1 / np.sqrt(block.query_scale_dim), query.dtype)
+    query = query * keras.ops.cast(block.query_scale, query.dtype)
     query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
     rows = jnp.reshape(
         jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim)
     )
     if block.sliding_window:
-        mask = keras_internals.sliding_window_mask(block.attention, mask, start)
+        back = (start + jnp.arange(length))[:, None] - jnp.arange(mask.shape[-1])[None, :]
+        mask = mask & (back < block.sliding_window)[None]
     span = mask.shape[-1]
     mask = jnp.reshape(
         jnp.broadcast_to(mask[None, :, None], (kv_heads, batch, groups, length, span)),
@@ -283,31 +287,42 @@ def merged_kernels(backbone):
     for _, name, layer in projections(backbone):
         kernel = layer.kernel  # merged here, once
         if name in PER_HEAD_INPUT:
-            kernels[layer] = ("btd,dnh->btnh", jnp.transpose(kernel, (1, 0, 2)))
+            hidden_first = not heads_first(layer.equation)
+            kernels[layer] = (
+                "btd,dnh->btnh",
+                kernel if hidden_first else jnp.transpose(kernel, (1, 0, 2)),
+            )
         elif name == "attention_output":
             kernels[layer] = ("btf,fd->btd", jnp.reshape(kernel, (-1, kernel.shape[-1])))
         else:
-            kernels[layer] = (layer.equation, kernel)
+            kernels[layer] = ("btd,df->btf", kernel)
     return kernels
 
 
+def heads_first(equation):
+    """Whether a query, key or value projection's kernel has its heads axis
+    before its hidden one (Gemma's "btd,ndh->btnh"; Llama's "bqm,muh->bquh"
+    has hidden first)."""
+    inputs, kernel = equation.split("->")[0].split(",")
+    return kernel[0] != inputs[-1]
+
+
 def _project(layer, kernels, x):
-    """`EinsumDense.call` with a kernel merged beforehand (Gemma's have no
-    bias and no activation)."""
+    """`EinsumDense.call` or `Dense.call` with a kernel merged beforehand
+    (none of these families' projections has a bias or an activation)."""
     equation, kernel = kernels[layer]
     return jnp.einsum(equation, x, kernel)
 
 
 def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, mask):
-    """`GemmaDecoderBlock.call` with a cache, its key and value apart
-    (`block`: a `keras_internals.GemmaBlock`)."""
+    """A decoder block's call with a cache, its key and value apart
+    (`block`: a `keras_internals.DecoderBlock`)."""
     normalized = block.pre_attention_norm(x)
-    query = keras_internals.apply_rope(
-        block.attention, _project(block.query, kernels, normalized), start
-    )
-    key = keras_internals.apply_rope(
-        block.attention, _project(block.key, kernels, normalized), start
-    )
+    query = _project(block.query, kernels, normalized)
+    key = _project(block.key, kernels, normalized)
+    if block.query_norm is not None:
+        query, key = block.query_norm(query), block.key_norm(key)
+    query, key = block.rope(query, start), block.rope(key, start)
     value = _project(block.value, kernels, normalized)
     # Caches are (kv heads × batch, length, head_dim): the layout both attention
     # products read without transposing (and so copying) the cache.
@@ -325,10 +340,8 @@ def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, m
         attended = block.post_attention_norm(attended)
     attention_x = x + attended
     normalized = block.pre_ffw_norm(attention_x)
-    gate = _project(block.ffw_gating, kernels, normalized)
-    hidden = keras.activations.gelu(gate, approximate=True) * _project(
-        block.ffw_gating_2, kernels, normalized
-    )
+    gate = block.gate_activation(_project(block.ffw_gating, kernels, normalized))
+    hidden = gate * _project(block.ffw_gating_2, kernels, normalized)
     out = _project(block.ffw_linear, kernels, hidden)
     if block.post_ffw_norm is not None:
         out = block.post_ffw_norm(out)

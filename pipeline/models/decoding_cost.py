@@ -1,11 +1,11 @@
-"""What one step of `GemmaDecoder` moves through memory: XLA's count of the
+"""What one step of `CachedDecoder` moves through memory: XLA's count of the
 compiled step, and the floor any decoder (of any family) must read. The
 benchmarks divide one by the other (tests/test_decoding.py pins the ratio);
 decoding itself never calls these.
 
 Example:
 ```python
-decoder = GemmaDecoder(causal_lm, stop_token_ids=[1])
+decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
 ratio = step_bytes_accessed(decoder, 32, 640) / step_floor_bytes(decoder, 32, 640)
 ```
 """
@@ -58,9 +58,11 @@ def step_bytes_accessed(decoder, batch, length):
 
 def step_floor_bytes(decoder, batch, length):
     """What any decoding step must read at least: every weight once (the
-    embedding tables, the norms, the kernels with LoRA merged, so each a
-    kernel's size in the compute dtype) and the key/value cache of `length`
-    positions of every row and layer. Any family's decoder."""
+    embedding table that makes the logits, the norms, the kernels with LoRA
+    merged, so each a kernel's size in the compute dtype) and the key/value
+    cache of `length` positions of every row and layer. Any family's
+    decoder. An input table apart from the logits' (an untied model's) is
+    only looked up: its rows are counted with the step, as there."""
     causal_lm = decoder.causal_lm
     backbone = causal_lm.backbone
     itemsize = np.dtype(causal_lm.compute_dtype).itemsize
@@ -70,10 +72,19 @@ def step_floor_bytes(decoder, batch, length):
     others = sum(
         np.prod(w.shape) * np.dtype(w.dtype).itemsize
         for w in backbone.weights
-        if w.path.endswith(("embeddings", "scale"))
+        if w.path.endswith(("embeddings", "scale")) and w.path not in looked_up_only(backbone)
     )
     dims = ModelSpec(family_of(causal_lm), backbone.get_config()).dims
     cache = (
         2 * dims.num_layers * batch * length * dims.num_key_value_heads * dims.head_dim * itemsize
     )
     return kernels + others + cache
+
+
+def looked_up_only(backbone):
+    """Paths of the embedding tables a step only looks rows up in: the input
+    table of a model whose logits have their own (`reverse_embeddings`)."""
+    embedding = backbone.token_embedding
+    if embedding.tie_weights:
+        return set()
+    return {embedding.embeddings.path}

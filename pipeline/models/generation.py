@@ -4,11 +4,12 @@ Rows are sorted by prompt length and generated `batch_size` at a time. Each
 batch is padded to a fixed batch size and its prompts to a length rounded up
 to `length_step`, plus room for `max_new_tokens`, so XLA compiles one program
 per bucket instead of one per batch, and a short prompt never pays for the
-longest one. Decoding is `pipeline.models.decoding.GemmaDecoder` for Gemma
-1 and 2, KerasHub's own decoding step (`step_decoding`) for the other
-families: each row stops at the end token or the family's end of turn, at
-most `max_new_tokens` after its own prompt, and the batch as soon as every
-row has; the echoed prompt is stripped.
+longest one. Decoding is `pipeline.models.decoding.CachedDecoder` for the
+families whose `fast_decoder` is set (all but Gemma 4), KerasHub's own
+decoding step (`step_decoding`) for Gemma 4: each row stops at the end
+token or the family's end of turn, at most `max_new_tokens` after its own
+prompt, and the batch as soon as every row has; the echoed prompt is
+stripped.
 
 Example:
 ```python
@@ -23,7 +24,7 @@ import time
 
 import numpy as np
 
-from pipeline.models.decoding import GemmaDecoder
+from pipeline.models.decoding import CachedDecoder
 from pipeline.models.model import family_of
 from pipeline.models.step_decoding import KerasHubStepDecoder
 from pipeline.text.tokens import stop_token_ids, strip_generated
@@ -31,7 +32,7 @@ from pipeline.text.tokens import stop_token_ids, strip_generated
 
 def make_decoder(causal_lm, stops):
     """The fastest decoder built for the model's family."""
-    return (GemmaDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(
+    return (CachedDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(
         causal_lm, stops
     )
 

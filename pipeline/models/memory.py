@@ -73,16 +73,17 @@ def lora_parameter_count(spec, lora_cfg, layout=None, axis_size=None):
 
 
 def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets):
-    """Kernels `GemmaDecoder` holds a second copy of for a whole call, on one
-    device: the query, key and value kernels (laid out hidden-first) and
-    every kernel an adapter is merged into. KerasHub's decoding step (the
-    other families) keeps none."""
+    """Kernels `CachedDecoder` holds a second copy of for a whole call, on one
+    device: the query, key and value kernels stored heads first (Gemma's;
+    it lays them out hidden first) and every kernel an adapter is merged
+    into. KerasHub's decoding step (the other families) keeps none."""
     if not spec.family.fast_decoder:
         return 0.0
     total = 0.0
     for path, dims in spec.weight_dims().items():
         name = path.split("/")[-2]
-        if name in PER_HEAD_INPUT or name in lora_targets:
+        relaid = name in PER_HEAD_INPUT and dims[0][0] != "hidden_dim"
+        if relaid or name in lora_targets:
             total += _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
     return total * dtype_bytes
 

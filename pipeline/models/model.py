@@ -25,10 +25,10 @@ from pipeline.parallel.distribution import build_distribution
 from pipeline.parallel.runtime import quiet_native_logs
 from pipeline.run.storage import adapter_settings_path
 
-# The projections of a Gemma decoder block, by their KerasHub layer names
-# (the names lora.target_layers matches); `GemmaDecoder` and the export read them.
+# The projections of a decoder block, by Gemma's KerasHub layer names (what
+# `keras_internals.DecoderBlock` calls every family's); `CachedDecoder` reads them.
 PROJECTIONS = gemma.PROJECTIONS
-PER_HEAD_INPUT = ("query", "key", "value")  # kernels [heads, hidden, head_dim]
+PER_HEAD_INPUT = ("query", "key", "value")  # kernels with a heads and a head_dim axis
 
 
 def read_model_spec(preset):
@@ -102,10 +102,11 @@ def spec_of(causal_lm):
 
 def projections(backbone):
     """(decoder index, name in PROJECTIONS, layer) of every projection of a
-    `GemmaBackbone`."""
+    backbone `keras_internals.decoder_model` reads (the family's own layer
+    under Gemma's name)."""
     from pipeline import keras_internals
 
-    for i, block in enumerate(keras_internals.gemma_blocks(backbone)):
+    for i, block in enumerate(keras_internals.decoder_model(backbone).blocks):
         for name in PROJECTIONS:
             yield i, name, getattr(block, name)
 

@@ -1,8 +1,9 @@
-"""Greedy decoding with KerasHub's own decoding step, for the families
-`decoding.GemmaDecoder` is not built for (Gemma 3, Mistral, Llama 3, Qwen 3).
+"""Greedy decoding with KerasHub's own decoding step, for the family whose
+blocks `decoding.CachedDecoder` does not read (Gemma 4: per-layer inputs,
+key/value caches shared between layers).
 
 `CausalLM.generate_step` is the program KerasHub's `generate` compiles; this
-runs it the way `GemmaDecoder` runs its own: compiled once per (batch,
+runs it the way `CachedDecoder` runs its own: compiled once per (batch,
 length) bucket, with the model's weights as arguments and each host feeding
 its own rows of the global batch (so it runs on a pod too). Its tokens are
 `generate`'s. Rows go on past their own `max_new_tokens` until every row has

@@ -91,7 +91,7 @@ class Family:
         tiny_config: the tiny stand-in's backbone config (every sharded
             dimension divides by 8).
         presets: KerasHub presets of the family (docs/models.md).
-        fast_decoder: whether `decoding.GemmaDecoder` runs this family
+        fast_decoder: whether `decoding.CachedDecoder` runs this family
             (else KerasHub's own decoding step runs, on the same buckets).
         transformers: how the export stage writes the family in Hugging
             Face transformers' format (`TransformersFormat`); None where it

@@ -1,8 +1,7 @@
 """Gemma 1, 1.1 and 2 (`GemmaBackbone`), the reference notebooks' family.
 
-The only family `decoding.GemmaDecoder` runs: its blocks are read through
-`keras_internals.gemma_blocks`. Gemma's `intermediate_dim` is the width of
-both gating projections together.
+Gemma's `intermediate_dim` is the width of both gating projections
+together.
 """
 
 from pipeline.models.families.family import Dimensions, Family, TransformersFormat
