@@ -11,6 +11,8 @@ from pipeline.models.compiled_memory import (
     cut_layers,
     figures_at_full_depth,
 )
+from pipeline.models.families.family import ModelSpec
+from pipeline.models.families.registry import FAMILIES
 from pipeline.models.memory import LORA_DTYPE_BYTES, lora_parameter_count, plan_memory
 from pipeline.run.config import load_config
 
@@ -72,3 +74,32 @@ def test_collectives_are_counted_once_each():
       %dot = f32[8] dot(%a, %b)
     """
     assert count_collectives(hlo) == {"all-gather": 1, "all-reduce": 2}
+
+
+@pytest.mark.slow
+def test_the_plan_grows_by_layer_as_xla_does_at_7b_width(cfg):
+    """`make plan-check` in small: Mistral 7B's widths (its vocabulary cut,
+    which no layer holds), compiled in float32 at 2 and 3 layers (as the
+    check draws from 2 and 4: a 1-layer cut is no layer like the others).
+    What one more layer adds per device, weights, LoRA state, the kernels with LoRA
+    merged and the activations in training, the cache and kernel copies in
+    decoding, is the plan's within the check's 15%."""
+    mistral = FAMILIES["mistral"]
+    spec = ModelSpec(mistral, dict(mistral.architectures["mistral_7b"], vocabulary_size=1024))
+    wide = load_config(
+        None,
+        [
+            "distribution.mesh_shape=[1,8]",
+            "model.dtype=float32",
+            "train.batch_size=2",
+            "train.sequence_length=256",
+            "predict.batch_size=8",
+            "predict.max_new_tokens=32",
+        ],
+    )
+    one, two = (compile_programs(wide, cut_layers(spec, n)) for n in (2, 3))
+    plan_one, plan_two = (plan_memory(wide, cut_layers(spec, n)) for n in (2, 3))
+    xla_training = two.training.bytes - one.training.bytes
+    xla_generation = two.generation.bytes - one.generation.bytes
+    assert plan_two.training - plan_one.training == pytest.approx(xla_training, rel=0.15)
+    assert plan_two.generation - plan_one.generation == pytest.approx(xla_generation, rel=0.15)

@@ -20,6 +20,7 @@ compiled.training.gib, compiled.generation.gib, compiled.training.collectives
 """
 
 import dataclasses
+import gc
 import re
 
 import jax
@@ -71,10 +72,15 @@ def compile_programs(cfg, spec):
     )
     with distribution.scope():
         causal_lm = random_causal_lm(spec, cfg)
-        return CompiledPrograms(
+        programs = CompiledPrograms(
             compiled_program(training_step(causal_lm, cfg, spec.family)),
             compiled_program(decoding_call(causal_lm, cfg)),
         )
+    # The model's weights (gigabytes at 7B width) go before the next one is built.
+    del causal_lm
+    jax.clear_caches()
+    gc.collect()
+    return programs
 
 
 def random_causal_lm(spec, cfg):

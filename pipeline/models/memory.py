@@ -2,7 +2,8 @@
 
 From the model spec (family and config.json, no weights) and the mesh:
 frozen weights (sharded as the layout map shards them), LoRA weights with
-their gradients and AdamW moments, training activations kept for the
+their gradients and AdamW moments, the adapted kernels with LoRA merged
+(Keras merges them as a step runs), training activations kept for the
 backward pass (no rematerialisation) and the logits; for generation the
 adapter's weights, the copies of the kernels the decoder makes for a call
 (`decoding.merged_kernels`: q/k/v laid out hidden-first, every adapted
@@ -76,14 +77,35 @@ def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets
     """Kernels `CachedDecoder` holds a second copy of for a whole call, on one
     device: the query, key and value kernels stored heads first (Gemma's;
     it lays them out hidden first) and every kernel an adapter is merged
-    into. KerasHub's decoding step (the other families) keeps none."""
+    into. KerasHub's decoding step (Gemma 4) keeps none."""
     if not spec.family.fast_decoder:
         return 0.0
+    return _kernel_bytes(
+        spec,
+        layout,
+        axis_size,
+        dtype_bytes,
+        lambda name, dims: (
+            (name in PER_HEAD_INPUT and dims[0][0] != "hidden_dim") or name in lora_targets
+        ),
+    )
+
+
+def merged_kernel_bytes(spec, layout, axis_size, dtype_bytes, lora_targets):
+    """The kernels a training step holds with their adapters merged, on one
+    device: Keras computes kernel + A @ B for each adapted layer as it
+    runs, and keeps it for the backward pass."""
+    return _kernel_bytes(
+        spec, layout, axis_size, dtype_bytes, lambda name, dims: name in lora_targets
+    )
+
+
+def _kernel_bytes(spec, layout, axis_size, dtype_bytes, chosen):
+    """Bytes on one device of the kernels for which `chosen(layer name,
+    dims)` holds."""
     total = 0.0
     for path, dims in spec.weight_dims().items():
-        name = path.split("/")[-2]
-        relaid = name in PER_HEAD_INPUT and dims[0][0] != "hidden_dim"
-        if relaid or name in lora_targets:
+        if chosen(path.split("/")[-2], dims):
             total += _shard([size for _, size in dims], weight_axes(path, layout), axis_size)
     return total * dtype_bytes
 
@@ -110,10 +132,11 @@ def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
 def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     """What the decoder's pass over the prompts holds at its widest, one
     layer at a time (nothing is kept for a backward pass): the layer's
-    inputs and projections, its float32 attention scores and the last
-    layer's float32 logits. An upper bound: XLA's memory analysis of the
-    tiny model's decoding program comes to 0.5 to 0.9 of it
-    (tests/test_memory.py)."""
+    inputs and projections, its float32 attention scores and, with KerasHub's
+    step, the last layer's float32 logits. With the KV cache and the kernel
+    copies, XLA's memory analysis of the tiny model's decoding program comes
+    to 0.5 to 1.01 of the plan (tests/test_memory.py), a 7B model's to within
+    4% (`make plan-check`, float32)."""
     d = spec.dims
     h, heads, kv, dh, ffw = (
         d.hidden_dim,
@@ -125,7 +148,8 @@ def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     per_token = (
         4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis
     ) * dtype_bytes + heads / model_axis * prompt_length * 4
-    logits = d.vocabulary_size / model_axis * 4
+    # `CachedDecoder` makes no logits for the prompt (only KerasHub's step does).
+    logits = 0 if spec.family.fast_decoder else d.vocabulary_size / model_axis * 4
     return rows * prompt_length * (per_token + logits)
 
 
@@ -142,6 +166,7 @@ class MemoryPlan:
     memory_fraction: float  # the share of a GPU's memory JAX takes (1 elsewhere)
     frozen: float
     lora_state: float
+    merged_kernels: float  # adapted kernels with LoRA merged, kept for the backward pass
     activations: float
     adapter: float  # LoRA weights at generation (0 for the base model)
     kernel_copies: float
@@ -153,7 +178,7 @@ class MemoryPlan:
 
     @property
     def training(self):
-        return self.frozen + self.lora_state + self.activations
+        return self.frozen + self.lora_state + self.merged_kernels + self.activations
 
     @property
     def generation(self):
@@ -170,6 +195,7 @@ class MemoryPlan:
         rows = [
             ("frozen weights", self.frozen),
             ("LoRA weights, gradients, AdamW moments", self.lora_state),
+            ("kernels with LoRA merged (training)", self.merged_kernels),
             (f"training activations ({self.train_batch_per_device} rows/device)", self.activations),
             ("= training", self.training),
             ("adapter weights (predict)", self.adapter),
@@ -204,6 +230,9 @@ def plan_memory(cfg, spec, device_gib=None):
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
     lora_weights = lora_parameter_count(spec, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
     lora_state = 4 * lora_weights
+    merged = merged_kernel_bytes(
+        spec, layout, axis_size, dtype_bytes, spec.lora_targets(cfg.lora.target_layers)
+    )
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
     adapted = cfg.predict.adapter != "none"
@@ -230,6 +259,7 @@ def plan_memory(cfg, spec, device_gib=None):
         cfg.hardware.memory_fraction or 1.0,
         frozen,
         lora_state,
+        merged,
         rows * per_row,
         lora_weights if adapted else 0.0,
         copies,
@@ -246,9 +276,14 @@ def plan_memory(cfg, spec, device_gib=None):
             "the weights alone do not fit: shard over more devices (a larger model axis in "
             f"distribution.mesh_shape){smaller_dtype}"
         )
+    elif frozen + lora_state + merged > budget:
+        plan.suggestions.append(
+            "the kernels with LoRA merged do not fit beside the weights: adapt fewer layers "
+            "(lora.target_layers: [query, value]) or shard over more devices"
+        )
     else:
         if not plan.fits(plan.training):
-            max_rows = int((budget - frozen - lora_state) // per_row)
+            max_rows = int((budget - frozen - lora_state - merged) // per_row)
             if max_rows >= 1:
                 plan.suggestions.append(
                     f"train.batch_size={max_rows * mesh_shape[0]} (or lower train.sequence_length)"
