@@ -94,7 +94,8 @@ def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets
 def merged_kernel_bytes(spec, layout, axis_size, dtype_bytes, lora_targets):
     """The kernels a training step holds with their adapters merged, on one
     device: Keras computes kernel + A @ B for each adapted layer as it
-    runs, and keeps it for the backward pass."""
+    runs, and keeps it for the backward pass (pass an `axis_size` whose data
+    axis is 1: a kernel sharded over it is gathered to run)."""
     return _kernel_bytes(
         spec, layout, axis_size, dtype_bytes, lambda name, dims: name in lora_targets
     )
@@ -230,8 +231,10 @@ def plan_memory(cfg, spec, device_gib=None):
     # LoRA factors are sharded like their kernels; weights, gradients and two AdamW moments.
     lora_weights = lora_parameter_count(spec, cfg.lora, layout, axis_size) * LORA_DTYPE_BYTES
     lora_state = 4 * lora_weights
+    # Kernels are sharded over the data axis too, and gathered over it to run.
+    gathered = dict(axis_size, **{axis_names[0]: 1})
     merged = merged_kernel_bytes(
-        spec, layout, axis_size, dtype_bytes, spec.lora_targets(cfg.lora.target_layers)
+        spec, layout, gathered, dtype_bytes, spec.lora_targets(cfg.lora.target_layers)
     )
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
     per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
