@@ -20,11 +20,12 @@ through `keras_internals.decoder_model`) but:
 
 Its tokens are KerasHub's greedy `generate` tokens in every test of
 tests/test_decoding.py (float32 and bfloat16, grouped-query, Gemma 2 blocks)
-and, for every family it runs, of tests/test_families.py (grouped-query,
-sliding windows, query/key norms), so the pipeline's outputs do not depend
-on which one runs. Its attention
-differs from KerasHub's only in rounding: it divides by the softmax's sum
-after the product with the values, as flash attention does. Greedy only:
+and, for every family it runs, of tests/test_families.py (float32,
+grouped-query, sliding windows, query/key norms). Its attention differs
+from KerasHub's only in rounding: it scales the queries before the product
+with the keys and divides by the softmax's sum after the product with the
+values, as flash attention does, so in bfloat16 a family's logits agree
+with KerasHub's to rounding and a near-tie may pick the other token. Greedy only:
 every stage of the pipeline decodes greedily.
 
 Example:
@@ -51,8 +52,8 @@ class CachedDecoder:
 
     Args:
         causal_lm: a KerasHub causal LM of a family whose `fast_decoder` is
-            set (LoRA enabled or not); its
-            current weights are read at every call.
+            set (LoRA enabled or not); its current weights are read at
+            every call.
         stop_token_ids: ids that end a row (`<eos>`, `<end_of_turn>`).
         max_spans: how many spans the positions after the prompts are
             decoded in (each attends only to the cache filled so far, and
