@@ -270,7 +270,7 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
             [sys.executable, __file__, "--decode-bytes-of", f"{family}:{architecture}"],
             cwd=ROOT,
             check=True,
-            capture_output=True,
+            stdout=subprocess.PIPE,  # its stderr shows, should it fail
             text=True,
         ).stdout
         figures[f"{architecture}_width_2_layers"] = json.loads(out.splitlines()[-1])
