@@ -10,12 +10,11 @@ allocator) slows the next:
 
 - `pipeline`: training as the stage trains (`fit` with its optimizer, loss
   and sample weights; LoRA r4 on q/v; tokens/s and MFU) and the family's
-  decoder (`generation.make_decoder`: `CachedDecoder`, or KerasHub's step
-  on the buckets for Gemma 4) over a batch sweep (256-token prompts + 64
-  new tokens): new tokens/s, ms per step, and the step's bandwidth floor
+  decoder (`decoding.CachedDecoder`) over a batch sweep (256-token prompts
+  + 64 new tokens): new tokens/s, ms per step, the step's bandwidth floor
   (the bytes it must read, `decoding_cost.step_floor_bytes`, over the memory
-  bandwidth) as a fraction of the measured step; for `CachedDecoder`, also
-  XLA's count of the bytes its step moves over that floor;
+  bandwidth) as a fraction of the measured step, and XLA's count of the
+  bytes its step moves over that floor;
 - `keras_hub`: stock KerasHub on the same shapes: `fit` for training,
   `generate` over the same sweep;
 - `data`: the data stage's job: the reference method (one row per
@@ -148,7 +147,6 @@ def pipeline_case(name, args):
     from pipeline.models import flops
     from pipeline.models.decoding import CachedDecoder
     from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
-    from pipeline.models.generation import make_decoder
     from pipeline.models.lora_training import compile_lora_training
     from pipeline.run.config import TrainConfig
 
@@ -169,8 +167,7 @@ def pipeline_case(name, args):
             ),
         }
     }
-    decoder = make_decoder(causal_lm, [-1])  # no stop: every row decodes all its tokens
-    result["decoder"] = type(decoder).__name__
+    decoder = CachedDecoder(causal_lm, [-1])  # no stop: every row decodes all its tokens
     result["decoding"] = {}
     for rows in args.sweep:
         token_ids, padding_mask = prompts(rows, PROMPT, PROMPT + NEW_TOKENS)
@@ -183,10 +180,9 @@ def pipeline_case(name, args):
             "floor_ms_per_step": 1e3 * floor,
             "fraction_of_bandwidth_floor": floor / step,
         }
-        if isinstance(decoder, CachedDecoder):  # XLA's count needs the decoder's own step
-            result["decoding"][rows]["bytes_accessed_ratio"] = step_bytes_accessed(
-                decoder, rows, PROMPT + NEW_TOKENS
-            ) / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS)
+        result["decoding"][rows]["bytes_accessed_ratio"] = step_bytes_accessed(
+            decoder, rows, PROMPT + NEW_TOKENS
+        ) / step_floor_bytes(decoder, rows, PROMPT + NEW_TOKENS)
     return result
 
 
@@ -221,7 +217,7 @@ def keras_hub_case(name, args):
 def data_case(name, args):
     """One row per `generate` with max_length=512 (the reference) vs the
     decoder's batch, both bounded to the same new tokens."""
-    from pipeline.models.generation import make_decoder
+    from pipeline.models.decoding import CachedDecoder
 
     causal_lm = random_lm(architecture(name), lora=False)
     new_tokens = REFERENCE_MAX_LENGTH - REFERENCE_PROMPT
@@ -238,7 +234,7 @@ def data_case(name, args):
     rows = args.data_rows
     bucket = -(-REFERENCE_PROMPT // 64) * 64  # the data stage's prompt bucket (length_step 64)
     token_ids, padding_mask = prompts(rows, REFERENCE_PROMPT, bucket + new_tokens)
-    decoder = make_decoder(causal_lm, [-1])
+    decoder = CachedDecoder(causal_lm, [-1])
     batch_seconds = timed(lambda: decoder(token_ids, padding_mask, new_tokens), 1)
     reference = {
         "rows_per_second": 1 / reference_seconds,

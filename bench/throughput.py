@@ -14,9 +14,9 @@ virtual devices). For accelerators, see bench/gpu_throughput.py.
 - decoding bytes: one decoding step's bytes read and written, by XLA's cost
   analysis of the compiled step, over what it must read (every weight once
   and the KV cache): `decode_bytes_accessed_ratio`, at 32 rows, for the tiny
-  model and 2-layer slices at the width of each family's 7B-class model
-  `CachedDecoder` runs (`DECODE_WIDTHS`: Gemma 7B and 2B, Gemma 3 12B,
-  Mistral 7B, Llama 3 8B, Qwen 3 8B; compiled, not run).
+  model and slices of a few blocks at the width of each family's 7B-class
+  model (`DECODE_WIDTHS`: Gemma 7B and 2B, Gemma 3 12B,
+  Gemma 4 E4B, Mistral 7B, Llama 3 8B, Qwen 3 8B; compiled, not run).
 
 Steady state is timed: every shape is compiled in a warm-up pass first.
 Writes bench/results/throughput.json.
@@ -244,20 +244,28 @@ def decode_bytes(causal_lm, rows, length):
 
 # Each family's 7B-class architecture (Gemma 3's 12B, the one whose key/value
 # heads the (1, 8) mesh shards), and Gemma 2B's one key/value head.
+TWO_LAYERS = dict(num_layers=2)
+# Gemma 4's blocks differ: a slice keeps one of each kind (local and global,
+# with keys and values of their own, then reading those of the first two).
+GEMMA4_KINDS = dict(
+    num_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2
+)
+# (family, architecture, the slice of its blocks compiled).
 DECODE_WIDTHS = (
-    ("gemma", "gemma_7b"),
-    ("gemma", "gemma_2b"),
-    ("gemma3", "gemma3_12b"),
-    ("mistral", "mistral_7b"),
-    ("llama3", "llama3_8b"),
-    ("qwen3", "qwen3_8b"),
+    ("gemma", "gemma_7b", TWO_LAYERS),
+    ("gemma", "gemma_2b", TWO_LAYERS),
+    ("gemma3", "gemma3_12b", TWO_LAYERS),
+    ("gemma4", "gemma4_4b", GEMMA4_KINDS),
+    ("mistral", "mistral_7b", TWO_LAYERS),
+    ("llama3", "llama3_8b", TWO_LAYERS),
+    ("qwen3", "qwen3_8b", TWO_LAYERS),
 )
 
 
 def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     """At the data stage's 7B shapes (a 384-token prompt bucket + 256 new
-    tokens): the tiny model, and a 2-layer slice of each architecture of
-    `DECODE_WIDTHS`, each in its own process (a slice of Gemma 3 12B
+    tokens): the tiny model, and a slice of a few blocks of each
+    architecture of `DECODE_WIDTHS`, each in its own process (a slice of Gemma 3 12B
     takes 17 GB to build and compile in float32). Float32: XLA on the CPU
     widens bfloat16 products to float32, which a GPU does not, so bfloat16
     here would measure the CPU, not the decoder."""
@@ -265,7 +273,7 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
     import sys
 
     figures = {"tiny": decode_bytes(tiny_lm, rows, length)}
-    for family, architecture in DECODE_WIDTHS:
+    for family, architecture, cut in DECODE_WIDTHS:
         out = subprocess.run(
             [sys.executable, __file__, "--decode-bytes-of", f"{family}:{architecture}"],
             cwd=ROOT,
@@ -273,21 +281,24 @@ def decode_bytes_benchmark(tiny_lm, rows=32, length=640):
             stdout=subprocess.PIPE,  # its stderr shows, should it fail
             text=True,
         ).stdout
-        figures[f"{architecture}_width_2_layers"] = json.loads(out.splitlines()[-1])
+        figures[f"{architecture}_width_{cut['num_layers']}_layers"] = json.loads(
+            out.splitlines()[-1]
+        )
     return figures
 
 
 def sliced_decode_bytes(name, rows=32, length=640):
-    """`decode_bytes` of a 2-layer slice of `family:architecture`, random
-    weights, no mesh (the figures need shapes only, and 2B's one key/value
-    head could not be sharded over it)."""
+    """`decode_bytes` of the slice `DECODE_WIDTHS` names of
+    `family:architecture`, random weights, no mesh (the figures need shapes
+    only, and 2B's one key/value head could not be sharded over it)."""
     import keras_hub
 
     from pipeline.models.families.registry import FAMILIES
 
     family_name, architecture = name.split(":")
     family = FAMILIES[family_name]
-    config = dict(family.architectures[architecture], num_layers=2)
+    (cut,) = [c for f, a, c in DECODE_WIDTHS if (f, a) == (family_name, architecture)]
+    config = dict(family.architectures[architecture], **cut)
     backbone = getattr(keras_hub.models, family.backbone_class)(**config, dtype="float32")
     sliced = getattr(keras_hub.models, family.causal_lm_class)(backbone=backbone, preprocessor=None)
     return decode_bytes(sliced, rows, length)

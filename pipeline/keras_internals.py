@@ -145,7 +145,10 @@ class DecoderBlock:
     internals, read here only. The projections carry the names of
     `model.PROJECTIONS` (the names `lora.target_layers` matches in Gemma),
     whatever the family calls them: `ffw_gating` is the activated gate,
-    `ffw_gating_2` the one it multiplies, `ffw_linear` the way down."""
+    `ffw_gating_2` the one it multiplies, `ffw_linear` the way down. `key`
+    and `value` are None in a block that reads another's keys and values
+    (`kv_source`); `value` alone is None where the key projection, before
+    its norm and rope, is also the value (Gemma 4 31B's global blocks)."""
 
     pre_attention_norm: object
     query: object
@@ -165,6 +168,12 @@ class DecoderBlock:
     logit_soft_cap: object  # float, or None for no cap
     sliding_window: object  # keys at most this many positions back (int), or None
     gate_activation: object  # applied to `ffw_gating`'s output
+    value_norm: object = None  # applied to the values (Gemma 4), else None
+    # The block whose keys and values this one attends to, instead of its own
+    # (Gemma 4's last blocks have no key or value projection), else None.
+    kv_source: object = None
+    per_layer_gate: object = None  # (gate, up projection, norm) of a per-layer input, else None
+    output_scale: object = None  # what the block's output is multiplied by (Gemma 4), else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,26 +184,71 @@ class DecoderModel:
     blocks: list
     final_norm: object
     embedding_scale: float
+    per_layer_inputs: object = None  # `PerLayerInputs` (Gemma 4 E2B, E4B), else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLayerInputs:
+    """Gemma 4's per-layer inputs: for every token and block, `width`
+    numbers from a table looked up by token id, added to a projection of
+    the scaled token embedding (each block's slice normalized)."""
+
+    table: object  # Embedding: token id -> num_layers x width
+    projection: object  # Dense: scaled embedding -> num_layers x width
+    norm: object  # applied to each block's slice of the projection
+    width: int
 
 
 def decoder_model(backbone):
-    """The `DecoderModel` of a Gemma, Gemma 3, Mistral, Llama or Qwen 3
-    backbone; another family's raises `NotImplementedError`."""
+    """The `DecoderModel` of a Gemma, Gemma 3, Gemma 4 (dense), Mistral,
+    Llama or Qwen 3 backbone; another family's raises `NotImplementedError`."""
     readers = {
         "GemmaDecoderBlock": _gemma_block,
         "Gemma3DecoderBlock": _gemma_block,
+        "Gemma4TextDecoderBlock": _gemma4_block,
         "MistralTransformerDecoder": _llama_block,
         "LlamaTransformerDecoder": _llama_block,
         "Qwen3TransformerDecoder": _llama_block,
     }
     kind = type(backbone.transformer_layers[0]).__name__
-    if kind not in readers:
+    if kind not in readers or getattr(backbone.transformer_layers[0], "enable_moe_block", False):
         raise NotImplementedError(f"no decoder reads KerasHub's {kind} blocks")
     scaled = kind.startswith("Gemma")  # Gemma multiplies embeddings by sqrt(hidden_dim)
+    width = getattr(backbone, "hidden_size_per_layer_input", 0)
     return DecoderModel(
         blocks=[readers[kind](block) for block in backbone.transformer_layers],
         final_norm=backbone.layer_norm,
         embedding_scale=float(np.sqrt(np.float32(backbone.hidden_dim))) if scaled else 1.0,
+        per_layer_inputs=PerLayerInputs(
+            table=backbone.per_layer_token_embedding,
+            projection=backbone.per_layer_model_projection,
+            norm=backbone.per_layer_projection_norm,
+            width=width,
+        )
+        if width
+        else None,
+    )
+
+
+def _gemma_parts(block):
+    """The parts every Gemma block (1 to 4) has under the same names."""
+    attention = block.attention
+    return dict(
+        pre_attention_norm=block.pre_attention_norm,
+        query=attention.query_dense,
+        key=attention.key_dense,
+        value=attention.value_dense,
+        attention_output=attention.output_dense,
+        pre_ffw_norm=block.pre_ffw_norm,
+        ffw_gating=block.gating_ffw,
+        ffw_gating_2=block.gating_ffw_2,
+        ffw_linear=block.ffw_linear,
+        rope=attention._apply_rope,
+        logit_soft_cap=attention.logit_soft_cap,
+        sliding_window=(
+            attention.sliding_window_size if attention.use_sliding_window_attention else None
+        ),
+        gate_activation=lambda x: keras.activations.gelu(x, approximate=True),
     )
 
 
@@ -207,26 +261,35 @@ def _gemma_block(block):
         else attention.hidden_dim // attention.num_query_heads
     )
     return DecoderBlock(
-        pre_attention_norm=block.pre_attention_norm,
-        query=attention.query_dense,
-        key=attention.key_dense,
-        value=attention.value_dense,
-        attention_output=attention.output_dense,
+        **_gemma_parts(block),
         post_attention_norm=block.post_attention_norm if block.use_post_attention_norm else None,
-        pre_ffw_norm=block.pre_ffw_norm,
-        ffw_gating=block.gating_ffw,
-        ffw_gating_2=block.gating_ffw_2,
-        ffw_linear=block.ffw_linear,
         post_ffw_norm=block.post_ffw_norm if block.use_post_ffw_norm else None,
         query_norm=attention.query_norm if query_key_norm else None,
         key_norm=attention.key_norm if query_key_norm else None,
-        rope=attention._apply_rope,
         query_scale=1 / np.sqrt(scale_dim),
-        logit_soft_cap=attention.logit_soft_cap,
-        sliding_window=(
-            attention.sliding_window_size if attention.use_sliding_window_attention else None
+    )
+
+
+def _gemma4_block(block):
+    """Gemma 4's text block: Gemma 3's parts, with queries left unscaled (their
+    norm scales them), a norm on the values, and what differs from block to
+    block (`DecoderBlock`: `kv_source`, `per_layer_gate`, `output_scale`)."""
+    attention = block.attention
+    return DecoderBlock(
+        **_gemma_parts(block),
+        post_attention_norm=block.post_attention_norm,
+        post_ffw_norm=block.post_ffw_norm,
+        query_norm=attention.query_norm,
+        key_norm=attention.key_norm,
+        query_scale=1.0,
+        value_norm=attention.value_norm,
+        kv_source=block.kv_shared_layer_index if block.is_kv_shared_layer else None,
+        per_layer_gate=(
+            (block.per_layer_input_gate, block.per_layer_up_proj, block.post_per_layer_input_norm)
+            if block.hidden_size_per_layer_input
+            else None
         ),
-        gate_activation=lambda x: keras.activations.gelu(x, approximate=True),
+        output_scale=block.layer_scalar,
     )
 
 

@@ -44,17 +44,14 @@ def test_gpu_benchmark_runs_every_case_in_its_own_process_on_the_tiny_architectu
         and result["quick"]
         and {"jax", "keras", "keras-hub"} <= set(result["versions"])
     )
-    for name, decoder in (("tiny", "CachedDecoder"), ("gemma4_tiny", "KerasHubStepDecoder")):
+    for name in ("tiny", "gemma4_tiny"):
         tiny = result[name]
         assert not [
             case for case in ("pipeline", "keras_hub", "data", "hf") if "failed" in tiny[case]
         ], tiny
-        assert tiny["pipeline"]["decoder"] == decoder
         assert set(tiny["pipeline"]["decoding"]) == {"8", "32"}
         assert tiny["pipeline"]["decoding"]["32"]["fraction_of_bandwidth_floor"] > 0
-        assert ("bytes_accessed_ratio" in tiny["pipeline"]["decoding"]["32"]) == (
-            decoder == "CachedDecoder"
-        )
+        assert tiny["pipeline"]["decoding"]["32"]["bytes_accessed_ratio"] > 1
         assert tiny["data"]["decoder_batch"]["rows"] == 32
         assert {"training_vs_keras_hub", "training_vs_hf", "decoding_32_rows_vs_keras_hub"} <= set(
             tiny["ratios"]

@@ -9,8 +9,6 @@ from pipeline.models.decoding import CachedDecoder
 from pipeline.models.decoding_cost import step_bytes_accessed, step_floor_bytes
 from pipeline.models.families.registry import FAMILIES
 
-FAST_FAMILIES = [name for name, family in FAMILIES.items() if family.fast_decoder]
-
 
 @pytest.mark.parametrize("kv_heads, head_dim", [(8, 64), (1, 256)])
 def test_a_decoding_step_reads_the_cache_once(kv_heads, head_dim):
@@ -50,18 +48,26 @@ def test_a_decoding_step_of_the_tiny_model_stays_within_1_3_of_the_floor(tiny_mo
     assert step_bytes_accessed(decoder, 32, 640) / step_floor_bytes(decoder, 32, 640) < 1.3
 
 
-@pytest.mark.parametrize("name", FAST_FAMILIES)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_familys_step_reads_its_weights_once(name):
-    """Each family `CachedDecoder` runs, at one row and a short cache: the
-    kernels in the layouts the products want (Llama's are hidden first
-    already, Gemma's are laid out so once per call), the logits' table once
-    (an untied model's input table only by the rows it looks up), the
-    query/key norms and the gate's activation adding no pass over a weight."""
+    """Each family's step, at one row and a short cache: the kernels in the
+    layouts the products want (Llama's are hidden first already, Gemma's
+    are laid out so once per call), the logits' table once (an untied
+    model's input table, and Gemma 4's per-layer one, only by the rows it
+    looks up), the norms and the gate's activation adding no pass over a
+    weight. The stand-in at four times its width, so that the weights
+    outweigh what a layer's activations add (at the stand-in's own width
+    they add 4 to 6%): a kernel read twice adds 1% or more."""
     family = FAMILIES[name]
+    config = dict(
+        family.tiny_config,
+        hidden_dim=512,
+        intermediate_dim=4 * family.tiny_config["intermediate_dim"],
+    )
     with data_parallel():
-        backbone = getattr(keras_hub.models, family.backbone_class)(**family.tiny_config)
+        backbone = getattr(keras_hub.models, family.backbone_class)(**config)
         causal_lm = getattr(keras_hub.models, family.causal_lm_class)(
             backbone=backbone, preprocessor=None
         )
         decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
-    assert 0.99 < step_bytes_accessed(decoder, 1, 16) / step_floor_bytes(decoder, 1, 16) < 1.05
+    assert 0.99 < step_bytes_accessed(decoder, 1, 16) / step_floor_bytes(decoder, 1, 16) < 1.02

@@ -7,6 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 from etils import epath
+from processes import tiny_config
 
 from pipeline.errors import InputError, MissingInputError
 from pipeline.run.config import load_config
@@ -153,24 +154,29 @@ def test_a_data_stage_on_a_bucket_resumes_from_the_bucket_alone(tiny_cfg, gcs_bu
 
 
 @pytest.mark.slow
-def test_the_demo_on_a_bucket_scores_what_it_scores_locally(demo_run, gcs_bucket, tmp_path):
-    """Every stage of the demo with run.root on the bucket (checkpoints
-    included), from an empty mirror."""
-    import dataclasses
-
+def test_the_demo_on_a_bucket_scores_what_it_scores_locally(tiny, gcs_bucket, tmp_path):
+    """Every stage of the demo (cut to a few rows and steps) with run.root on
+    the bucket, checkpoints included, from an empty mirror: the outputs and
+    the scores of the same run on a local disk."""
     from pipeline.workflows.demo import run_demo
 
-    cfg, scores, _ = demo_run
-    on_bucket = dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(
-            cfg.run, root=f"{gcs_bucket}/runs", mirrors=str(tmp_path / "mirrors")
-        ),
+    few = [
+        "data.max_rows=40",
+        "train.epochs=2",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "mean_prompt.steps=2",
+        "mean_prompt.beam_width=4",
+    ]
+    local_cfg = tiny_config(tiny, tmp_path / "local", few)
+    on_bucket = tiny_config(
+        tiny, f"{gcs_bucket}/runs", [*few, f"run.mirrors={tmp_path / 'mirrors'}"]
     )
+    scores = run_demo(local_cfg, log=lambda *_: None)
     assert run_demo(on_bucket, log=lambda *_: None) == scores
-    run = f"{gcs_bucket}/runs/{cfg.run.name}"
+    run = f"{gcs_bucket}/runs/{local_cfg.run.name}"
     assert [p.name for p in epath.Path(f"{run}/finetune/checkpoints").iterdir() if p.name.isdigit()]
-    local = f"{cfg.run.root}/{cfg.run.name}"
+    local = f"{local_cfg.run.root}/{local_cfg.run.name}"
     for name in (
         "data/rewrites.csv",
         "predict/submission.csv",

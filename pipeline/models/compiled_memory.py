@@ -2,7 +2,7 @@
 
 One training step (the finetune stage's own: `compile_lora_training`, then
 Keras' `train_step`, LoRA factors, AdamW moments and all) and one decoding
-call (the stage's decoder: `make_decoder`) are lowered with
+call (the stages' decoder, `CachedDecoder`) are lowered with
 `jax.ShapeDtypeStruct` arguments (each variable's shape, dtype and the
 sharding the distribution gives it) and compiled for the devices of the
 mesh; XLA's memory analysis then gives what one device holds. The programs
@@ -27,8 +27,7 @@ import jax
 import keras
 import numpy as np
 
-from pipeline.models.decoding import model_state
-from pipeline.models.generation import make_decoder
+from pipeline.models.decoding import CachedDecoder, model_state
 from pipeline.models.lora_training import compile_lora_training
 from pipeline.models.model import enable_lora, forward_inputs, model_distribution
 
@@ -138,12 +137,12 @@ def training_step(causal_lm, cfg, family):
 
 
 def decoding_call(causal_lm, cfg):
-    """The stage's decoder (`make_decoder`) on one batch of
+    """The stages' decoder (`CachedDecoder`) on one batch of
     `predict.batch_size` prompts of `train.sequence_length` tokens and
     `predict.max_new_tokens` more."""
     length = cfg.train.sequence_length + cfg.predict.max_new_tokens
     shape = (cfg.predict.batch_size, length)
-    decoder = make_decoder(causal_lm, stops=[1])
+    decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
     state = model_state(causal_lm, read=abstract)
     return decoder.lower(
         batch_argument(shape, "int32"),

@@ -1,5 +1,5 @@
-"""Greedy cached decoding for KerasHub's Gemma, Gemma 3, Mistral, Llama and
-Qwen 3 causal LMs, built for speed.
+"""Greedy cached decoding for KerasHub's Gemma, Gemma 3, Gemma 4 (dense),
+Mistral, Llama and Qwen 3 causal LMs, built for speed.
 
 KerasHub's `generate` keeps the key/value cache of every layer in one
 tensor (Gemma 3: one pair per layer) that each decoding step slices apart
@@ -8,8 +8,10 @@ length: at 7B-class width a step moves 2 to 3 times what it must read. This
 decoder runs the same layers with the same weights (LoRA included, read
 through `keras_internals.decoder_model`) but:
 
-- keeps one key and one value cache per layer, which XLA updates in place,
-  laid out as the attention products read them (no copy per step);
+- keeps one key and one value cache per layer that has keys and values of
+  its own (Gemma 4's last layers read an earlier layer's), each of its own
+  size, which XLA updates in place, laid out as the attention products read
+  them (no copy per step);
 - merges each LoRA adapter into its kernel once per call, not at every
   step (Keras' `EinsumDense` adds A @ B to the kernel each time it runs);
 - decodes in up to `max_spans` spans of positions, each attending only to
@@ -41,8 +43,7 @@ import keras
 import numpy as np
 
 from pipeline import keras_internals
-from pipeline.models.families.family import ModelSpec
-from pipeline.models.model import PER_HEAD_INPUT, family_of, projections
+from pipeline.models.model import PER_HEAD_INPUT, projections, spec_of
 from pipeline.parallel import hosts
 from pipeline.parallel.distribution import data_sharding
 
@@ -51,9 +52,8 @@ class CachedDecoder:
     """Greedy decoding with a per-layer KV cache, compiled once per shape.
 
     Args:
-        causal_lm: a KerasHub causal LM of a family whose `fast_decoder` is
-            set (LoRA enabled or not); its current weights are read at
-            every call.
+        causal_lm: a KerasHub causal LM of any family in `families` (LoRA
+            enabled or not); its current weights are read at every call.
         stop_token_ids: ids that end a row (`<eos>`, `<end_of_turn>`).
         max_spans: how many spans the positions after the prompts are
             decoded in (each attends only to the cache filled so far, and
@@ -72,6 +72,7 @@ class CachedDecoder:
         self.stop_token_ids = jnp.asarray(stop_token_ids, "int32")
         self.max_spans = max_spans
         self.model = keras_internals.decoder_model(self.backbone)
+        self.final_logit_cap = causal_lm.get_config().get("final_logit_cap")  # Gemma 4's task
         # max_new_tokens is fixed per stage, so making it static adds no programs.
         self._compiled = jax.jit(self._stateless_decode, static_argnames="max_new_tokens")
 
@@ -112,7 +113,7 @@ class CachedDecoder:
         # prompt is longer), so a position past a row's prompt is overwritten
         # before it is read, and the rest of a longer prompt is fed on.
         prefill = max(length - max_new_tokens, 1)
-        _, caches = self.forward(kernels, self._embed(token_ids[:, :prefill]), caches, 0, prefill)
+        _, caches = self.forward(kernels, self.embed(token_ids[:, :prefill]), caches, 0, prefill)
         index = jnp.minimum(
             jnp.min(row_lengths), prefill
         )  # the first cache position not yet written
@@ -145,7 +146,7 @@ class CachedDecoder:
             token_ids, caches, index, done = carry
             previous = jax.lax.dynamic_slice_in_dim(token_ids, index - 1, 1, axis=1)
             logits, caches = self.forward(
-                kernels, self._embed(previous), caches, index - 1, span_end
+                kernels, self.embed(previous), caches, index - 1, span_end
             )
             generated = jnp.argmax(logits[:, -1, :], axis=-1).astype(token_ids.dtype)
             in_prompt = padding_mask[:, index]
@@ -159,33 +160,74 @@ class CachedDecoder:
 
     def empty_caches(self, batch, length):
         """The (key, value) cache of every layer, zeros, for `batch` rows of
-        `length` positions."""
+        `length` positions (None for a layer that reads another's)."""
         dtype = self.causal_lm.compute_dtype
-        dims = ModelSpec(family_of(self.causal_lm), self.backbone.get_config()).dims
-        shape = (dims.num_key_value_heads * batch, length, dims.head_dim)
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.model.blocks]
+        return [
+            None
+            if shape is None
+            else tuple(jnp.zeros((shape[0] * batch, length, shape[1]), dtype) for _ in "kv")
+            for shape in spec_of(self.causal_lm).cache_shapes()
+        ]
 
-    def _embed(self, token_ids):
-        return self.backbone.token_embedding(token_ids)
+    def embed(self, token_ids):
+        """What `forward` takes of `token_ids`: their rows of the embedding
+        table and, for a model with per-layer inputs, of their table (else
+        None)."""
+        per_layer = self.model.per_layer_inputs
+        return (
+            self.backbone.token_embedding(token_ids),
+            None if per_layer is None else per_layer.table(token_ids),
+        )
 
     def forward(self, kernels, embedded, caches, start, span_end):
-        """Logits for the tokens whose embeddings are `embedded`, placed at
-        `start`; keys and values go into the caches, attention reads cache
-        positions [0, span_end). `kernels` is `merged_kernels(backbone)`; run
-        it in `state_scope`."""
-        backbone = self.backbone
-        x = embedded * keras.ops.cast(self.model.embedding_scale, embedded.dtype)
-        positions = start + jnp.arange(embedded.shape[1])
+        """Logits for the tokens `embedded` (as `embed` gives them), placed
+        at `start`; keys and values go into the caches, attention reads
+        cache positions [0, span_end). `kernels` is `merged_kernels(backbone)`;
+        run it in `state_scope`."""
+        tokens, per_layer_rows = embedded
+        x = tokens * keras.ops.cast(self.model.embedding_scale, tokens.dtype)
+        per_layer_inputs = self._per_layer_inputs(x, per_layer_rows)
+        positions = start + jnp.arange(tokens.shape[1])
         mask = jnp.arange(span_end)[None, :] <= positions[:, None]
-        mask = jnp.broadcast_to(mask[None], (embedded.shape[0], *mask.shape))
-        new_caches = []
-        for block, (key_cache, value_cache) in zip(self.model.blocks, caches, strict=True):
-            x, key_cache, value_cache = _decoder_block(
-                block, kernels, x, key_cache, value_cache, start, span_end, mask
+        mask = jnp.broadcast_to(mask[None], (tokens.shape[0], *mask.shape))
+        caches = list(caches)
+        for i, block in enumerate(self.model.blocks):
+            shared = block.kv_source is not None
+            x, cache = _decoder_block(
+                block,
+                kernels,
+                x,
+                caches[block.kv_source if shared else i],
+                (start, span_end, mask),
+                per_layer_inputs[i],
             )
-            new_caches.append((key_cache, value_cache))
-        logits = backbone.token_embedding(self.model.final_norm(x), reverse=True)
-        return logits, new_caches
+            if not shared:
+                caches[i] = cache
+        logits = self.backbone.token_embedding(self.model.final_norm(x), reverse=True)
+        if self.final_logit_cap is not None:
+            logits = jnp.tanh(logits / self.final_logit_cap) * self.final_logit_cap
+        return logits, caches
+
+    def _per_layer_inputs(self, x, rows):
+        """Each block's per-layer input (Gemma 4 E2B, E4B: its slice of the
+        table rows plus its normalized slice of a projection of the scaled
+        embeddings `x`, as KerasHub sums them), or None for every block."""
+        per_layer = self.model.per_layer_inputs
+        if per_layer is None:
+            return [None] * len(self.model.blocks)
+        dtype, width = x.dtype, per_layer.width
+        rows = rows.astype(dtype) * keras.ops.cast(float(width) ** 0.5, dtype)
+        projected = per_layer.projection(x) * keras.ops.cast(
+            float(self.backbone.hidden_dim) ** -0.5, dtype
+        )
+        return [
+            (
+                per_layer.norm(projected[..., i * width : (i + 1) * width])
+                + rows[..., i * width : (i + 1) * width]
+            )
+            * keras.ops.cast(2.0**-0.5, dtype)
+            for i in range(len(self.model.blocks))
+        ]
 
 
 def _cache_layout(x, dtype):
@@ -315,24 +357,20 @@ def _project(layer, kernels, x):
     return jnp.einsum(equation, x, kernel)
 
 
-def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, mask):
-    """A decoder block's call with a cache, its key and value apart
-    (`block`: a `keras_internals.DecoderBlock`)."""
+def _decoder_block(block, kernels, x, cache, place, per_layer_input):
+    """A decoder block's call with a cache (`block`: a
+    `keras_internals.DecoderBlock`; `cache`: its (key, value) cache, or
+    the one of the block it reads; `place`: (start, span_end, mask) of
+    `forward`). Returns the block's output and the cache."""
+    start, span_end, mask = place
     normalized = block.pre_attention_norm(x)
     query = _project(block.query, kernels, normalized)
-    key = _project(block.key, kernels, normalized)
     if block.query_norm is not None:
-        query, key = block.query_norm(query), block.key_norm(key)
-    query, key = block.rope(query, start), block.rope(key, start)
-    value = _project(block.value, kernels, normalized)
-    # Caches are (kv heads × batch, length, head_dim): the layout both attention
-    # products read without transposing (and so copying) the cache.
-    key_cache = jax.lax.dynamic_update_slice(
-        key_cache, _cache_layout(key, key_cache.dtype), (0, start, 0)
-    )
-    value_cache = jax.lax.dynamic_update_slice(
-        value_cache, _cache_layout(value, value_cache.dtype), (0, start, 0)
-    )
+        query = block.query_norm(query)
+    query = block.rope(query, start)
+    if block.kv_source is None:
+        cache = _write_keys_and_values(block, kernels, normalized, cache, start)
+    key_cache, value_cache = cache
     attended = _attention(
         block, query, key_cache[:, :span_end], value_cache[:, :span_end], mask, start
     )
@@ -346,4 +384,27 @@ def _decoder_block(block, kernels, x, key_cache, value_cache, start, span_end, m
     out = _project(block.ffw_linear, kernels, hidden)
     if block.post_ffw_norm is not None:
         out = block.post_ffw_norm(out)
-    return out + attention_x, key_cache, value_cache
+    x = out + attention_x
+    if block.per_layer_gate is not None:
+        input_gate, up_projection, norm = block.per_layer_gate
+        gated = keras.activations.gelu(input_gate(x), approximate=True) * per_layer_input
+        x = x + norm(up_projection(gated))
+    if block.output_scale is not None:
+        x = x * keras.ops.cast(block.output_scale, x.dtype)
+    return x, cache
+
+
+def _write_keys_and_values(block, kernels, normalized, cache, start):
+    """The block's keys and values of `normalized`, written into its cache at
+    `start`."""
+    raw_key = _project(block.key, kernels, normalized)
+    key = block.rope(raw_key if block.key_norm is None else block.key_norm(raw_key), start)
+    value = raw_key if block.value is None else _project(block.value, kernels, normalized)
+    if block.value_norm is not None:
+        value = block.value_norm(value)
+    # Caches are (kv heads × batch, length, head_dim): the layout both attention
+    # products read without transposing (and so copying) the cache.
+    return tuple(
+        jax.lax.dynamic_update_slice(part, _cache_layout(new, part.dtype), (0, start, 0))
+        for part, new in zip(cache, (key, value), strict=True)
+    )

@@ -15,17 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline.models.decoding import merged_kernels, model_state, state_scope
-from pipeline.models.families.family import ModelSpec
-from pipeline.models.model import family_of
+from pipeline.models.model import spec_of
 
 
 def step_bytes_accessed(decoder, batch, length):
     """Bytes one decoding step reads and writes (one new token per row,
     attention over `length` cache positions), by XLA's cost analysis of the
     compiled step; compiles, runs nothing. The step gets the kernels merged,
-    as the decoding loop does. The embedding lookup is left out of the
-    compiled step and its rows counted instead: XLA counts a gather as
-    reading its whole table, or one row, depending on the shapes."""
+    as the decoding loop does. The embedding lookups (`decoder.embed`) are
+    left out of the compiled step and their rows counted instead: XLA
+    counts a gather as reading its whole table, or one row, depending on
+    the shapes."""
     lm, backbone = decoder.causal_lm, decoder.backbone
     abstract = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
     state = model_state(lm, read=abstract)
@@ -42,17 +42,15 @@ def step_bytes_accessed(decoder, batch, length):
         return jnp.argmax(logits[:, -1, :], axis=-1), caches
 
     caches = jax.eval_shape(lambda: decoder.empty_caches(batch, length))
-    table = backbone.token_embedding.embeddings
-    embedded = jax.ShapeDtypeStruct((batch, 1, backbone.hidden_dim), table.dtype)
+    embedded = jax.eval_shape(decoder.embed, jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     start = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = (
         jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
     )
-    # The lookup reads one row of the table per token (the compiled step
-    # counts reading those rows back, as its input).
-    return (
-        compiled.cost_analysis()["bytes accessed"]
-        + batch * backbone.hidden_dim * np.dtype(table.dtype).itemsize
+    # A lookup reads one row of its table per token (the compiled step counts
+    # reading those rows back, as its input).
+    return compiled.cost_analysis()["bytes accessed"] + sum(
+        rows.size * np.dtype(rows.dtype).itemsize for rows in jax.tree.leaves(embedded)
     )
 
 
@@ -60,8 +58,10 @@ def step_floor_bytes(decoder, batch, length):
     """What any decoding step must read at least: every weight once (the
     embedding table that makes the logits, the norms, the kernels with LoRA
     merged, so each a kernel's size in the compute dtype) and the key/value
-    cache of `length` positions of every row and layer. Any family's
-    decoder. An input table apart from the logits' (an untied model's) is
+    cache of `length` positions of every row that each layer attends to
+    (Gemma 4's last layers attend to an earlier layer's: read again, as
+    they come one after the other). Any family's decoder. An input table
+    apart from the logits' (an untied model's, Gemma 4's per-layer one) is
     only looked up: its rows are counted with the step, as there."""
     causal_lm = decoder.causal_lm
     backbone = causal_lm.backbone
@@ -72,19 +72,24 @@ def step_floor_bytes(decoder, batch, length):
     others = sum(
         np.prod(w.shape) * np.dtype(w.dtype).itemsize
         for w in backbone.weights
-        if w.path.endswith(("embeddings", "scale")) and w.path not in looked_up_only(backbone)
+        if w.path.endswith(("embeddings", "scale")) and w.path not in looked_up_only(decoder)
     )
-    dims = ModelSpec(family_of(causal_lm), backbone.get_config()).dims
-    cache = (
-        2 * dims.num_layers * batch * length * dims.num_key_value_heads * dims.head_dim * itemsize
+    shapes = spec_of(causal_lm).cache_shapes()
+    cache = sum(
+        2 * batch * length * heads * head_dim * itemsize
+        for heads, head_dim in (
+            shapes[i if block.kv_source is None else block.kv_source]
+            for i, block in enumerate(decoder.model.blocks)
+        )
     )
     return kernels + others + cache
 
 
-def looked_up_only(backbone):
+def looked_up_only(decoder):
     """Paths of the embedding tables a step only looks rows up in: the input
-    table of a model whose logits have their own (`reverse_embeddings`)."""
-    embedding = backbone.token_embedding
-    if embedding.tie_weights:
-        return set()
-    return {embedding.embeddings.path}
+    table of a model whose logits have their own (`reverse_embeddings`),
+    and Gemma 4's per-layer table."""
+    embedding = decoder.backbone.token_embedding
+    tables = set() if embedding.tie_weights else {embedding.embeddings.path}
+    per_layer = decoder.model.per_layer_inputs
+    return tables | ({per_layer.table.embeddings.path} if per_layer is not None else set())

@@ -4,12 +4,10 @@ Rows are sorted by prompt length and generated `batch_size` at a time. Each
 batch is padded to a fixed batch size and its prompts to a length rounded up
 to `length_step`, plus room for `max_new_tokens`, so XLA compiles one program
 per bucket instead of one per batch, and a short prompt never pays for the
-longest one. Decoding is `pipeline.models.decoding.CachedDecoder` for the
-families whose `fast_decoder` is set (all but Gemma 4), KerasHub's own
-decoding step (`step_decoding`) for Gemma 4: each row stops at the end
-token or the family's end of turn, at most `max_new_tokens` after its own
-prompt, and the batch as soon as every row has; the echoed prompt is
-stripped.
+longest one. Decoding is `pipeline.models.decoding.CachedDecoder`: each
+row stops at the end token or the family's end of turn, at most
+`max_new_tokens` after its own prompt, and the batch as soon as every row
+has; the echoed prompt is stripped.
 
 Example:
 ```python
@@ -26,15 +24,7 @@ import numpy as np
 
 from pipeline.models.decoding import CachedDecoder
 from pipeline.models.model import family_of
-from pipeline.models.step_decoding import KerasHubStepDecoder
 from pipeline.text.tokens import stop_token_ids, strip_generated
-
-
-def make_decoder(causal_lm, stops):
-    """The fastest decoder built for the model's family."""
-    return (CachedDecoder if family_of(causal_lm).fast_decoder else KerasHubStepDecoder)(
-        causal_lm, stops
-    )
 
 
 def bucket_length(longest_prompt, max_new_tokens, length_step):
@@ -54,7 +44,7 @@ class BatchedGenerator:
         log: where progress lines go.
         decode: `decode(token_ids, padding_mask, max_new_tokens)` returns
             the token ids with the generation written after each prompt;
-            default: `make_decoder(causal_lm, stops)`.
+            default: `CachedDecoder(causal_lm, stops)`.
         stops: stop token ids (default: the end token and the family's
             end of turn).
 
@@ -83,7 +73,7 @@ class BatchedGenerator:
         self.length_step = length_step
         self.log = log
         self.stops = stops or stop_token_ids(tokenizer, family_of(causal_lm).end_of_turn)
-        self.decode = decode or make_decoder(causal_lm, self.stops)
+        self.decode = decode or CachedDecoder(causal_lm, self.stops)
         self.programs = set()  # (batch, length) shapes compiled so far
         self.new_tokens = 0  # by the latest `generate`, stop tokens excluded
         self.rows_at_limit = 0  # rows cut at max_new_tokens, over every `generate`

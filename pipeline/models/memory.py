@@ -77,9 +77,7 @@ def decoder_kernel_copy_bytes(spec, layout, axis_size, dtype_bytes, lora_targets
     """Kernels `CachedDecoder` holds a second copy of for a whole call, on one
     device: the query, key and value kernels stored heads first (Gemma's;
     it lays them out hidden first) and every kernel an adapter is merged
-    into. KerasHub's decoding step (Gemma 4) keeps none."""
-    if not spec.family.fast_decoder:
-        return 0.0
+    into."""
     return _kernel_bytes(
         spec,
         layout,
@@ -133,8 +131,8 @@ def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
 def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     """What the decoder's pass over the prompts holds at its widest, one
     layer at a time (nothing is kept for a backward pass): the layer's
-    inputs and projections, its float32 attention scores and, with KerasHub's
-    step, the last layer's float32 logits. With the KV cache and the kernel
+    inputs and projections and its float32 attention scores (`CachedDecoder`
+    makes no logits for the prompt). With the KV cache and the kernel
     copies, XLA's memory analysis of the tiny model's decoding program comes
     to 0.5 to 1.01 of the plan (tests/test_memory.py), a 7B model's to within
     4% (`make plan-check`, float32)."""
@@ -149,16 +147,20 @@ def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     per_token = (
         4 * h + (2 * heads + 2 * kv) * dh / model_axis + 3 * ffw / model_axis
     ) * dtype_bytes + heads / model_axis * prompt_length * 4
-    # `CachedDecoder` makes no logits for the prompt (only KerasHub's step does).
-    logits = 0 if spec.family.fast_decoder else d.vocabulary_size / model_axis * 4
-    return rows * prompt_length * (per_token + logits)
+    return rows * prompt_length * per_token
 
 
 def kv_cache_bytes(spec, batch, length, model_axis, dtype_bytes):
-    d = spec.dims
-    kv = d.num_key_value_heads
-    kv_per_device = kv / model_axis if kv % model_axis == 0 else kv
-    return 2 * d.num_layers * batch * length * kv_per_device * d.head_dim * dtype_bytes
+    """The key/value caches of `CachedDecoder` on one device: one per block
+    that has keys and values of its own (`ModelSpec.cache_shapes`), its
+    heads sharded over the model axis where they divide by it."""
+    return (
+        sum(
+            2 * batch * length * (kv / model_axis if kv % model_axis == 0 else kv) * head_dim
+            for kv, head_dim in filter(None, spec.cache_shapes())
+        )
+        * dtype_bytes
+    )
 
 
 @dataclasses.dataclass

@@ -103,12 +103,14 @@ def spec_of(causal_lm):
 def projections(backbone):
     """(decoder index, name in PROJECTIONS, layer) of every projection of a
     backbone `keras_internals.decoder_model` reads (the family's own layer
-    under Gemma's name)."""
+    under Gemma's name; none where a block has no such layer, as Gemma 4's
+    blocks that read another's keys and values)."""
     from pipeline import keras_internals
 
     for i, block in enumerate(keras_internals.decoder_model(backbone).blocks):
         for name in PROJECTIONS:
-            yield i, name, getattr(block, name)
+            if getattr(block, name) is not None:
+                yield i, name, getattr(block, name)
 
 
 def enable_lora(causal_lm, lora_cfg):

@@ -91,8 +91,6 @@ class Family:
         tiny_config: the tiny stand-in's backbone config (every sharded
             dimension divides by 8).
         presets: KerasHub presets of the family (docs/models.md).
-        fast_decoder: whether `decoding.CachedDecoder` runs this family
-            (else KerasHub's own decoding step runs, on the same buckets).
         transformers: how the export stage writes the family in Hugging
             Face transformers' format (`TransformersFormat`); None where it
             is not built (and so no Kaggle bundle).
@@ -110,6 +108,10 @@ class Family:
             (query, key, value, attention output; the feed-forward's gate,
             up and down), which LoRA adapts when `lora.target_layers` is
             null, the default.
+        cache_shapes: backbone config -> [(key/value heads, head_dim) of
+            each block's key/value cache, or None for a block that reads
+            another's]; None where every block has one of the `dimensions`'
+            sizes (see `ModelSpec.cache_shapes`).
     """
 
     name: str
@@ -124,13 +126,13 @@ class Family:
     architectures: dict
     tiny_config: dict
     presets: tuple
-    fast_decoder: bool = False
     transformers: Optional["TransformersFormat"] = None
     transformers_variant: Callable | None = None
     check_config: Callable = lambda config: None
     text_only_config: dict = dataclasses.field(default_factory=dict)
     position_ids: bool = False
     lora_targets: tuple = ()
+    cache_shapes: Callable | None = None
 
     def transformers_format(self, config):
         """The `TransformersFormat` of a backbone config of the family."""
@@ -151,6 +153,14 @@ class ModelSpec:
 
     def weight_dims(self):
         return self.family.weight_dims(self.config)
+
+    def cache_shapes(self):
+        """[(key/value heads, head_dim) of each block's key/value cache, or
+        None for a block that attends to another block's]."""
+        if self.family.cache_shapes:
+            return self.family.cache_shapes(self.config)
+        d = self.dims
+        return [(d.num_key_value_heads, d.head_dim)] * d.num_layers
 
     def lora_targets(self, configured=None):
         """The layer names LoRA adapts: `configured` (`lora.target_layers`),

@@ -238,7 +238,6 @@ FAMILY = Family(
         "gemma2_instruct_9b_en",
         "gemma2_instruct_27b_en",
     ),
-    fast_decoder=True,
     transformers=TRANSFORMERS,
     transformers_variant=gemma_transformers_format,
 )

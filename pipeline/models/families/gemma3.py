@@ -158,7 +158,6 @@ FAMILY = Family(
         "gemma3_instruct_12b_text",
         "gemma3_instruct_27b_text",
     ),
-    fast_decoder=True,
     transformers=TRANSFORMERS,
     check_config=check_text_only,
 )

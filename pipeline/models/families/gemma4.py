@@ -68,6 +68,15 @@ def gemma4_dimensions(config):
     )
 
 
+def gemma4_cache_shapes(config):
+    """Each block's own key/value cache: none for a block that reads an
+    earlier one's, the global blocks' with their own heads and head size."""
+    return [
+        None if layer["kv_shared"] else (layer["key_value_heads"], layer["head_dim"])
+        for layer in gemma4_layers(config)
+    ]
+
+
 def gemma4_weight_dims(config):
     hidden = ("hidden_dim", config["hidden_dim"])
     query = ("num_query_heads", config["num_query_heads"])
@@ -308,6 +317,7 @@ FAMILY = Family(
     end_of_turn=END_OF_TURN,
     dimensions=gemma4_dimensions,
     weight_dims=gemma4_weight_dims,
+    cache_shapes=gemma4_cache_shapes,
     layout_axes=gemma4_layout_axes,
     # As published (Hugging Face config.json, text part).
     architectures={

@@ -95,6 +95,5 @@ FAMILY = Family(
         "llama3_instruct_8b_en",
         "llama3.1_instruct_8b",
     ),
-    fast_decoder=True,
     transformers=TRANSFORMERS,
 )

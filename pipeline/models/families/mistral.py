@@ -58,6 +58,5 @@ FAMILY = Family(
         sliding_window=32,  # shorter than the stages' prompts, as v0.1's 4,096 is than long ones
     ),
     presets=("mistral_instruct_7b_en", "mistral_0.2_instruct_7b_en", "mistral_0.3_instruct_7b_en"),
-    fast_decoder=True,
     transformers=TRANSFORMERS,
 )

@@ -117,6 +117,5 @@ FAMILY = Family(
         "qwen3_14b_en",
         "qwen3_32b_en",
     ),
-    fast_decoder=True,
     transformers=TRANSFORMERS,
 )
