@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -187,7 +188,9 @@ def run_child(target, families):
         command = [sys.executable, __file__, "--child", str(rows), "--target", target]
         for family in families:
             command += ["--family", family]
-        env = dict(os.environ, PLAN_CHECK_DEVICES=str(mesh[0] * mesh[1]))
+        # This process's virtual device count must not reach the child's XLA_FLAGS.
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+        env = dict(os.environ, PLAN_CHECK_DEVICES=str(mesh[0] * mesh[1]), XLA_FLAGS=flags.strip())
         if subprocess.run(command, env=env, check=False).returncode:
             sys.exit(f"plan-check: {target} failed (above)")
         return json.loads(rows.read_text())
