@@ -88,6 +88,7 @@ def gcs_bucket(tmp_path):
     STORAGE_EMULATOR_HOST, tensorstore (Orbax's arrays) by
     TENSORSTORE_GCS_HTTP_URL. gcsfs's gRPC bucket-type probe, which the
     emulator does not serve, is turned off."""
+    forget_bucket_listings()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -123,3 +124,14 @@ def gcs_bucket(tmp_path):
         os.environ.pop(key)
     server.terminate()
     server.wait()
+    forget_bucket_listings()
+
+
+def forget_bucket_listings():
+    """Drops the listings gcsfs keeps in every filesystem instance of this
+    process (fsspec's, etils' own), which outlive a test's bucket: an earlier
+    test's checkpoints would show in the next one's empty bucket."""
+    import gcsfs
+
+    for filesystem in list(gcsfs.GCSFileSystem._cache.values()):
+        filesystem.invalidate_cache()

@@ -448,7 +448,7 @@ def test_every_stage_runs_on_the_familys_stand_in(family_presets, tiny, tmp_path
     )
     assert len(predictions) > 0 and (predictions["rewrite_prompt"].str.len() > 0).all()
     score = run_score_stage(cfg, log=logs.append)
-    assert 0 <= score <= 1
+    assert -1 <= score <= 1  # cos**3: a stand-in's prompt may point away from the truth
     assert_export_and_notebook_match_keras(cfg, rewrites, tmp_path)
 
 
