@@ -9,9 +9,8 @@ predict stage's decoding call of that architecture are lowered with
 beside the plan's (`make memory-plan`), with their ratio, and the
 collectives of each program. A model is compiled at 2 and 4 layers and
 drawn on to its depth (bytes and collectives grow by layer). Not compiled
-yet, and listed as such: rows on a data-parallel mesh (Keras initialises the
-cut model's weights, and there each device holds a copy) and Gemma 4 (its
-blocks follow a per-layer pattern that a cut would change).
+yet, and listed as such: Gemma 4 (its blocks follow a per-layer pattern that
+a cut would change).
 
 Each row is compiled twice. In float32, where XLA's CPU compiler computes
 what a TPU does, the plan's figure must be within 15% of XLA's. In the
@@ -25,7 +24,7 @@ the CPU compiler refuses some float16 products with float32 sums
 float16 size, would swamp a figure of the GPU's. Writes bench/results/plan_check.json.
 
     make plan-check                                      # every target, every row
-    make plan-check ARGS="--target 'TPU v3-8' --family mistral"
+    make plan-check ARGS="--target 'TPU v3-8' --family mistral --architecture mistral_7b"
 """
 
 import argparse
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.15
 
 
-def rows_that_fit(target, families):
+def rows_that_fit(target, families, architectures):
     """(row, mesh) of each architecture the model table says `target` holds."""
     from pipeline.models.model_table import TARGET_CONFIGS, model_table
     from pipeline.run.config import load_config
@@ -51,17 +50,20 @@ def rows_that_fit(target, families):
     cfg = load_config(ROOT / TARGET_CONFIGS[target])
     for row in model_table({target: cfg}):
         fits = row.fits[target]
-        if fits.startswith("yes") and (not families or row.family in families):
+        chosen = (not families or row.family in families) and (
+            not architectures or row.architecture in architectures
+        )
+        if fits.startswith("yes") and chosen:
             yield cfg, row, json.loads(fits.removeprefix("yes, "))
 
 
-def compiled_here(spec, mesh):
-    """Model-parallel rows of models whose blocks are all alike (a cut of
-    Gemma 4's would not grow by layer as the whole does)."""
-    return mesh[1] > 1 and len(set(spec.cache_shapes())) == 1
+def compiled_here(spec):
+    """Models whose blocks are all alike (a cut of Gemma 4's would not grow
+    by layer as the whole does)."""
+    return len(set(spec.cache_shapes())) == 1
 
 
-def check_target(target, families):
+def check_target(target, families, architectures):
     """Compiles and prints the target's rows; returns them as dicts."""
     from pipeline.models.compiled_memory import GIB, figures_at_full_depth
     from pipeline.models.families.family import ModelSpec
@@ -73,10 +75,10 @@ def check_target(target, families):
         f"\n{target}: plan / XLA per device (GiB), training step and decoding call; "
         "float32 (the plan's check), then the target's dtype (XLA's CPU figure: the fit check)"
     )
-    for cfg, row, mesh in rows_that_fit(target, families):
+    for cfg, row, mesh in rows_that_fit(target, families, architectures):
         cfg = on_mesh(cfg, mesh)
         spec = ModelSpec(FAMILIES[row.family], FAMILIES[row.family].architectures[row.architecture])
-        if not compiled_here(spec, mesh):
+        if not compiled_here(spec):
             print(f"  {row.architecture:<16} {mesh}  not compiled (see the module's docstring)")
             continue
         started = time.perf_counter()
@@ -177,16 +179,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=list(TARGET_CONFIGS), action="append")
     parser.add_argument("--family", action="append", help="only these families")
+    parser.add_argument("--architecture", action="append", help="only these architectures")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_check.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # where one target's rows go
     args = parser.parse_args()
     targets = args.target or list(TARGET_CONFIGS)
     if args.child:  # one target, on its own number of virtual devices
-        Path(args.child).write_text(json.dumps(check_target(targets[0], args.family or [])))
+        rows = check_target(targets[0], args.family or [], args.architecture or [])
+        Path(args.child).write_text(json.dumps(rows))
         return
     results = []
     for target in targets:
-        results += run_child(target, args.family or [])
+        results += run_child(target, args.family or [], args.architecture or [])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     off = [r["architecture"] for r in results if not r["within"]]
@@ -197,7 +201,7 @@ def main():
     )
 
 
-def run_child(target, families):
+def run_child(target, families, architectures):
     """Runs `target` in a process with as many virtual devices as its
     machine has (the mesh must use them all); its rows come back as JSON."""
     from pipeline.models.model_table import TARGET_CONFIGS
@@ -209,6 +213,8 @@ def run_child(target, families):
         command = [sys.executable, __file__, "--child", str(rows), "--target", target]
         for family in families:
             command += ["--family", family]
+        for architecture in architectures:
+            command += ["--architecture", architecture]
         # This process's virtual device count must not reach the child's XLA_FLAGS.
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
         env = dict(os.environ, PLAN_CHECK_DEVICES=str(mesh[0] * mesh[1]), XLA_FLAGS=flags.strip())

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_every_case_in_its_own_process_on_the_tiny_architectures(tmp_path):
-    """Gemma's (its own decoder, KerasHub's transformers config) and Gemma
-    4's (KerasHub's decoding step, the family's own transformers config,
-    position ids as model inputs)."""
+    """Gemma's (KerasHub's exporter gives the transformers config) and Gemma
+    4's (the family's own transformers config, position ids as model
+    inputs), each through the pipeline's decoder and KerasHub's `generate`."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "throughput_gpu.json"
     done = subprocess.run(

@@ -2,6 +2,8 @@
 the arguments of its programs hold, the draw from a cut model to a deeper
 one, the collectives counted."""
 
+import dataclasses
+
 import pytest
 from specs import GEMMA_TINY
 
@@ -31,20 +33,26 @@ def cfg():
     )
 
 
-def test_training_step_arguments_are_the_planned_weights_and_lora_state(cfg):
+@pytest.mark.parametrize("mesh", [[1, 8], [8, 1]])
+def test_training_step_arguments_are_the_planned_weights_and_lora_state(cfg, mesh):
     """The step's arguments on one device: the frozen weights, the LoRA
     factors and their two AdamW moments (their gradients are temporaries),
-    and the batch."""
+    and the batch; sharded on a model axis, whole on every device of a
+    data-parallel mesh."""
+    cfg = dataclasses.replace(
+        cfg, distribution=dataclasses.replace(cfg.distribution, mesh_shape=mesh)
+    )
     training = compile_programs(cfg, GEMMA_TINY).training
     plan = plan_memory(cfg, GEMMA_TINY)
+    sharded = mesh[1] > 1  # else DataParallel: every weight whole on every device
     lora = lora_parameter_count(
         GEMMA_TINY,
         cfg.lora,
-        GEMMA_TINY.family.layout_axes("batch", "model"),
-        {"batch": 1, "model": 8},
+        GEMMA_TINY.family.layout_axes("batch", "model") if sharded else {},
+        {"batch": mesh[0], "model": mesh[1]},
     )
-    # ids, padding mask, labels, sample weights (the data axis is 1: every row)
-    batch = cfg.train.batch_size * cfg.train.sequence_length * (4 + 1 + 4 + 4)
+    # ids, padding mask, labels, sample weights of the device's rows
+    batch = cfg.train.batch_size // mesh[0] * cfg.train.sequence_length * (4 + 1 + 4 + 4)
     expected = plan.frozen + 3 * lora * LORA_DTYPE_BYTES + batch
     assert training.argument_bytes == pytest.approx(expected, rel=0.001)  # + the step counters
 

@@ -8,8 +8,9 @@ sharding the distribution gives it) and compiled for the devices of the
 mesh; XLA's memory analysis then gives what one device holds. The programs
 read no weight. Keras does initialise the variables of the model it builds
 (it does so on leaving any `StatelessScope`), so a real architecture is
-compiled at a few layers (`figures_at_full_depth`) on a sharded mesh, where
-that costs the cut model's size once (`make plan-check`).
+compiled at a few layers (`figures_at_full_depth`), on a sharded mesh or,
+for a data-parallel one, built on one device: either way the cut model's
+size once (`make plan-check`).
 
 Example:
 ```python
@@ -19,6 +20,7 @@ compiled.training.gib, compiled.generation.gib, compiled.training.collectives
 ```
 """
 
+import contextlib
 import dataclasses
 import gc
 import re
@@ -69,8 +71,14 @@ def compile_programs(cfg, spec):
     distribution = model_distribution(
         cfg.distribution, spec, [cfg.train.batch_size, cfg.predict.batch_size]
     )
-    with distribution.scope():
+    replicated = isinstance(distribution, keras.distribution.DataParallel)
+    # A data-parallel model is built on one device, its weights there once
+    # rather than on every device; its programs take the replicated
+    # shardings all the same. A sharded one is built in the distribution,
+    # whose layouts its optimizer's variables take from the weights.
+    with contextlib.nullcontext() if replicated else distribution.scope():
         causal_lm = random_causal_lm(spec, cfg)
+    with distribution.scope():
         programs = CompiledPrograms(
             compiled_program(training_step(causal_lm, cfg, spec.family)),
             compiled_program(decoding_call(causal_lm, cfg)),
@@ -84,7 +92,7 @@ def compile_programs(cfg, spec):
 
 def random_causal_lm(spec, cfg):
     """The family's CausalLM of `spec`'s config (random weights), LoRA and
-    optimizer on, metrics built; build it in the distribution's scope."""
+    optimizer on, metrics built."""
     import keras_hub
 
     from pipeline import keras_internals
