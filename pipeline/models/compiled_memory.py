@@ -76,7 +76,7 @@ def compile_programs(cfg, spec):
     # rather than on every device; its programs take the replicated
     # shardings all the same. A sharded one is built in the distribution,
     # whose layouts its optimizer's variables take from the weights.
-    with contextlib.nullcontext() if replicated else distribution.scope():
+    with without_distribution() if replicated else distribution.scope():
         causal_lm = random_causal_lm(spec, cfg)
     with distribution.scope():
         programs = CompiledPrograms(
@@ -88,6 +88,18 @@ def compile_programs(cfg, spec):
     jax.clear_caches()
     gc.collect()
     return programs
+
+
+@contextlib.contextmanager
+def without_distribution():
+    """No Keras distribution inside the block (one set for the process,
+    a loaded model's, would give the variables its layouts)."""
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def random_causal_lm(spec, cfg):
