@@ -266,9 +266,9 @@ def test_a_spot_slice_taken_back_mid_training_is_made_again_and_ends_with_the_un
         time.sleep(0.05)
     preempt = subprocess.run(
         ["gcloud", "compute", "tpus", "queued-resources", "preempt", "spot", "--zone=standin-a"],
-        # Cloud TPU's 30 s are for a host that saves this in one; here the two
-        # hosts share 2 cores with the rest of the suite (measured: 8 s alone,
-        # over 30 once in CI).
+        # Cloud TPU's 30 s of notice are for hosts of their own; here the two
+        # share 2 cores with the rest of the suite (measured: 8 s alone, over
+        # 30 once in CI).
         env=dict(env, STANDIN_GCLOUD_NOTICE_SECONDS="120"),
         capture_output=True,
         text=True,
