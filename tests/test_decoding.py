@@ -1,11 +1,15 @@
+import jax
 import keras
 import keras_hub
 import numpy as np
 import pytest
+from specs import GEMMA_TINY
 
 from pipeline.models.decoding import CachedDecoder
+from pipeline.models.model import model_distribution
 from pipeline.models.tiny import BACKBONE_CONFIG
 from pipeline.parallel.runtime import set_seed
+from pipeline.run.config import DistributionConfig
 
 LENGTH = 96
 
@@ -118,6 +122,24 @@ def test_on_the_model_parallel_mesh_decoding_gathers_only_the_argmax_candidates(
     )
     gathered = re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* all-(?:gather|to-all)\(", text)
     assert gathered and set(gathered) == {"8,8"}  # (rows, devices)
+
+
+def test_on_a_mesh_of_both_axes_each_device_holds_an_eighth_of_the_cache():
+    """A (2, 4) mesh (the v6e-8 config's): the cache, and with it the
+    attention, is split over both axes. XLA alone kept every row of a
+    device's heads on it, twice the cache and the attention scores each
+    device needed. The tokens stay KerasHub's."""
+    distribution = model_distribution(DistributionConfig(mesh_shape=[2, 4]), GEMMA_TINY, [8])
+    with distribution.scope():
+        causal_lm = random_lm(4)
+        assert_decoder_matches_keras_hub(
+            causal_lm, [12, 30, 5, 44, 20, 9, 61, 17], seed=4, max_new_tokens=24
+        )
+        decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
+        key_cache = jax.jit(lambda: decoder.empty_caches(8, 64))()[0][0]
+    heads_by_rows = BACKBONE_CONFIG["num_key_value_heads"] * 8
+    assert key_cache.shape[0] == heads_by_rows
+    assert key_cache.sharding.shard_shape(key_cache.shape)[0] == heads_by_rows // 8
 
 
 def test_decoding_ends_at_max_new_tokens_after_the_longest_prompt(sharded_lora_lm):

@@ -20,7 +20,6 @@ compiled.training.gib, compiled.generation.gib, compiled.training.collectives
 ```
 """
 
-import contextlib
 import dataclasses
 import gc
 import re
@@ -32,6 +31,7 @@ import numpy as np
 from pipeline.models.decoding import CachedDecoder, model_state
 from pipeline.models.lora_training import compile_lora_training
 from pipeline.models.model import enable_lora, forward_inputs, model_distribution
+from pipeline.parallel.distribution import without_distribution
 
 GIB = 2**30
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -88,18 +88,6 @@ def compile_programs(cfg, spec):
     jax.clear_caches()
     gc.collect()
     return programs
-
-
-@contextlib.contextmanager
-def without_distribution():
-    """No Keras distribution inside the block (one set for the process,
-    a loaded model's, would give the variables its layouts)."""
-    previous = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(previous)
 
 
 def random_causal_lm(spec, cfg):

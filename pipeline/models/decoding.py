@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import keras_internals
 from pipeline.models.model import PER_HEAD_INPUT, projections, spec_of
 from pipeline.parallel import hosts
-from pipeline.parallel.distribution import data_sharding
+from pipeline.parallel.distribution import data_sharding, shard_heads_by_rows
 
 
 class CachedDecoder:
@@ -165,7 +165,12 @@ class CachedDecoder:
         return [
             None
             if shape is None
-            else tuple(jnp.zeros((shape[0] * batch, length, shape[1]), dtype) for _ in "kv")
+            else tuple(
+                shard_heads_by_rows(
+                    jnp.zeros((shape[0] * batch, length, shape[1]), dtype), shape[0]
+                )
+                for _ in "kv"
+            )
             for shape in spec_of(self.causal_lm).cache_shapes()
         ]
 
@@ -236,9 +241,8 @@ def _cache_layout(x, dtype):
     model axis shards the heads, so the merged axis is sharded as a block
     of heads (batch first, it would be resharded at every step)."""
     batch, length, kv_heads, head_dim = x.shape
-    return jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim)).astype(
-        dtype
-    )
+    merged = jnp.reshape(jnp.transpose(x, (2, 0, 1, 3)), (kv_heads * batch, length, head_dim))
+    return shard_heads_by_rows(merged.astype(dtype), kv_heads)
 
 
 def global_prompts(token_ids, padding_mask):
@@ -289,8 +293,11 @@ def _attention(block, query, key, value, mask, start):
     groups = heads // kv_heads
     query = query * keras.ops.cast(block.query_scale, query.dtype)
     query = jnp.reshape(query, (batch, length, kv_heads, groups, head_dim))
-    rows = jnp.reshape(
-        jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim)
+    rows = shard_heads_by_rows(
+        jnp.reshape(
+            jnp.transpose(query, (2, 0, 3, 1, 4)), (kv_heads * batch, groups * length, head_dim)
+        ),
+        kv_heads,
     )
     if block.sliding_window:
         back = (start + jnp.arange(length))[:, None] - jnp.arange(mask.shape[-1])[None, :]

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.models.decoding import merged_kernels, model_state, state_scope
 from pipeline.models.model import spec_of
+from pipeline.parallel.distribution import without_distribution
 
 
 def step_bytes_accessed(decoder, batch, length):
@@ -44,9 +45,10 @@ def step_bytes_accessed(decoder, batch, length):
     caches = jax.eval_shape(lambda: decoder.empty_caches(batch, length))
     embedded = jax.eval_shape(decoder.embed, jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     start = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = (
-        jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
-    )
+    with without_distribution():  # one device's whole step
+        compiled = (
+            jax.jit(step, donate_argnums=3).lower(state, kernels, embedded, caches, start).compile()
+        )
     # A lookup reads one row of its table per token (the compiled step counts
     # reading those rows back, as its input).
     return compiled.cost_analysis()["bytes accessed"] + sum(

@@ -134,7 +134,7 @@ def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
     inputs and projections and its float32 attention scores (`CachedDecoder`
     makes no logits for the prompt). With the KV cache and the kernel
     copies, XLA's memory analysis of the tiny model's decoding program comes
-    to 0.5 to 1.01 of the plan (tests/test_memory.py), a 7B model's to within
+    to 0.59 to 0.68 of the plan (tests/test_memory.py), a 7B model's to within
     4% (`make plan-check`, float32)."""
     d = spec.dims
     h, heads, kv, dh, ffw = (

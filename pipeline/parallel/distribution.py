@@ -16,6 +16,7 @@ keras.distribution.set_distribution(distribution)  # then from_preset(...)
 ```
 """
 
+import contextlib
 import re
 
 from pipeline.errors import InputError
@@ -127,3 +128,40 @@ def data_sharding(shape):
     import keras
 
     return keras.distribution.distribution().get_data_layout(shape).backend_layout
+
+
+def shard_heads_by_rows(x, kv_heads):
+    """Traced `x` whose first axis is (key/value heads × rows), the
+    decoder's cache layout, with that axis split over both mesh axes, the
+    model axis first: each device holds an equal share of the (head, row)
+    pairs, its model-axis block of heads and on a data axis a part of that.
+    Left to itself, on a mesh of both axes XLA kept every row of its heads
+    on every device (the cache and the attention data-axis times larger)."""
+    import jax
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.ModelParallel):
+        return x
+    mesh = data_sharding(x.shape).mesh
+    data_axis = distribution.batch_dim_name
+    (model_axis,) = (name for name in mesh.axis_names if name != data_axis)
+    rows = x.shape[0] // kv_heads
+    if kv_heads % mesh.shape[model_axis] or rows % mesh.shape[data_axis]:
+        return x
+    spec = jax.sharding.PartitionSpec((model_axis, data_axis))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+@contextlib.contextmanager
+def without_distribution():
+    """No Keras distribution inside the block (one set for the process,
+    a loaded model's, would give the variables its layouts)."""
+    import keras
+
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)

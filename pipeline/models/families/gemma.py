@@ -221,10 +221,11 @@ FAMILY = Family(
             head_dim=256,
         ),
     },
+    # Gemma 1's block (the default preset's); Gemma 1 has no sliding window.
     tiny_config=dict(
         vocabulary_size=1024,
-        num_layers=2,
-        num_query_heads=8,
+        num_layers=3,
+        num_query_heads=16,  # 16 / 8 as Gemma 2 9B's (the mesh shards the 8)
         num_key_value_heads=8,
         hidden_dim=128,
         intermediate_dim=512,
