@@ -138,7 +138,6 @@ def test_on_a_mesh_of_both_axes_each_device_holds_an_eighth_of_the_cache():
         decoder = CachedDecoder(causal_lm, stop_token_ids=[1])
         key_cache = jax.jit(lambda: decoder.empty_caches(8, 64))()[0][0]
     heads_by_rows = BACKBONE_CONFIG["num_key_value_heads"] * 8
-    assert key_cache.shape[0] == heads_by_rows
     assert key_cache.sharding.shard_shape(key_cache.shape)[0] == heads_by_rows // 8
 
 

@@ -162,15 +162,14 @@ class CachedDecoder:
         """The (key, value) cache of every layer, zeros, for `batch` rows of
         `length` positions (None for a layer that reads another's)."""
         dtype = self.causal_lm.compute_dtype
-        return [
-            None
-            if shape is None
-            else tuple(
-                shard_heads_by_rows(
-                    jnp.zeros((shape[0] * batch, length, shape[1]), dtype), shape[0]
-                )
-                for _ in "kv"
+
+        def zeros(kv_heads, head_dim):
+            return shard_heads_by_rows(
+                jnp.zeros((kv_heads * batch, length, head_dim), dtype), kv_heads
             )
+
+        return [
+            None if shape is None else (zeros(*shape), zeros(*shape))
             for shape in spec_of(self.causal_lm).cache_shapes()
         ]
 
