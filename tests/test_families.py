@@ -127,6 +127,39 @@ def test_the_default_lora_adapts_the_seven_projections_of_every_block(name):
         ModelSpec(family, family.tiny_config).lora_targets(["query", wrong])
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_cut_holds_the_models_blocks_of_its_kinds(name):
+    """`make plan-check` draws each published architecture from cuts of it:
+    a cut of the first block of each kind is made of blocks that hold the
+    weights and key/value cache of those blocks of the model (Gemma 4:
+    local and global, own and shared keys/values; one kind elsewhere)."""
+    family = FAMILIES[name]
+    kinds_of = {}
+    for architecture, config in family.architectures.items():
+        spec = ModelSpec(family, config)
+        kinds = spec.block_kinds()
+        firsts = [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+        kinds_of[architecture] = len(firsts)
+        cut = spec.cut([kinds[i] for i in firsts])
+        assert cut.block_kinds() == [kinds[i] for i in firsts]
+        assert [block_weights(cut, j) for j in range(len(firsts))] == [
+            block_weights(spec, i) for i in firsts
+        ]
+        assert cut.cache_shapes() == [spec.cache_shapes()[i] for i in firsts]
+    # Gemma 4 31B's blocks all have their own keys and values.
+    several = {"gemma4_2b": 4, "gemma4_4b": 4, "gemma4_31b": 2}
+    assert kinds_of == {a: several.get(a, 1) for a in family.architectures}
+
+
+def block_weights(spec, block):
+    """{weight path within the block: shape} of block `block` of `spec`."""
+    return {
+        path.split("/", 1)[1]: [size for _, size in dims]
+        for path, dims in spec.weight_dims().items()
+        if re.fullmatch(rf"[a-z_]+_{block}", path.split("/")[0])
+    }
+
+
 def test_llama_style_layout_is_kerashubs_llama_layout_map():
     mesh = keras.distribution.DeviceMesh(
         (2, 4), ["data", "shard"], keras.distribution.list_devices()

@@ -15,6 +15,7 @@ from pipeline.models.memory import (
     decoder_kernel_copy_bytes,
     frozen_weight_bytes,
     kv_cache_bytes,
+    logits_rows_per_row,
     lora_parameter_count,
     plan_memory,
     prompt_pass_bytes,
@@ -96,10 +97,11 @@ def test_plan_agrees_with_xlas_compiled_memory_analysis(tiny, mesh_shape, dtype)
     weights += lora_parameter_count(GEMMA_TINY, lora, layout, axis_size) * LORA_DTYPE_BYTES
     ids_per_device = ids.nbytes / data_axis
     assert weights + ids_per_device == pytest.approx(stats.argument_size_in_bytes, rel=0.01)
+    logits_rows = logits_rows_per_row(GEMMA_TINY, layout, axis_size, "batch")
     activations = (
         batch
         / data_axis
-        * activation_bytes_per_row(GEMMA_TINY, length, model_axis, DTYPE_BYTES[dtype])
+        * activation_bytes_per_row(GEMMA_TINY, length, model_axis, DTYPE_BYTES[dtype], logits_rows)
     )
     assert 0.5 < activations / stats.temp_size_in_bytes < 2.0
 

@@ -23,6 +23,7 @@ compiled.training.gib, compiled.generation.gib, compiled.training.collectives
 import dataclasses
 import gc
 import re
+from collections import Counter
 
 import jax
 import keras
@@ -194,37 +195,56 @@ class Figures:
     depths: tuple  # the depths compiled (one: the full depth itself)
 
 
-def figures_at_full_depth(cfg, spec, depths=(2, 4)):
-    """XLA's figures for `spec`, from the programs of `depths` layers drawn
-    on to the model's own (weights, LoRA state, activations and KV cache
-    grow by layer; so do the collectives). The training step grows by layer
-    exactly; the decoding call's draw is an upper bound, since XLA reuses
-    the prompt pass's buffers from layer to layer (tests/test_compiled_memory.py).
-    A model of at most `depths[-1]` layers is compiled as it is."""
-    layers = spec.config["num_layers"]
-    if layers <= max(depths):
+def figures_at_full_depth(cfg, spec, depths=None):
+    """XLA's figures for `spec`, drawn from cut models on to its own blocks
+    (weights, LoRA state, activations and KV cache grow by block; so do the
+    collectives): a cut of `depths[0]` blocks of each kind, and for each
+    kind one with `depths[1]` of it, the kinds as the family tells them
+    (`ModelSpec.block_kinds`: one for most; Gemma 4's local and global, own
+    and shared key/value blocks). The training step grows by block exactly;
+    the decoding call's draw is an upper bound, since XLA reuses the prompt
+    pass's buffers from layer to layer (tests/test_compiled_memory.py). A
+    model with at most `depths[1]` blocks of each kind is compiled as it is.
+    By default (2, 4) blocks of one kind, (1, 2) of several: a model of one
+    block is no model like the others, one block of each of several kinds
+    is."""
+    counts = Counter(spec.block_kinds())  # in the model's order
+    low, high = depths or ((2, 4) if len(counts) == 1 else (1, 2))
+    if max(counts.values()) <= high:
         compiled = compile_programs(cfg, spec)
         return Figures(
             compiled.training.bytes,
             compiled.generation.bytes,
             compiled.training.collectives,
             compiled.generation.collectives,
-            (layers,),
+            (sum(counts.values()),),
         )
-    low, high = (compile_programs(cfg, cut_layers(spec, n)) for n in depths)
-    extend = lambda a, b: a + (b - a) * (layers - depths[0]) / (depths[1] - depths[0])  # noqa: E731
-    collectives = lambda a, b: {  # noqa: E731
-        name: round(extend(a.get(name, 0), b.get(name, 0))) for name in {*a, *b}
+    base_counts = dict.fromkeys(counts, low)
+    base = compile_programs(cfg, cut_blocks(spec, base_counts))
+    steps = {
+        kind: compile_programs(cfg, cut_blocks(spec, {**base_counts, kind: high}))
+        for kind in counts
     }
+    share = {kind: (n - low) / (high - low) for kind, n in counts.items()}
+
+    def drawn(figure):
+        return figure(base) + sum(share[k] * (figure(steps[k]) - figure(base)) for k in counts)
+
+    def collectives(program):
+        names = {name for c in (base, *steps.values()) for name in program(c)}
+        counts = {name: round(drawn(lambda c, n=name: program(c).get(n, 0))) for name in names}
+        # XLA's collective-permutes do not all grow by block: a count drawn to 0 or below is none.
+        return {name: n for name, n in counts.items() if n > 0}
+
     return Figures(
-        extend(low.training.bytes, high.training.bytes),
-        extend(low.generation.bytes, high.generation.bytes),
-        collectives(low.training.collectives, high.training.collectives),
-        collectives(low.generation.collectives, high.generation.collectives),
-        tuple(depths),
+        drawn(lambda c: c.training.bytes),
+        drawn(lambda c: c.generation.bytes),
+        collectives(lambda c: c.training.collectives),
+        collectives(lambda c: c.generation.collectives),
+        (low, high),
     )
 
 
-def cut_layers(spec, layers):
-    """`spec` with its first `layers` blocks only."""
-    return dataclasses.replace(spec, config=dict(spec.config, num_layers=layers))
+def cut_blocks(spec, counts):
+    """`spec` with `counts[kind]` blocks of each kind, in the model's order."""
+    return spec.cut([kind for kind, n in counts.items() for _ in range(n)])

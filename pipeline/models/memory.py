@@ -109,8 +109,9 @@ def _kernel_bytes(spec, layout, axis_size, dtype_bytes, chosen):
     return total * dtype_bytes
 
 
-def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
-    """Tensors one training row keeps for the backward pass, per device."""
+def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes, logits_rows=1):
+    """Tensors one training row keeps for the backward pass, per device;
+    the logits of `logits_rows` rows for each (`logits_rows_per_row`)."""
     d = spec.dims
     h, heads, kv, dh, ffw = (
         d.hidden_dim,
@@ -124,8 +125,26 @@ def activation_bytes_per_row(spec, sequence_length, model_axis, dtype_bytes):
         + (2 * heads + 2 * kv) * dh / model_axis  # q, k, v, attention output
         + 4 * ffw / model_axis  # gate, up, activation, product
     ) * dtype_bytes + 2 * heads / model_axis * sequence_length * 4  # float32 scores, probabilities
-    logits = 2 * d.vocabulary_size / model_axis * 4  # float32 logits and their gradient
+    logits = 2 * d.vocabulary_size / model_axis * 4 * logits_rows  # float32, and their gradient
     return sequence_length * (d.num_layers * per_token + logits)
+
+
+def logits_rows_per_row(spec, layout, axis_size, data_axis):
+    """How many rows' logits a device computes for each of its own: the
+    data axis's size where the output projection's hidden axis is sharded
+    over it (Gemma's layout on a mesh of both axes), for XLA then gathers
+    the rows of the data axis rather than the table, and every device
+    computes their logits over its share of the hidden axis (f32[4, 512,
+    131072] three times over for Gemma 4 E4B on a TPU v3-8's (4, 2) mesh:
+    `make plan-check`); 1 elsewhere."""
+    output = next(
+        path
+        for path in ("token_embedding/reverse_embeddings", "token_embedding/embeddings")
+        if path in spec.weight_dims()
+    )
+    axes = weight_axes(output, layout) or (None, None)
+    hidden_axis = axes[0] if output.endswith("reverse_embeddings") else axes[-1]
+    return axis_size[data_axis] if hidden_axis == data_axis else 1
 
 
 def prompt_pass_bytes(spec, rows, prompt_length, model_axis, dtype_bytes):
@@ -239,7 +258,13 @@ def plan_memory(cfg, spec, device_gib=None):
         spec, layout, gathered, dtype_bytes, spec.lora_targets(cfg.lora.target_layers)
     )
     rows = max(1, cfg.train.batch_size // mesh_shape[0])
-    per_row = activation_bytes_per_row(spec, cfg.train.sequence_length, model_axis, dtype_bytes)
+    per_row = activation_bytes_per_row(
+        spec,
+        cfg.train.sequence_length,
+        model_axis,
+        dtype_bytes,
+        logits_rows_per_row(spec, layout, axis_size, axis_names[0]),
+    )
     adapted = cfg.predict.adapter != "none"
     copies = decoder_kernel_copy_bytes(
         spec,

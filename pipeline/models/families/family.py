@@ -112,6 +112,13 @@ class Family:
             each block's key/value cache, or None for a block that reads
             another's]; None where every block has one of the `dimensions`'
             sizes (see `ModelSpec.cache_shapes`).
+        block_kinds: backbone config -> [the kind of each block] (blocks of
+            a kind hold the same weights and cache and do the same work),
+            for a family whose blocks differ; None: they are all alike.
+        cut_blocks: (backbone config, [kind of each block]) -> the config
+            of a model of those blocks alone, in that order (a kind's blocks
+            after those of the kinds before it in the model); with
+            `block_kinds` (`make plan-check` compiles such cuts).
     """
 
     name: str
@@ -133,6 +140,8 @@ class Family:
     position_ids: bool = False
     lora_targets: tuple = ()
     cache_shapes: Callable | None = None
+    block_kinds: Callable | None = None
+    cut_blocks: Callable | None = None
 
     def transformers_format(self, config):
         """The `TransformersFormat` of a backbone config of the family."""
@@ -161,6 +170,20 @@ class ModelSpec:
             return self.family.cache_shapes(self.config)
         d = self.dims
         return [(d.num_key_value_heads, d.head_dim)] * d.num_layers
+
+    def block_kinds(self):
+        """The kind of each block; one kind where the family's blocks are
+        alike."""
+        if self.family.block_kinds:
+            return self.family.block_kinds(self.config)
+        return ["block"] * self.dims.num_layers
+
+    def cut(self, kinds):
+        """This model with blocks of `kinds` alone (the kinds of
+        `block_kinds`, in the model's order)."""
+        if self.family.cut_blocks:
+            return dataclasses.replace(self, config=self.family.cut_blocks(self.config, kinds))
+        return dataclasses.replace(self, config=dict(self.config, num_layers=len(kinds)))
 
     def lora_targets(self, configured=None):
         """The layer names LoRA adapts: `configured` (`lora.target_layers`),

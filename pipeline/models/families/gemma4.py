@@ -77,6 +77,26 @@ def gemma4_cache_shapes(config):
     ]
 
 
+def gemma4_block_kinds(config):
+    """(global, kv_shared) of each block: what its weights, cache and work
+    depend on."""
+    return [(layer["is_global"], layer["kv_shared"]) for layer in gemma4_layers(config)]
+
+
+def gemma4_cut(config, kinds):
+    """The config of a Gemma 4 of blocks of `kinds` ((global, kv_shared)
+    each, the shared ones last as in the model: each reads the keys and
+    values of the last earlier block of its type with its own)."""
+    return dict(
+        config,
+        num_layers=len(kinds),
+        layer_types=[
+            "full_attention" if is_global else "sliding_attention" for is_global, _ in kinds
+        ],
+        num_kv_shared_layers=sum(shared for _, shared in kinds),
+    )
+
+
 def gemma4_weight_dims(config):
     hidden = ("hidden_dim", config["hidden_dim"])
     query = ("num_query_heads", config["num_query_heads"])
@@ -318,6 +338,8 @@ FAMILY = Family(
     dimensions=gemma4_dimensions,
     weight_dims=gemma4_weight_dims,
     cache_shapes=gemma4_cache_shapes,
+    block_kinds=gemma4_block_kinds,
+    cut_blocks=gemma4_cut,
     layout_axes=gemma4_layout_axes,
     # As published (Hugging Face config.json, text part).
     architectures={
